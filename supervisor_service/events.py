@@ -1,0 +1,283 @@
+"""Typed events of the supervisor thread, the domain types they carry, and the bounded queue.
+
+Producers (gRPC handlers, the ticker, failover workers) only enqueue; the
+supervisor thread is the single consumer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+DetectingRegion = tuple[int, int]
+"""(datanode_id, region_id)."""
+
+
+def region_label(region_id: int) -> str:
+    """`table_id/region_number`: how an operator reads a region id (table id in the high 32 bits)."""
+    return f"{region_id >> 32}/{region_id & 0xFFFFFFFF}"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    id: int
+    addr: str = ""
+
+
+class MigrationState(Enum):
+    UNSPECIFIED = 0
+    RUNNING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    NOT_FOUND = 4
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationTask:
+    """One SubmitRegionMigration: regions of one datanode going to one target."""
+
+    task_id: int
+    datanode_id: int
+    from_peer: Peer
+    to_peer: Peer
+    region_ids: tuple[int, ...]
+    timeout_ms: int
+    leader_term: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """The answer to a SubmitRegionMigration, by category (DESIGN.md section 4)."""
+
+    migrated: tuple[int, ...] = ()
+    migrating: tuple[int, ...] = ()
+    region_not_found: tuple[int, ...] = ()
+    table_not_found: tuple[int, ...] = ()
+    leader_changed: tuple[int, ...] = ()
+    peer_conflict: tuple[int, ...] = ()
+    submitted: tuple[int, ...] = ()
+    procedure_id: str = ""
+
+
+# Categories after which the detector and its failover count are dropped, and those after which both are kept.
+DONE_CATEGORIES = ("migrated", "region_not_found", "table_not_found", "leader_changed")
+KEPT_CATEGORIES = ("migrating", "peer_conflict", "submitted")
+
+
+@dataclass(frozen=True, slots=True)
+class SelectJob:
+    """Ask PeerLookup for the failed datanode and Selector for `len(region_ids)` targets."""
+
+    job_id: int
+    datanode_id: int
+    region_ids: tuple[int, ...]
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    datanode_id: int
+    region_ids: np.ndarray  # sorted, unique uint64
+    ts_millis: int
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    regions: tuple[DetectingRegion, ...]
+    reply: Future | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deregister:
+    regions: tuple[DetectingRegion, ...]
+    reply: Future | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    regions: tuple[DetectingRegion, ...]
+    reply: Future | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Clear:
+    reply: Future | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    due_monotonic: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Dump:
+    reply: Future
+    datanode_ids: frozenset[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetMaintenance:
+    enabled: bool
+    reply: Future | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionDone:
+    job: SelectJob
+    from_peer: Peer | None = None
+    peers: tuple[Peer, ...] = ()
+    error: str | None = None
+    error_stage: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionDone:
+    task: MigrationTask
+    result: MigrationResult | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusPolled:
+    procedure_id: str
+    state: MigrationState | None = None
+    message: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Sentinel: the consumer processes what is ahead of it, then exits."""
+
+
+Event = (
+    Heartbeat
+    | Register
+    | Deregister
+    | Reset
+    | Clear
+    | Tick
+    | Dump
+    | SetMaintenance
+    | SelectionDone
+    | SubmissionDone
+    | StatusPolled
+    | Stop
+)
+
+
+# ---------------------------------------------------------------- queue
+
+
+class QueueFull(Exception):
+    """The bounded event queue stayed full for the whole wait."""
+
+
+class QueueClosed(Exception):
+    """The supervisor thread is gone or shutting down; nothing more is accepted."""
+
+
+@dataclass(slots=True)
+class _Item:
+    event: Event
+    external: bool
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class EventQueue:
+    """A bounded FIFO with one consumer.
+
+    `put` (external producers: heartbeats, admin calls) respects the bound.
+    `put_control` is for events whose number is bounded by construction
+    (one pending tick, one result per remote call already in flight, Stop):
+    dropping those would lose state, and blocking on them could deadlock the
+    workers against a full queue, so they are always admitted.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"event queue capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._items: deque[_Item] = deque()
+        self._external = 0
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def oldest_age(self) -> float:
+        try:
+            return max(0.0, time.monotonic() - self._items[0].enqueued)
+        except IndexError:
+            return 0.0
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._not_full.notify_all()
+            self._not_empty.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def offer(self, event: Event) -> bool:
+        """Enqueue without waiting; False if the queue is full."""
+        with self._lock:
+            if self._closed:
+                raise QueueClosed("the supervisor is shutting down")
+            if self._external >= self.capacity:
+                return False
+            self._push(event, external=True)
+            return True
+
+    def put(self, event: Event, timeout: float) -> None:
+        """Enqueue, waiting up to `timeout` seconds for room; raises QueueFull or QueueClosed."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise QueueClosed("the supervisor is shutting down")
+                if self._external < self.capacity:
+                    self._push(event, external=True)
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueFull(f"event queue full ({self.capacity} events)")
+                self._not_full.wait(remaining)
+
+    def put_control(self, event: Event) -> None:
+        with self._lock:
+            self._push(event, external=False)
+
+    def _push(self, event: Event, external: bool) -> None:
+        self._items.append(_Item(event, external))
+        if external:
+            self._external += 1
+        self._not_empty.notify()
+
+    def get(self, timeout: float) -> Event | None:
+        """The next event, or None after `timeout` seconds (or when closed and empty)."""
+        with self._lock:
+            if not self._items:
+                if self._closed:
+                    return None
+                self._not_empty.wait(timeout)
+                if not self._items:
+                    return None
+            item = self._items.popleft()
+            if item.external:
+                self._external -= 1
+                self._not_full.notify()
+            return item.event

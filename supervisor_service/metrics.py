@@ -1,0 +1,159 @@
+"""Prometheus metrics, registered on an injected registry.
+
+Production passes `prometheus_client.REGISTRY`; each test builds its own
+`CollectorRegistry()` and reads samples with `get_sample_value`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+# Buckets of the phi distribution: around the default threshold of 8, plus the tails.
+PHI_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 32.0, float("inf"))
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _PhiHistogram(Collector):
+    """The distribution of current phi over all detectors, replaced wholesale at each tick.
+
+    A normal Histogram only accumulates observations; this one reports the
+    state of the table as of the last tick, weighted by detectors.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets = [0] * len(PHI_BUCKETS)
+        self._count = 0
+        self._sum = 0.0
+
+    def set(self, phi_sizes: Iterable[tuple[float, int]]) -> None:
+        buckets = [0] * len(PHI_BUCKETS)
+        count, total = 0, 0.0
+        for phi, size in phi_sizes:
+            for i, bound in enumerate(PHI_BUCKETS):
+                if phi <= bound:
+                    buckets[i] += size
+                    break
+            count += size
+            if phi != float("inf"):
+                total += phi * size
+        with self._lock:
+            self._buckets, self._count, self._sum = buckets, count, total
+
+    def collect(self):
+        with self._lock:
+            buckets, total = list(self._buckets), self._sum
+        cumulative, running = [], 0
+        for bound, n in zip(PHI_BUCKETS, buckets):
+            running += n
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        family = HistogramMetricFamily(
+            "supervisor_detector_phi",
+            "Current phi of every detector as of the last tick (a snapshot, not a running total).",
+        )
+        family.add_metric([], cumulative, total)
+        yield family
+
+
+class Metrics:
+    """Every metric the service exports. Names are listed in the README."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.heartbeats = Counter(
+            "supervisor_heartbeats", "Heartbeat messages received, by outcome.", ["outcome"], registry=r
+        )
+        self.heartbeat_regions = Counter(
+            "supervisor_heartbeat_regions",
+            "Region entries in heartbeat messages, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.heartbeat_streams = Gauge(
+            "supervisor_heartbeat_streams", "Open SendHeartbeat streams.", registry=r
+        )
+        self.detectors = Gauge("supervisor_detectors", "Detectors in the table.", registry=r)
+        self.detector_groups = Gauge(
+            "supervisor_detector_groups", "Distinct detector states (shared histories) in the table.", registry=r
+        )
+        self.events = Counter(
+            "supervisor_events", "Events processed by the supervisor thread, by type.", ["type"], registry=r
+        )
+        self.events_rejected = Counter(
+            "supervisor_events_rejected",
+            "Events not admitted to the queue, by type and reason.",
+            ["type", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("supervisor_event_queue_depth", "Events waiting in the queue.", registry=r)
+        self.queue_oldest_age = Gauge(
+            "supervisor_event_queue_oldest_age_seconds", "Age of the oldest queued event.", registry=r
+        )
+        self.tick_duration = Histogram(
+            "supervisor_tick_duration_seconds",
+            "Time the supervisor thread spends on one tick.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tick_lateness = Histogram(
+            "supervisor_tick_lateness_seconds",
+            "How late a tick is processed after it was due.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ticks_skipped = Counter(
+            "supervisor_ticks_skipped", "Ticks skipped because the previous one was still queued.", registry=r
+        )
+        self.phi = _PhiHistogram()
+        r.register(self.phi)
+        self.failures_detected = Counter(
+            "supervisor_region_failures_detected",
+            "Detectors that crossed the phi threshold (counted once per crossing).",
+            registry=r,
+        )
+        self.failover_regions = Counter(
+            "supervisor_failover_regions",
+            "Regions in failover submissions, by result category.",
+            ["result"],
+            registry=r,
+        )
+        self.failover_errors = Counter(
+            "supervisor_failover_errors", "Failover attempts that failed, by stage.", ["stage"], registry=r
+        )
+        self.failover_skipped = Counter(
+            "supervisor_failover_skipped_regions",
+            "Failed regions not failed over on a tick, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "supervisor_migrations_in_flight", "Regions submitted for migration and not finished.", registry=r
+        )
+        self.remote_latency = Histogram(
+            "supervisor_remote_call_duration_seconds",
+            "Latency of calls to remote services.",
+            ["service", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.remote_errors = Counter(
+            "supervisor_remote_call_errors",
+            "Failed calls to remote services, by gRPC status code.",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        self.maintenance = Gauge("supervisor_maintenance_mode", "1 while maintenance mode is on.", registry=r)
+        self.leader = Gauge("supervisor_is_leader", "1 while this replica is the leader.", registry=r)
+        self.thread_alive = Gauge(
+            "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r
+        )
+
+    def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+        self.queue_oldest_age.set_function(oldest_age)

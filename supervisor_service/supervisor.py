@@ -1,0 +1,459 @@
+"""The supervisor's decisions: events in, state changes and effects out.
+
+`Supervisor.handle(event, now_ms)` is called by the supervisor thread only.
+It reads no clock and does no I/O: remote calls leave as effects in
+`outbox` (run by `runtime.SupervisorRuntime` on worker threads) and their
+results come back as events. Failover follows DESIGN.md section 4.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import assert_never
+
+import numpy as np
+
+from supervisor_service._log import log_event
+from supervisor_service.detector import PhiAccrualOptions
+from supervisor_service.events import (
+    DONE_CATEGORIES,
+    KEPT_CATEGORIES,
+    Clear,
+    Deregister,
+    DetectingRegion,
+    Dump,
+    Event,
+    Heartbeat,
+    MigrationState,
+    MigrationTask,
+    Peer,
+    Register,
+    Reset,
+    SelectionDone,
+    SelectJob,
+    SetMaintenance,
+    StatusPolled,
+    Stop,
+    SubmissionDone,
+    Tick,
+)
+from supervisor_service.metrics import Metrics
+from supervisor_service.table import DetectorTable, NodeSnapshot, as_region_array
+
+log = logging.getLogger("supervisor_service.supervisor")
+
+
+# ---------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class SelectPeers:
+    """Run PeerLookup(datanode) and Selector.Select for the job; answer with SelectionDone."""
+
+    job: SelectJob
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitMigration:
+    """Run RegionMigration.SubmitRegionMigration; answer with SubmissionDone."""
+
+    task: MigrationTask
+
+
+@dataclass(frozen=True, slots=True)
+class PollMigration:
+    """Run RegionMigration.GetMigrationStatus; answer with StatusPolled."""
+
+    procedure_id: str
+
+
+Effect = SelectPeers | SubmitMigration | PollMigration
+
+
+@dataclass(frozen=True, slots=True)
+class DumpSnapshot:
+    """What Dump returns: a consistent copy, turned into rows off the supervisor thread."""
+
+    nodes: list[NodeSnapshot]
+    failover_counts: dict[DetectingRegion, int]
+    migrating: frozenset[int]
+    is_leader: bool
+    maintenance: bool
+    threshold: float
+    taken_at_ms: int
+
+
+@dataclass(slots=True)
+class _InFlight:
+    datanode_id: int
+    procedure_id: str  # empty when reported `migrating` without a procedure of ours
+    deadline_ms: int
+
+
+@dataclass(slots=True)
+class _Procedure:
+    regions: set[int] = field(default_factory=set)
+    next_poll_ms: int = 0
+    polling: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverPolicy:
+    """Failover parameters (plain values, so tests build them directly)."""
+
+    base_timeout_ms: int = 120_000
+    """Migration timeout per failover count: `timeout = base * max(count)` (GreptimeDB: 120 s)."""
+    status_poll_interval_ms: int = 5_000
+    """How often an in-flight migration's status is asked for."""
+    log_interval_ms: int = 60_000
+    """Minimum interval between repeated 'failover held' log lines."""
+
+
+class Supervisor:
+    """Owns the detector table, the failover counts and the in-flight migrations."""
+
+    def __init__(
+        self,
+        opts: PhiAccrualOptions,
+        metrics: Metrics,
+        policy: FailoverPolicy | None = None,
+        *,
+        is_leader: bool = True,
+        leader_term: int = 1,
+        maintenance: bool = False,
+    ) -> None:
+        self.opts = opts
+        self.metrics = metrics
+        self.policy = policy or FailoverPolicy()
+        self.table = DetectorTable(opts)
+        self.failover_counts: dict[DetectingRegion, int] = {}
+        # Read by other threads (Get RPCs, health) as plain attribute loads; written only here.
+        self.maintenance = maintenance
+        self.is_leader = is_leader
+        self.leader_term = leader_term
+        self.outbox: list[Effect] = []
+        self._selecting: dict[int, SelectJob] = {}  # datanode -> job in PeerLookup/Selector
+        self._submitting: dict[int, MigrationTask] = {}  # task id -> task in SubmitRegionMigration
+        self._busy: set[int] = set()  # regions in either of the two calls above
+        self._inflight: dict[int, _InFlight] = {}  # region -> migration we know is running
+        self._procedures: dict[str, _Procedure] = {}
+        self._prev_failed: dict[int, np.ndarray] = {}
+        self._next_id = 1
+        self._last_hold_log_ms = -(10**18)
+        metrics.maintenance.set(int(maintenance))
+        metrics.leader.set(int(is_leader))
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, event: Event, now: int) -> object:
+        """Apply one event at `now` (ms). Returns the reply value for events that carry one."""
+        match event:
+            case Heartbeat(datanode_id, region_ids, ts):
+                return self.table.heartbeat(datanode_id, region_ids, ts)
+            case Register(regions):
+                return self._for_each_datanode(regions, lambda d, r: self.table.register(d, r, now))
+            case Reset(regions):
+                return self._for_each_datanode(regions, lambda d, r: self.table.reset(d, r, now))
+            case Deregister(regions):
+                return self._for_each_datanode(regions, self._deregister)
+            case Clear():
+                self.table.clear()
+                self._prev_failed.clear()
+                return len(self.table)
+            case Tick():
+                self._tick(now)
+                return None
+            case Dump(datanode_ids=datanode_ids):
+                return self._snapshot(datanode_ids, now)
+            case SetMaintenance(enabled):
+                self._set_maintenance(enabled)
+                return enabled
+            case SelectionDone():
+                self._on_selection(event, now)
+                return None
+            case SubmissionDone():
+                self._on_submission(event, now)
+                return None
+            case StatusPolled():
+                self._on_status(event, now)
+                return None
+            case Stop():
+                return None
+            case _:
+                assert_never(event)
+
+    def drain_outbox(self) -> list[Effect]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    # ------------------------------------------------------------ registry
+
+    @staticmethod
+    def _by_datanode(regions: tuple[DetectingRegion, ...]) -> dict[int, np.ndarray]:
+        grouped: dict[int, list[int]] = {}
+        for datanode_id, region_id in regions:
+            grouped.setdefault(datanode_id, []).append(region_id)
+        return {d: as_region_array(r) for d, r in grouped.items()}
+
+    def _for_each_datanode(self, regions, apply) -> int:
+        return sum(apply(d, r) for d, r in self._by_datanode(regions).items())
+
+    def _deregister(self, datanode_id: int, region_ids: np.ndarray) -> int:
+        for region_id in region_ids.tolist():
+            self.failover_counts.pop((datanode_id, region_id), None)
+        return self.table.deregister(datanode_id, region_ids)
+
+    def _set_maintenance(self, enabled: bool) -> None:
+        if enabled != self.maintenance:
+            log_event(log, logging.WARNING, "maintenance_mode_changed", enabled=enabled)
+        self.maintenance = enabled
+        self.metrics.maintenance.set(int(enabled))
+
+    def set_leadership(self, is_leader: bool, term: int) -> None:
+        self.is_leader, self.leader_term = is_leader, term
+        self.metrics.leader.set(int(is_leader))
+
+    # ------------------------------------------------------------ tick
+
+    def _tick(self, now: int) -> None:
+        m = self.metrics
+        m.detectors.set(len(self.table))
+        m.detector_groups.set(self.table.group_count)
+        m.phi.set(self.table.phi_sizes(now))
+        failed = dict(self.table.failed(now))
+        self._count_new_failures(failed)
+        if not self.is_leader:
+            return
+        self._expire_and_poll(now)
+        if not failed:
+            return
+        total = sum(r.size for r in failed.values())
+        if self.maintenance:
+            m.failover_skipped.labels(reason="maintenance").inc(total)
+            self._hold_log(now, "failover_held_maintenance", failed_regions=total, datanodes=len(failed))
+            return
+        for datanode_id, region_ids in failed.items():
+            if datanode_id in self._selecting:
+                m.failover_skipped.labels(reason="in_flight").inc(region_ids.size)
+                continue
+            regions = [r for r in region_ids.tolist() if r not in self._busy and r not in self._inflight]
+            if len(regions) < region_ids.size:
+                m.failover_skipped.labels(reason="in_flight").inc(region_ids.size - len(regions))
+            if not regions:
+                continue
+            job = SelectJob(self._new_id(), datanode_id, tuple(regions))
+            self._selecting[datanode_id] = job
+            self.outbox.append(SelectPeers(job))
+            log_event(
+                log,
+                logging.WARNING,
+                "region_failures_detected",
+                datanode_id=datanode_id,
+                regions=len(regions),
+                sample=_sample(regions),
+            )
+
+    def _count_new_failures(self, failed: dict[int, np.ndarray]) -> None:
+        new = 0
+        for datanode_id, region_ids in failed.items():
+            before = self._prev_failed.get(datanode_id)
+            new += region_ids.size if before is None else np.setdiff1d(region_ids, before).size
+        if new:
+            self.metrics.failures_detected.inc(new)
+        self._prev_failed = failed
+
+    def _hold_log(self, now: int, event: str, **fields: object) -> None:
+        if now - self._last_hold_log_ms >= self.policy.log_interval_ms:
+            self._last_hold_log_ms = now
+            log_event(log, logging.WARNING, event, **fields)
+
+    def _expire_and_poll(self, now: int) -> None:
+        expired = [r for r, f in self._inflight.items() if now >= f.deadline_ms]
+        for region_id in expired:
+            flight = self._inflight.pop(region_id)
+            self._forget_procedure_region(flight.procedure_id, region_id)
+            log_event(
+                log,
+                logging.WARNING,
+                "migration_timed_out",
+                datanode_id=flight.datanode_id,
+                region_id=region_id,
+                procedure_id=flight.procedure_id,
+            )
+        for procedure_id, proc in self._procedures.items():
+            if not proc.polling and now >= proc.next_poll_ms:
+                proc.polling = True
+                self.outbox.append(PollMigration(procedure_id))
+        self.metrics.inflight.set(len(self._inflight))
+
+    def _forget_procedure_region(self, procedure_id: str, region_id: int) -> None:
+        proc = self._procedures.get(procedure_id)
+        if proc is not None:
+            proc.regions.discard(region_id)
+            if not proc.regions:
+                del self._procedures[procedure_id]
+
+    # ------------------------------------------------------------ failover results
+
+    def _on_selection(self, ev: SelectionDone, now: int) -> None:
+        job = ev.job
+        if self._selecting.get(job.datanode_id) == job:
+            del self._selecting[job.datanode_id]
+        m = self.metrics
+        if ev.error is not None:
+            m.failover_errors.labels(stage=ev.error_stage or "select").inc()
+            log_event(
+                log, logging.ERROR, "failover_select_failed", datanode_id=job.datanode_id,
+                stage=ev.error_stage or "select", error=ev.error,
+            )
+            return
+        if not self.is_leader:
+            return
+        wanted = len(job.region_ids)
+        if len(ev.peers) < wanted:
+            m.failover_errors.labels(stage="insufficient_peers").inc()
+            log_event(
+                log, logging.ERROR, "failover_insufficient_peers", datanode_id=job.datanode_id,
+                wanted=wanted, got=len(ev.peers),
+            )
+            return
+        from_peer = ev.from_peer or Peer(job.datanode_id)
+        # Re-check at answer time: a region that heartbeat meanwhile, or was deregistered, is not moved.
+        phis = self.table.phis(job.datanode_id, as_region_array(job.region_ids), now)
+        by_target: dict[Peer, list[int]] = {}
+        recovered = same_peer = 0
+        for region_id, to_peer in zip(job.region_ids, ev.peers):
+            phi = phis.get(region_id)
+            if phi is None or phi < self.opts.threshold or region_id in self._inflight:
+                recovered += 1
+                continue
+            if to_peer.id == from_peer.id:
+                same_peer += 1
+                continue
+            by_target.setdefault(to_peer, []).append(region_id)
+        if recovered:
+            m.failover_skipped.labels(reason="recovered").inc(recovered)
+        if same_peer:
+            m.failover_skipped.labels(reason="same_peer").inc(same_peer)
+            log_event(log, logging.WARNING, "failover_same_peer_skipped", datanode_id=job.datanode_id,
+                      regions=same_peer)
+        for to_peer, regions in by_target.items():
+            counts = []
+            for region_id in regions:
+                key = (job.datanode_id, region_id)
+                self.failover_counts[key] = self.failover_counts.get(key, 0) + 1
+                counts.append(self.failover_counts[key])
+            task = MigrationTask(
+                task_id=self._new_id(),
+                datanode_id=job.datanode_id,
+                from_peer=from_peer,
+                to_peer=to_peer,
+                region_ids=tuple(regions),
+                timeout_ms=self.policy.base_timeout_ms * max(counts),
+                leader_term=self.leader_term,
+            )
+            self._submitting[task.task_id] = task
+            self._busy.update(regions)
+            self.outbox.append(SubmitMigration(task))
+            log_event(
+                log, logging.WARNING, "failover_submitting", datanode_id=job.datanode_id,
+                from_peer=from_peer.id, to_peer=to_peer.id, regions=len(regions),
+                timeout_ms=task.timeout_ms, sample=_sample(regions),
+            )
+
+    def _on_submission(self, ev: SubmissionDone, now: int) -> None:
+        task = self._submitting.pop(ev.task.task_id, ev.task)
+        self._busy.difference_update(task.region_ids)
+        m = self.metrics
+        if ev.error is not None or ev.result is None:
+            m.failover_errors.labels(stage="submit").inc()
+            m.failover_regions.labels(result="call_failed").inc(len(task.region_ids))
+            log_event(log, logging.ERROR, "failover_submit_failed", datanode_id=task.datanode_id,
+                      to_peer=task.to_peer.id, regions=len(task.region_ids), error=ev.error)
+            return
+        result = ev.result
+        asked = set(task.region_ids)
+        answered: set[int] = set()
+        d = task.datanode_id
+        for category in DONE_CATEGORIES + KEPT_CATEGORIES:
+            regions = [r for r in getattr(result, category) if r in asked and r not in answered]
+            if not regions:
+                continue
+            answered.update(regions)
+            m.failover_regions.labels(result=category).inc(len(regions))
+            if category in DONE_CATEGORIES:
+                self._deregister(d, as_region_array(regions))
+            elif category == "submitted" or category == "migrating":
+                procedure_id = result.procedure_id if category == "submitted" else ""
+                for region_id in regions:
+                    self._inflight[region_id] = _InFlight(d, procedure_id, now + task.timeout_ms)
+                if procedure_id:
+                    proc = self._procedures.setdefault(procedure_id, _Procedure())
+                    proc.regions.update(regions)
+                    proc.next_poll_ms = now + self.policy.status_poll_interval_ms
+        unanswered = asked - answered
+        if unanswered:
+            m.failover_regions.labels(result="unanswered").inc(len(unanswered))
+            log_event(log, logging.ERROR, "failover_regions_unanswered", datanode_id=d,
+                      regions=len(unanswered), sample=_sample(sorted(unanswered)))
+        log_event(
+            log, logging.WARNING, "failover_submitted", datanode_id=d, to_peer=task.to_peer.id,
+            procedure_id=result.procedure_id,
+            **{c: len(getattr(result, c)) for c in DONE_CATEGORIES + KEPT_CATEGORIES if getattr(result, c)},
+        )
+        self.metrics.inflight.set(len(self._inflight))
+
+    def _on_status(self, ev: StatusPolled, now: int) -> None:
+        proc = self._procedures.get(ev.procedure_id)
+        if proc is None:
+            return
+        proc.polling = False
+        state = ev.state
+        if ev.error is not None or state in (None, MigrationState.RUNNING, MigrationState.UNSPECIFIED):
+            proc.next_poll_ms = now + self.policy.status_poll_interval_ms
+            if ev.error is not None:
+                self.metrics.failover_errors.labels(stage="status").inc()
+            return
+        del self._procedures[ev.procedure_id]
+        flights = {r: self._inflight.pop(r) for r in proc.regions if r in self._inflight}
+        if state is MigrationState.SUCCEEDED:
+            # The regions live elsewhere now: the old detectors would only fire again.
+            for region_id, flight in flights.items():
+                self._deregister(flight.datanode_id, as_region_array([region_id]))
+        log_event(
+            log,
+            logging.INFO if state is MigrationState.SUCCEEDED else logging.WARNING,
+            "migration_finished",
+            procedure_id=ev.procedure_id,
+            state=state.name,
+            regions=len(flights),
+            message=ev.message,
+        )
+        self.metrics.inflight.set(len(self._inflight))
+
+    # ------------------------------------------------------------ dump
+
+    def _snapshot(self, datanode_ids: frozenset[int] | None, now: int) -> DumpSnapshot:
+        wanted = None if datanode_ids is None else set(datanode_ids)
+        counts = {
+            k: v for k, v in self.failover_counts.items() if wanted is None or k[0] in wanted
+        }
+        return DumpSnapshot(
+            nodes=self.table.snapshot(wanted),
+            failover_counts=counts,
+            migrating=frozenset(self._inflight) | frozenset(self._busy),
+            is_leader=self.is_leader,
+            maintenance=self.maintenance,
+            threshold=self.opts.threshold,
+            taken_at_ms=now,
+        )
+
+
+def _sample(regions: list[int], limit: int = 5) -> str:
+    shown = ",".join(str(r) for r in regions[:limit])
+    return shown + (f",... ({len(regions)} in all)" if len(regions) > limit else "")
