@@ -1,0 +1,241 @@
+"""`supervisor-service`: run the service and operate it.
+
+    supervisor-service serve [--config FILE] [--grpc-addr ...]
+    supervisor-service dump [--datanode ID ...] [--only-failed] [--at MILLIS] [--json]
+    supervisor-service maintenance on|off|status
+    supervisor-service journal [--limit N] [--json]
+    supervisor-service settings [--markdown]
+
+Errors are one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
+
+_SERVE_FLAGS = {
+    # flag: (setting, type, help)
+    "--grpc-addr": ("grpc_addr", str, "gRPC listen address (host:port)"),
+    "--metrics-addr": ("metrics_addr", str, "Prometheus listen address (host:port; empty: off)"),
+    "--selector-endpoint": ("selector_endpoint", str, "remote Selector host:port (default: embedded)"),
+    "--peer-lookup-endpoint": ("peer_lookup_endpoint", str, "remote PeerLookup host:port (default: embedded)"),
+    "--region-migration-endpoint": (
+        "region_migration_endpoint",
+        str,
+        "remote RegionMigration host:port (default: embedded dry-run journal)",
+    ),
+    "--tick-interval-ms": ("tick_interval_ms", int, "failure detection period"),
+    "--phi-threshold": ("phi_threshold", float, "phi at which a region counts as failed"),
+    "--heartbeat-clock": ("heartbeat_clock", str, "server (receipt time) or client (request timestamp)"),
+    "--log-level": ("log_level", str, "debug, info, warning or error"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="supervisor-service",
+        description="Region failover supervisor: detects failed datanodes by phi-accrual and fails their "
+        "regions over. Settings come from flags, SUPERVISOR_* environment variables and an optional TOML file "
+        "(`supervisor-service settings` lists them all).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service (until SIGTERM or SIGINT)")
+    serve.add_argument("--config", metavar="FILE", help="TOML file of settings (names as in the README, lower case)")
+    for flag, (_, typ, help_text) in _SERVE_FLAGS.items():
+        serve.add_argument(flag, type=typ, help=help_text)
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument(
+            "--addr",
+            default=os.environ.get("SUPERVISOR_GRPC_ADDR", "127.0.0.1:50051"),
+            help="the service's gRPC address (default: $SUPERVISOR_GRPC_ADDR or 127.0.0.1:50051)",
+        )
+        c.add_argument("--token", default=os.environ.get("SUPERVISOR_AUTH_TOKEN", ""), help="auth token, if the service requires one")
+        c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service (default 10)")
+        return c
+
+    dump = client("dump", "show the detectors: phi, last heartbeat, failover count")
+    dump.add_argument("--datanode", type=int, action="append", default=[], metavar="ID", help="only this datanode (repeatable)")
+    dump.add_argument("--only-failed", action="store_true", help="only detectors at or above the threshold")
+    dump.add_argument("--at", type=int, default=0, metavar="MILLIS", help="evaluate phi at this time (default: now)")
+    dump.add_argument("--json", action="store_true", help="one JSON object per detector")
+
+    maint = client("maintenance", "turn maintenance mode (no failover) on or off, or show it")
+    maint.add_argument("action", choices=["on", "off", "status"])
+
+    journal = client("journal", "list the decisions recorded by the embedded dry-run RegionMigration")
+    journal.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
+    journal.add_argument("--json", action="store_true", help="one JSON object per entry")
+
+    settings = sub.add_parser("settings", help="list every setting with its default and meaning")
+    settings.add_argument("--markdown", action="store_true", help="as the README's markdown table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        match args.command:
+            case "serve":
+                return _serve(args)
+            case "settings":
+                return _settings(args)
+            case _:
+                return _client_command(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"supervisor-service: error: {message}", file=sys.stderr)
+    return code
+
+
+def _settings(args) -> int:
+    from supervisor_service.settings import Settings, settings_table_markdown
+
+    if args.markdown:
+        print(settings_table_markdown())
+        return 0
+    for name, field in Settings.model_fields.items():
+        print(f"SUPERVISOR_{name.upper():<40} {field.default!s}")
+    return 0
+
+
+def _serve(args) -> int:
+    from supervisor_service._log import configure_logging
+    from supervisor_service.app import Service
+    from supervisor_service.settings import ConfigError, load_settings
+
+    overrides = {setting: getattr(args, flag[2:].replace("-", "_")) for flag, (setting, _, _) in _SERVE_FLAGS.items()}
+    try:
+        settings = load_settings(args.config, **overrides)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    configure_logging(settings.log_level, None if settings.log_format == "auto" else settings.log_format == "json")
+    from prometheus_client import REGISTRY
+
+    async def run() -> int:
+        service = Service(settings, registry=REGISTRY)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.request_stop)
+        try:
+            await service.start()
+        except OSError as exc:
+            await service.stop()
+            raise SystemExit(_fail(str(exc), EXIT_UNAVAILABLE)) from None
+        return await service.wait()
+
+    return asyncio.run(run())
+
+
+def _client_command(args) -> int:
+    import grpc
+
+    from supervisor_service.client import SupervisorClient
+
+    try:
+        with SupervisorClient(args.addr, token=args.token, timeout=args.timeout) as client:
+            match args.command:
+                case "dump":
+                    return _dump(client, args)
+                case "maintenance":
+                    if args.action == "status":
+                        enabled = client.get_maintenance()
+                    else:
+                        enabled = client.set_maintenance(args.action == "on")
+                    print(f"maintenance mode: {'on' if enabled else 'off'}")
+                    return 0
+                case "journal":
+                    return _journal(client, args)
+    except grpc.RpcError as exc:
+        code = exc.code().name if exc.code() else "UNKNOWN"
+        detail = exc.details() or ""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            detail = f"cannot reach the service at {args.addr} ({detail})"
+        return _fail(f"{code}: {detail}", EXIT_UNAVAILABLE)
+    return EXIT_USAGE
+
+
+def _dump(client, args) -> int:
+    from supervisor_service.events import region_label
+
+    header, rows = client.dump(datanode_ids=args.datanode, only_failed=args.only_failed, at_millis=args.at)
+    if args.json:
+        for r in rows:
+            print(json.dumps({
+                "datanode_id": r.datanode_id,
+                "region_id": r.region_id,
+                "region": region_label(r.region_id),
+                "last_heartbeat_millis": r.last_heartbeat_millis,
+                "phi": r.phi if r.phi != float("inf") else "inf",
+                "available": r.available,
+                "sample_count": r.sample_count,
+                "mean_interval_millis": r.mean_interval_millis,
+                "std_deviation_millis": r.std_deviation_millis,
+                "failover_count": r.failover_count,
+                "migrating": r.migrating,
+            }))
+        return 0
+    print(
+        f"# at {header.at_millis} ms, {len(rows)} detectors, leader={'yes' if header.is_leader else 'no'}, "
+        f"maintenance={'on' if header.maintenance_mode else 'off'}"
+    )
+    print(f"{'DATANODE':>9} {'REGION_ID':>20} {'TABLE/REGION':>16} {'PHI':>8} {'AVAIL':>5} "
+          f"{'LAST_HB_MS':>14} {'SAMPLES':>7} {'MEAN_MS':>9} {'STD_MS':>8} {'FAILOVERS':>9}")
+    for r in rows:
+        phi = "inf" if r.phi == float("inf") else f"{r.phi:.2f}"
+        flag = "yes" if r.available else "NO"
+        if r.migrating:
+            flag += "*"
+        print(f"{r.datanode_id:>9} {r.region_id:>20} {region_label(r.region_id):>16} {phi:>8} {flag:>5} "
+              f"{r.last_heartbeat_millis:>14} {r.sample_count:>7} {r.mean_interval_millis:>9.1f} "
+              f"{r.std_deviation_millis:>8.1f} {r.failover_count:>9}")
+    return 0
+
+
+def _journal(client, args) -> int:
+    from supervisor_service.events import region_label
+
+    embedded, entries = client.journal(args.limit)
+    if not embedded:
+        return _fail(
+            "the service uses a remote RegionMigration service; its decisions are not journaled here",
+            EXIT_USAGE,
+        )
+    for e in entries:
+        record = {
+            "at_millis": e.at_millis,
+            "regions": [region_label(r) for r in e.region_ids],
+            "region_ids": list(e.region_ids),
+            "from": {"id": e.from_peer.id, "addr": e.from_peer.addr},
+            "to": {"id": e.to_peer.id, "addr": e.to_peer.addr},
+            "timeout_millis": e.timeout_millis,
+            "reason": "FAILOVER",
+            "procedure_id": e.procedure_id,
+        }
+        if args.json:
+            print(json.dumps(record))
+        else:
+            print(f"{e.at_millis}  {e.procedure_id}  datanode {e.from_peer.id} -> {e.to_peer.id}  "
+                  f"timeout {e.timeout_millis // 1000}s  regions {','.join(record['regions'])}")
+    if not args.json and not entries:
+        print("journal is empty: no failover decided yet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

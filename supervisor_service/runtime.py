@@ -1,0 +1,248 @@
+"""The threads around the pure supervisor: the consumer, the failover workers, the ticker.
+
+- `SupervisorRuntime` runs one named thread that takes events off the queue,
+  hands them to `Supervisor.handle`, answers replies and passes effects to a
+  small pool of failover workers. Workers make the remote calls (each with a
+  deadline) and put the results back as events.
+- `Ticker` enqueues a Clear once, then a Tick every interval; a tick that is
+  due while the previous one is still queued is skipped, not piled up.
+
+If the consumer dies (a bug), `on_death` is called once: the service then
+reports NOT_SERVING and exits non-zero. It never keeps answering while the
+thread that owns the table is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from supervisor_service._log import log_event
+from supervisor_service.clock import Clock
+from supervisor_service.events import (
+    Clear,
+    EventQueue,
+    SelectionDone,
+    StatusPolled,
+    Stop,
+    SubmissionDone,
+    Tick,
+)
+from supervisor_service.metrics import Metrics
+from supervisor_service.remotes import RemoteError, Remotes
+from supervisor_service.supervisor import Effect, PollMigration, SelectPeers, SubmitMigration, Supervisor
+
+log = logging.getLogger("supervisor_service.runtime")
+
+
+class SupervisorRuntime:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        queue: EventQueue,
+        clock: Clock,
+        metrics: Metrics,
+        remotes: Remotes,
+        *,
+        workers: int = 4,
+        on_death: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.supervisor = supervisor
+        self.queue = queue
+        self.clock = clock
+        self.metrics = metrics
+        self.remotes = remotes
+        self._on_death = on_death
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="failover-worker")
+        self._thread = threading.Thread(target=self._run, name="region-supervisor", daemon=True)
+        self.tick_pending = threading.Event()
+        self.death: BaseException | None = None
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.metrics.thread_alive.set(1)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float) -> bool:
+        """Process what is queued, then stop; True if the thread ended within `timeout` seconds."""
+        if self._thread.is_alive():
+            self.queue.put_control(Stop())
+            self._thread.join(timeout)
+        self.queue.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------ consumer
+
+    def _run(self) -> None:
+        try:
+            while True:
+                event = self.queue.get(timeout=0.5)
+                if event is None:
+                    if self.queue.closed:
+                        return
+                    continue
+                if isinstance(event, Stop):
+                    return
+                self._dispatch(event)
+        except BaseException as exc:  # the table's owner is gone: make it loud
+            self.death = exc
+            log.critical("supervisor_thread_died", exc_info=exc, extra={"fields": {"error": repr(exc)}})
+            self.queue.close()
+            if self._on_death is not None:
+                self._on_death(exc)
+        finally:
+            self.metrics.thread_alive.set(0)
+            self._stopped.set()
+
+    def _dispatch(self, event) -> None:
+        name = type(event).__name__
+        reply: Future | None = getattr(event, "reply", None)
+        if isinstance(event, Tick):
+            self.tick_pending.clear()
+            self.metrics.tick_lateness.observe(max(0.0, self.clock.monotonic() - event.due_monotonic))
+            started = time.perf_counter()
+        try:
+            value = self.supervisor.handle(event, self.clock.now_ms())
+        except BaseException as exc:
+            if reply is not None and not reply.done():
+                reply.set_exception(exc)
+            raise
+        if isinstance(event, Tick):
+            self.metrics.tick_duration.observe(time.perf_counter() - started)
+        self.metrics.events.labels(type=name).inc()
+        if reply is not None and not reply.done():
+            reply.set_result(value)
+        for effect in self.supervisor.drain_outbox():
+            self._execute(effect)
+
+    # ------------------------------------------------------------ workers
+
+    def _execute(self, effect: Effect) -> None:
+        match effect:
+            case SelectPeers():
+                self._pool.submit(self._select, effect)
+            case SubmitMigration():
+                self._pool.submit(self._submit, effect)
+            case PollMigration():
+                self._pool.submit(self._poll, effect)
+
+    def _timed(self, service: str, method: str, call):
+        started = time.perf_counter()
+        try:
+            return call()
+        except RemoteError as exc:
+            self.metrics.remote_errors.labels(service=service, method=method, code=exc.code).inc()
+            raise
+        except Exception as exc:  # an embedded service's bug counts as an error, not a dead worker
+            self.metrics.remote_errors.labels(service=service, method=method, code="INTERNAL").inc()
+            raise RemoteError(service, method, "INTERNAL", repr(exc)) from exc
+        finally:
+            self.metrics.remote_latency.labels(service=service, method=method).observe(
+                time.perf_counter() - started
+            )
+
+    def _report(self, event) -> None:
+        if not self.queue.closed:
+            self.queue.put_control(event)
+
+    def _select(self, effect: SelectPeers) -> None:
+        job = effect.job
+        try:
+            from_peer = self._timed(
+                "PeerLookup", "GetDatanode", lambda: self.remotes.peer_lookup.get_datanode(job.datanode_id)
+            )
+        except RemoteError as exc:
+            self._report(SelectionDone(job, error=str(exc), error_stage="peer_lookup"))
+            return
+        try:
+            peers = self._timed(
+                "Selector",
+                "Select",
+                lambda: self.remotes.selector.select(
+                    len(job.region_ids), {job.datanode_id}, job.datanode_id, job.region_ids
+                ),
+            )
+        except RemoteError as exc:
+            self._report(SelectionDone(job, error=str(exc), error_stage="select"))
+            return
+        self._report(SelectionDone(job, from_peer=from_peer, peers=tuple(peers)))
+
+    def _submit(self, effect: SubmitMigration) -> None:
+        task = effect.task
+        try:
+            result = self._timed(
+                "RegionMigration", "SubmitRegionMigration", lambda: self.remotes.region_migration.submit(task)
+            )
+        except RemoteError as exc:
+            self._report(SubmissionDone(task, error=str(exc)))
+            return
+        self._report(SubmissionDone(task, result=result))
+
+    def _poll(self, effect: PollMigration) -> None:
+        pid = effect.procedure_id
+        try:
+            state, message = self._timed(
+                "RegionMigration", "GetMigrationStatus", lambda: self.remotes.region_migration.status(pid)
+            )
+        except RemoteError as exc:
+            self._report(StatusPolled(pid, error=str(exc)))
+            return
+        self._report(StatusPolled(pid, state=state, message=message))
+
+
+class Ticker:
+    """Sends Clear once, then Tick every `interval_s` on the monotonic clock; missed ticks are skipped."""
+
+    def __init__(
+        self, queue: EventQueue, runtime: SupervisorRuntime, clock: Clock, metrics: Metrics, interval_s: float
+    ) -> None:
+        self._queue = queue
+        self._runtime = runtime
+        self._clock = clock
+        self._metrics = metrics
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._queue.put_control(Clear())
+        self._thread = threading.Thread(target=self._run, name="supervisor-ticker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        due = self._clock.monotonic() + self._interval
+        while not self._stop.is_set():
+            wait = due - self._clock.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            now = self._clock.monotonic()
+            if now - due >= self._interval:
+                # Slept through one or more ticks (a stall): skip them, keep the phase.
+                skipped = int((now - due) // self._interval)
+                self._metrics.ticks_skipped.inc(skipped)
+                due += skipped * self._interval
+            if self._runtime.tick_pending.is_set():
+                self._metrics.ticks_skipped.inc()
+            elif not self._queue.closed:
+                self._runtime.tick_pending.set()
+                self._queue.put_control(Tick(due_monotonic=due))
+            due += self._interval

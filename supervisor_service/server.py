@@ -1,0 +1,391 @@
+"""The gRPC edge: RegionSupervisor servicer, validation, health, reflection, auth.
+
+Handlers convert protobuf to domain values, validate, enqueue and convert the
+answer back. They never touch the detector table: what needs the table
+travels through the event queue with a reply future. Errors leave through
+`context.abort(code, details)` with a message an operator can act on; a bad
+heartbeat is answered with `rejected=true` and a reason, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from supervisor_service._log import log_event
+from supervisor_service.clock import Clock
+from supervisor_service.events import (
+    Deregister,
+    DetectingRegion,
+    Dump,
+    Event,
+    EventQueue,
+    Heartbeat,
+    QueueClosed,
+    Register,
+    Reset,
+    SetMaintenance,
+)
+from supervisor_service.metrics import Metrics
+from supervisor_service.proto import pb, pb_grpc
+from supervisor_service.remotes import DryRunJournal, PeerDirectory, peer_to_pb
+from supervisor_service.settings import Settings, check_host_port
+from supervisor_service.supervisor import DumpSnapshot, Supervisor
+
+log = logging.getLogger("supervisor_service.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name
+_HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DEFAULT_DUMP_PAGE = 1000
+DEFAULT_JOURNAL_LIMIT = 100
+
+
+class Overloaded(Exception):
+    pass
+
+
+@dataclass
+class Leadership:
+    """Who leads. A single replica always does; leader election replaces this object."""
+
+    advertise_addr: str
+    term: int = 1
+
+    def is_leader(self) -> bool:
+        return True
+
+    def leader_addr(self) -> str:
+        return self.advertise_addr
+
+
+class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        queue: EventQueue,
+        supervisor: Supervisor,
+        clock: Clock,
+        metrics: Metrics,
+        directory: PeerDirectory,
+        journal: DryRunJournal | None,
+        leadership: Leadership,
+    ) -> None:
+        self._s = settings
+        self._queue = queue
+        self._supervisor = supervisor  # read only: published attributes (maintenance, leader)
+        self._clock = clock
+        self._metrics = metrics
+        self._directory = directory
+        self._journal = journal
+        self._leadership = leadership
+        self._streams = 0
+
+    # ------------------------------------------------------------ queue access
+
+    async def _enqueue(self, event: Event) -> None:
+        """Enqueue without blocking the event loop; waits for room up to enqueue_timeout_ms."""
+        if self._queue.offer(event):
+            return
+        deadline = self._clock.monotonic() + self._s.enqueue_timeout_ms / 1000
+        delay = 0.001
+        while self._clock.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            if self._queue.offer(event):
+                return
+            delay = min(delay * 2, 0.05)
+        self._metrics.events_rejected.labels(type=type(event).__name__, reason="queue_full").inc()
+        raise Overloaded(
+            f"the supervisor's event queue is full ({self._queue.capacity} events) for "
+            f"{self._s.enqueue_timeout_ms} ms; retry with backoff"
+        )
+
+    async def _ask(self, context: grpc.aio.ServicerContext, make: Callable[[Future], Event]) -> object:
+        """Enqueue an event with a reply future and wait for the supervisor thread's answer."""
+        reply: Future = Future()
+        try:
+            await self._enqueue(make(reply))
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except QueueClosed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the supervisor is shutting down")
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(reply), timeout=30)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the supervisor thread did not answer within 30 s"
+            )
+
+    # ------------------------------------------------------------ heartbeats
+
+    async def SendHeartbeat(
+        self, request_iterator: AsyncIterator[pb.HeartbeatRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.HeartbeatResponse]:
+        if self._streams >= self._s.max_concurrent_streams:
+            self._metrics.heartbeats.labels(outcome="rejected_stream_limit").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many heartbeat streams ({self._s.max_concurrent_streams}, "
+                "setting max_concurrent_streams); one stream per datanode",
+            )
+        self._streams += 1
+        self._metrics.heartbeat_streams.inc()
+        owner: int | None = None
+        try:
+            async for request in request_iterator:
+                response, owner = await self._heartbeat(request, owner)
+                yield response
+        finally:
+            self._streams -= 1
+            self._metrics.heartbeat_streams.dec()
+
+    async def _heartbeat(
+        self, request: pb.HeartbeatRequest, owner: int | None
+    ) -> tuple[pb.HeartbeatResponse, int | None]:
+        # Stamp at receipt, before any queueing (the server clock is the default).
+        received = self._clock.now_ms()
+        datanode_id = request.datanode_id
+        n = len(request.region_ids)
+        leader = self._leadership.is_leader()
+
+        def answer(accepted: int = 0, reason: str = "", outcome: str = "accepted") -> pb.HeartbeatResponse:
+            self._metrics.heartbeats.labels(outcome=outcome).inc()
+            self._metrics.heartbeat_regions.labels(outcome=outcome).inc(n)
+            return pb.HeartbeatResponse(
+                datanode_id=datanode_id,
+                accepted_regions=accepted,
+                is_leader=leader,
+                leader_addr=self._leadership.leader_addr(),
+                server_time_millis=received,
+                rejected=bool(reason),
+                reason=reason,
+            )
+
+        if owner is not None and datanode_id != owner:
+            return answer(
+                reason=f"this stream belongs to datanode {owner}; open one stream per datanode",
+                outcome="rejected_invalid",
+            ), owner
+        if not leader:
+            return answer(
+                reason=f"not the leader; send heartbeats to {self._leadership.leader_addr()}",
+                outcome="rejected_not_leader",
+            ), owner
+        if n > self._s.max_regions_per_heartbeat:
+            return answer(
+                reason=f"{n} regions in one heartbeat; the limit is {self._s.max_regions_per_heartbeat} "
+                "(setting max_regions_per_heartbeat)",
+                outcome="rejected_invalid",
+            ), owner
+        if request.peer_addr:
+            try:
+                check_host_port(request.peer_addr, allow_empty=False, allow_port_zero=False)
+            except ValueError as exc:
+                return answer(reason=f"peer_addr: {exc}", outcome="rejected_invalid"), owner
+        if self._s.heartbeat_clock == "client":
+            if request.timestamp_millis <= 0:
+                return answer(
+                    reason="timestamp_millis must be > 0 when the service uses the client clock "
+                    "(setting heartbeat_clock=client)",
+                    outcome="rejected_invalid",
+                ), owner
+            ts = request.timestamp_millis
+        else:
+            ts = received
+        regions = np.unique(np.asarray(request.region_ids, dtype=np.uint64))
+        try:
+            await self._enqueue(Heartbeat(datanode_id, regions, ts))
+        except Overloaded as exc:
+            return answer(reason=str(exc), outcome="rejected_overloaded"), owner
+        except QueueClosed:
+            return answer(reason="the supervisor is shutting down", outcome="rejected_shutdown"), owner
+        self._directory.observe(datanode_id, request.peer_addr, request.node_epoch)
+        return answer(accepted=int(regions.size)), datanode_id
+
+    # ------------------------------------------------------------ registry
+
+    async def _pairs(self, context: grpc.aio.ServicerContext, regions) -> tuple[DetectingRegion, ...]:
+        if len(regions) > self._s.max_regions_per_request:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(regions)} regions in one request; the limit is {self._s.max_regions_per_request} "
+                "(setting max_regions_per_request): split the request",
+            )
+        await self._require_leader(context)
+        # Duplicates within a request are folded; order does not matter.
+        return tuple(sorted({(r.datanode_id, r.region_id) for r in regions}))
+
+    async def _require_leader(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._leadership.is_leader():
+            leader = self._leadership.leader_addr()
+            await context.send_initial_metadata((("x-supervisor-leader", leader),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not the leader; the leader is {leader}")
+
+    async def RegisterDetectors(self, request, context):
+        pairs = await self._pairs(context, request.regions)
+        affected = await self._ask(context, lambda reply: Register(pairs, reply))
+        return pb.RegisterDetectorsResponse(affected=affected)
+
+    async def DeregisterDetectors(self, request, context):
+        pairs = await self._pairs(context, request.regions)
+        affected = await self._ask(context, lambda reply: Deregister(pairs, reply))
+        return pb.DeregisterDetectorsResponse(affected=affected)
+
+    async def ResetDetectors(self, request, context):
+        pairs = await self._pairs(context, request.regions)
+        affected = await self._ask(context, lambda reply: Reset(pairs, reply))
+        return pb.ResetDetectorsResponse(affected=affected)
+
+    # ------------------------------------------------------------ dump
+
+    async def Dump(self, request: pb.DumpRequest, context) -> AsyncIterator[pb.DumpResponse]:
+        if request.at_millis < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at_millis must be >= 0, got {request.at_millis}")
+        if request.page_size > self._s.max_dump_page_size:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"page_size {request.page_size} is above the limit {self._s.max_dump_page_size} "
+                "(setting max_dump_page_size)",
+            )
+        page_size = request.page_size or min(DEFAULT_DUMP_PAGE, self._s.max_dump_page_size)
+        datanodes = frozenset(request.datanode_ids) if request.datanode_ids else None
+        snapshot: DumpSnapshot = await self._ask(context, lambda reply: Dump(reply, datanodes))
+        at = request.at_millis or snapshot.taken_at_ms
+        loop = asyncio.get_running_loop()
+        # Building rows is CPU work: do it off the event loop so heartbeat streams keep flowing.
+        rows = await loop.run_in_executor(None, dump_rows, snapshot, at, request.only_failed)
+        header = dict(is_leader=snapshot.is_leader, maintenance_mode=snapshot.maintenance, at_millis=at, total=len(rows))
+        if not rows:
+            yield pb.DumpResponse(**header)
+            return
+        for start in range(0, len(rows), page_size):
+            yield pb.DumpResponse(detectors=rows[start : start + page_size], **header)
+
+    # ------------------------------------------------------------ maintenance and journal
+
+    async def SetMaintenanceMode(self, request, context):
+        await self._require_leader(context)
+        enabled = await self._ask(context, lambda reply: SetMaintenance(request.enabled, reply))
+        return pb.MaintenanceModeResponse(enabled=enabled)
+
+    async def GetMaintenanceMode(self, request, context):
+        return pb.MaintenanceModeResponse(enabled=self._supervisor.maintenance)
+
+    async def ListJournal(self, request, context):
+        if self._journal is None:
+            return pb.ListJournalResponse(embedded=False)
+        limit = request.limit or DEFAULT_JOURNAL_LIMIT
+        entries = [
+            pb.JournalEntry(
+                at_millis=e.at_millis,
+                region_ids=e.region_ids,
+                from_peer=peer_to_pb(e.from_peer),
+                to_peer=peer_to_pb(e.to_peer),
+                timeout_millis=e.timeout_ms,
+                trigger_reason=pb.TRIGGER_REASON_FAILOVER,
+                procedure_id=e.procedure_id,
+                leader_term=e.leader_term,
+            )
+            for e in self._journal.entries(limit)
+        ]
+        return pb.ListJournalResponse(entries=entries, embedded=True)
+
+
+def dump_rows(snapshot: DumpSnapshot, at: int, only_failed: bool) -> list[pb.DetectorState]:
+    """Expand a snapshot into DetectorState rows, phi evaluated at `at`."""
+    rows = []
+    threshold = snapshot.threshold
+    counts = snapshot.failover_counts
+    migrating = snapshot.migrating
+    for node in snapshot.nodes:
+        phis = {gid: grp.phi(at) for gid, grp in node.groups.items()}
+        for region_id, gid in zip(node.regions.tolist(), node.gids.tolist()):
+            phi = phis[gid]
+            if only_failed and phi < threshold:
+                continue
+            grp = node.groups[gid]
+            rows.append(
+                pb.DetectorState(
+                    datanode_id=node.datanode_id,
+                    region_id=region_id,
+                    last_heartbeat_millis=grp.last,
+                    phi=phi,
+                    available=phi < threshold,
+                    sample_count=grp.samples,
+                    mean_interval_millis=grp.observed_mean,
+                    std_deviation_millis=grp.observed_std,
+                    failover_count=counts.get((node.datanode_id, region_id), 0),
+                    migrating=region_id in migrating,
+                )
+            )
+    return rows
+
+
+async def _abort_unauthenticated(context) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or wrong token: send metadata 'authorization: Bearer <token>' (setting auth_token)",
+    )
+
+
+async def _deny_unary(request, context):
+    await _abort_unauthenticated(context)
+
+
+async def _deny_streaming(request_or_iterator, context):
+    await _abort_unauthenticated(context)
+    yield  # pragma: no cover - makes this an async generator
+
+
+class _AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every RPC except health checks (probes carry no token)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if handler is None or method.startswith(f"/{_HEALTH_NAME}/") or metadata.get("authorization") == self._expected:
+            return handler
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(_deny_streaming)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(_deny_streaming)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(_deny_unary)
+        return grpc.unary_unary_rpc_method_handler(_deny_unary)
+
+
+def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server: one event loop serves every stream (thousands of datanodes)."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams + 100),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    interceptors = [_AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    pb_grpc.add_RegionSupervisorServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server)
+    return server, health_servicer
+
+
+async def set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
+    log_event(log, logging.INFO, "health_changed", serving=serving)

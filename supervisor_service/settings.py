@@ -1,0 +1,236 @@
+"""Settings, read once in `main`: defaults < TOML file (`--config`) < environment (`SUPERVISOR_*`) < CLI flags.
+
+Every field has its unit in its name and a docstring; the README's
+configuration table is generated from this class (`supervisor-service
+settings --markdown`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from supervisor_service.detector import PhiAccrualOptions
+
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def check_host_port(value: str, *, allow_empty: bool, allow_port_zero: bool = True) -> str:
+    """`host:port` (IPv6 hosts in brackets); raises ValueError with what is wrong."""
+    if value == "" and allow_empty:
+        return value
+    match = _HOST_PORT.match(value)
+    if not match:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:50051), got {value!r}")
+    port = int(match.group(2))
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    return value
+
+
+class ConfigError(Exception):
+    """Invalid settings; the message names every bad setting."""
+
+
+class Settings(BaseSettings):
+    """All settings of the service."""
+
+    model_config = SettingsConfigDict(env_prefix="SUPERVISOR_", extra="forbid", validate_default=True)
+
+    # -- network
+    grpc_addr: str = "127.0.0.1:50051"
+    """Address the gRPC server listens on (port 0: any free port)."""
+    metrics_addr: str = "127.0.0.1:9464"
+    """Address of the Prometheus /metrics endpoint; empty disables it."""
+    advertise_addr: str = ""
+    """Address clients are told to reach this replica at; empty: the gRPC address."""
+    auth_token: str = ""
+    """If set, every RPC must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise)."""
+
+    # -- remote services
+    selector_endpoint: str = ""
+    """host:port of the Selector service; empty: the embedded round-robin selector."""
+    peer_lookup_endpoint: str = ""
+    """host:port of the PeerLookup service; empty: addresses from the datanodes' heartbeats."""
+    region_migration_endpoint: str = ""
+    """host:port of the RegionMigration service; empty: the embedded dry-run journal."""
+    remote_timeout_ms: int = Field(5000, ge=1, le=600_000)
+    """Deadline of each call to a remote service."""
+    failover_workers: int = Field(4, ge=1, le=256)
+    """Threads making remote calls for failover (they never block the supervisor thread)."""
+    migration_base_timeout_ms: int = Field(120_000, ge=1)
+    """Migration timeout per failover count: timeout = this x the region's failover count."""
+    migration_status_poll_interval_ms: int = Field(5000, ge=1)
+    """How often an in-flight migration's status is polled."""
+    journal_capacity: int = Field(10_000, ge=1)
+    """Entries the embedded dry-run journal keeps (newest)."""
+    selector_alive_window_ms: int = Field(0, ge=0)
+    """Embedded selector: a datanode heard from within this window is a candidate; 0: the acceptable heartbeat pause."""
+
+    # -- detection
+    tick_interval_ms: int = Field(1000, ge=10, le=600_000)
+    """How often failed regions are looked for."""
+    phi_threshold: float = Field(8.0, gt=0)
+    """phi at or above which a region counts as failed."""
+    min_std_deviation_ms: float = Field(100.0, gt=0)
+    """Floor of the heartbeat interval standard deviation."""
+    acceptable_heartbeat_pause_ms: float = Field(10_000.0, ge=0)
+    """Heartbeat pause tolerated on top of the mean interval."""
+    max_sample_size: int = Field(1000, ge=2, le=100_000)
+    """Heartbeat intervals kept per detector."""
+    first_heartbeat_estimate_ms: int = Field(1000, ge=1)
+    """Interval assumed before one is seen (seeds the history with est -/+ est/4)."""
+    heartbeat_clock: Literal["server", "client"] = "server"
+    """Whose clock stamps heartbeats: `server` (receipt time) or `client` (the request's timestamp_millis)."""
+
+    # -- queue and limits
+    event_queue_size: int = Field(1024, ge=1, le=1_000_000)
+    """Capacity of the supervisor's event queue."""
+    enqueue_timeout_ms: int = Field(1000, ge=0, le=60_000)
+    """How long a request waits for room in a full queue before RESOURCE_EXHAUSTED."""
+    max_regions_per_heartbeat: int = Field(100_000, ge=1)
+    """Regions one heartbeat may carry."""
+    max_regions_per_request: int = Field(100_000, ge=1)
+    """Regions one Register/Deregister/Reset call may carry."""
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest gRPC message accepted."""
+    max_dump_page_size: int = Field(10_000, ge=1)
+    """Largest Dump page (the default page is 1000 or this, whichever is smaller)."""
+    max_concurrent_streams: int = Field(10_000, ge=1)
+    """Heartbeat streams served at once (RESOURCE_EXHAUSTED past it)."""
+
+    # -- storage and HA (used by the durable store and leader election)
+    data_dir: Path = Path("./data")
+    """Directory of the embedded store."""
+    store: str = "memory"
+    """State store: `memory` (nothing kept across restarts)."""
+    store_prefix: str = "/region-supervisor/default"
+    """Key prefix in a shared store: one per cluster."""
+    leader_lease_ttl_ms: int = Field(5000, ge=1000)
+    """Leader lease time to live."""
+    max_local_pause_ms: int = Field(5000, ge=0)
+    """Reserved for the local-pause guard."""
+    max_failed_datanode_fraction: float = Field(0.5, gt=0, le=1)
+    """Reserved for the mass-failure guard."""
+
+    # -- process
+    shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
+    """Budget of graceful shutdown (grace period of in-flight RPCs plus draining)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level."""
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """Log format; auto: JSON unless stderr is a terminal."""
+
+    @field_validator("grpc_addr")
+    @classmethod
+    def _grpc_addr(cls, v: str) -> str:
+        return check_host_port(v, allow_empty=False)
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _metrics_addr(cls, v: str) -> str:
+        return check_host_port(v, allow_empty=True)
+
+    @field_validator("advertise_addr", "selector_endpoint", "peer_lookup_endpoint", "region_migration_endpoint")
+    @classmethod
+    def _endpoints(cls, v: str) -> str:
+        return check_host_port(v, allow_empty=True, allow_port_zero=False)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v != "memory":
+            raise ValueError(f"supported stores: memory; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        self.detector_options()  # raises ValueError naming the option
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def detector_options(self) -> PhiAccrualOptions:
+        return PhiAccrualOptions(
+            threshold=self.phi_threshold,
+            min_std_deviation_ms=self.min_std_deviation_ms,
+            acceptable_heartbeat_pause_ms=self.acceptable_heartbeat_pause_ms,
+            max_sample_size=self.max_sample_size,
+            first_heartbeat_estimate_ms=self.first_heartbeat_estimate_ms,
+        )
+
+    @property
+    def advertised(self) -> str:
+        return self.advertise_addr or self.grpc_addr
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; raises ConfigError naming each bad setting and where it is set."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        # pydantic-settings reads the TOML path from the class's model_config.
+        cls = Settings
+        if config_file is not None:
+            config = SettingsConfigDict(**{**Settings.model_config, "toml_file": Path(config_file)})
+            cls = type("Settings", (Settings,), {"model_config": config, "__doc__": Settings.__doc__})
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except ValueError as exc:  # e.g. a malformed TOML file
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = f"SUPERVISOR_{name.upper()}" if err["loc"] else ""
+        where = f"{name} ({env})" if env else name
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message} (got {err.get('input')!r})")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def settings_table_markdown() -> str:
+    """The README configuration table, from the field docstrings."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(Settings)
+    docs: dict[str, str] = {}
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = f"`{default}`" if default not in ("", None) else "(empty)"
+        lines.append(f"| `SUPERVISOR_{name.upper()}` | {shown} | {docs.get(name, '')} |")
+    return "\n".join(lines)
