@@ -7,7 +7,12 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test bench soak proto lint clean venv
+.PHONY: run test bench soak proto lint clean venv system-deps
+
+# Debian packages of the real servers some tests start on 127.0.0.1.
+# Installed when missing and running as root; otherwise those tests skip
+# (or fail under CI=true).
+SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server
 
 venv: $(STAMP)
 
@@ -32,7 +37,17 @@ $(PROTO_GEN): $(PROTO_SRC) $(STAMP)
 run: proto
 	$(VENV)/bin/supervisor-service serve
 
-test: proto
+system-deps:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing$$missing"; apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else echo "warning: missing Debian packages:$$missing (tests that need them will skip, or fail under CI=true)"; fi; \
+	fi
+
+test: proto system-deps
 	$(PY) -m pytest -q
 
 bench: proto

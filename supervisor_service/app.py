@@ -92,7 +92,10 @@ class Service:
             journal=self.remotes.journal,
             leadership=self.leadership,
         )
-        self.server, self.health = build_server(self.servicer, s)
+        # The grpc.aio server and health servicer belong to the event loop that runs
+        # them, so they are built in `start`.
+        self.server = None
+        self.health = None
         self.addresses = Addresses(grpc="", metrics="")
         self.exit_code = 0
         self._metrics_server = None
@@ -106,6 +109,7 @@ class Service:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        self.server, self.health = build_server(self.servicer, s)
         host, _, _ = s.grpc_addr.rpartition(":")
         port = self.server.add_insecure_port(s.grpc_addr)
         if port == 0:
@@ -162,8 +166,9 @@ class Service:
         self._stopped = True
         budget = self.settings.shutdown_timeout_ms / 1000
         started = self.clock.monotonic()
-        await set_health(self.health, False)
-        await self.server.stop(grace=budget / 2)
+        if self.server is not None:
+            await set_health(self.health, False)
+            await self.server.stop(grace=budget / 2)
         self.ticker.stop()
         remaining = max(0.1, budget - (self.clock.monotonic() - started))
         drained = self.runtime.stop(timeout=remaining)
