@@ -22,7 +22,6 @@ USER supervisor
 WORKDIR /var/lib/supervisor
 ENV SUPERVISOR_GRPC_ADDR=0.0.0.0:50051 \
     SUPERVISOR_METRICS_ADDR=0.0.0.0:9464 \
-    SUPERVISOR_DATA_DIR=/var/lib/supervisor/data \
     SUPERVISOR_LOG_FORMAT=json
 EXPOSE 50051 9464
 # Exec form: SIGTERM reaches Python directly and starts the graceful shutdown.

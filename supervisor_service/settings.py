@@ -108,20 +108,6 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(10_000, ge=1)
     """Heartbeat streams served at once (RESOURCE_EXHAUSTED past it)."""
 
-    # -- storage and HA (used by the durable store and leader election)
-    data_dir: Path = Path("./data")
-    """Directory of the embedded store."""
-    store: str = "memory"
-    """State store: `memory` (nothing kept across restarts)."""
-    store_prefix: str = "/region-supervisor/default"
-    """Key prefix in a shared store: one per cluster."""
-    leader_lease_ttl_ms: int = Field(5000, ge=1000)
-    """Leader lease time to live."""
-    max_local_pause_ms: int = Field(5000, ge=0)
-    """Reserved for the local-pause guard."""
-    max_failed_datanode_fraction: float = Field(0.5, gt=0, le=1)
-    """Reserved for the mass-failure guard."""
-
     # -- process
     shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
     """Budget of graceful shutdown (grace period of in-flight RPCs plus draining)."""
@@ -144,13 +130,6 @@ class Settings(BaseSettings):
     @classmethod
     def _endpoints(cls, v: str) -> str:
         return check_host_port(v, allow_empty=True, allow_port_zero=False)
-
-    @field_validator("store")
-    @classmethod
-    def _store(cls, v: str) -> str:
-        if v != "memory":
-            raise ValueError(f"supported stores: memory; got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
