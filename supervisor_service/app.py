@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
 
 from supervisor_service._log import log_event
 from supervisor_service.clock import Clock, SystemClock
-from supervisor_service.events import EventQueue
+from supervisor_service.etcd import EtcdElection, EtcdKV
+from supervisor_service.events import BecomeLeader, EventQueue, LoseLeadership
+from supervisor_service.leadership import Leadership, SingleLeadership
 from supervisor_service.metrics import Metrics
 from supervisor_service.remotes import PeerDirectory, Remotes, build_remotes
 from supervisor_service.runtime import SupervisorRuntime, Ticker
-from supervisor_service.server import Leadership, RegionSupervisorServicer, build_server, set_health
+from supervisor_service.server import RegionSupervisorServicer, build_server, set_health
 from supervisor_service.settings import Settings
+from supervisor_service.store import KV, JournalAppend, StateStore, StoredState, StoreError, TermSet, open_kv
 from supervisor_service.supervisor import FailoverPolicy, Supervisor
 
 log = logging.getLogger("supervisor_service.app")
@@ -44,6 +49,7 @@ class Service:
         clock: Clock | None = None,
         registry: CollectorRegistry | None = None,
         remotes: Remotes | None = None,
+        kv: KV | None = None,
     ) -> None:
         self.settings = s = settings
         self.clock = clock or SystemClock()
@@ -52,6 +58,14 @@ class Service:
         self.queue = EventQueue(s.event_queue_size)
         self.metrics.bind_queue(lambda: len(self.queue), self.queue.oldest_age)
         self.directory = PeerDirectory(self.clock)
+        self.kv = kv if kv is not None else open_kv(s.store, s.data_dir)
+        self.store = StateStore(
+            self.kv,
+            s.store_prefix,
+            flush_interval_s=s.store_flush_interval_ms / 1000,
+            journal_capacity=s.journal_capacity,
+            on_fenced=lambda: self._step_down("a store write was fenced: another replica leads"),
+        )
         self.remotes = remotes or build_remotes(
             clock=self.clock,
             directory=self.directory,
@@ -62,15 +76,20 @@ class Service:
             alive_window_ms=s.selector_alive_window_ms or int(s.acceptable_heartbeat_pause_ms),
             journal_capacity=s.journal_capacity,
         )
-        self.leadership = Leadership(advertise_addr=s.advertised)
+        if self.remotes.journal is not None:
+            self.remotes.journal.set_persist(lambda entry, term: self.store.submit([JournalAppend(entry, term)]))
+        self.leadership: Leadership | None = None  # built in start, once the address is known
         self.supervisor = Supervisor(
             s.detector_options(),
             self.metrics,
             FailoverPolicy(
                 base_timeout_ms=s.migration_base_timeout_ms,
                 status_poll_interval_ms=s.migration_status_poll_interval_ms,
+                warmup_grace_ms=s.warmup_grace_ms,
+                warmup_fraction=s.warmup_fraction,
             ),
-            leader_term=self.leadership.term,
+            is_leader=False,
+            leader_term=0,
         )
         self.runtime = SupervisorRuntime(
             self.supervisor,
@@ -80,18 +99,12 @@ class Service:
             self.remotes,
             workers=s.failover_workers,
             on_death=self._on_supervisor_death,
+            store=self.store,
+            is_leader=lambda: self.leadership is not None and self.leadership.is_leader(),
+            on_fenced=self._step_down,
         )
         self.ticker = Ticker(self.queue, self.runtime, self.clock, self.metrics, s.tick_interval_ms / 1000)
-        self.servicer = RegionSupervisorServicer(
-            settings=s,
-            queue=self.queue,
-            supervisor=self.supervisor,
-            clock=self.clock,
-            metrics=self.metrics,
-            directory=self.directory,
-            journal=self.remotes.journal,
-            leadership=self.leadership,
-        )
+        self.servicer: RegionSupervisorServicer | None = None
         # The grpc.aio server and health servicer belong to the event loop that runs
         # them, so they are built in `start`.
         self.server = None
@@ -102,27 +115,47 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
         self._stopped = False
+        self._start_ticker = True
+        # Leadership transitions run here, one at a time, off the election's and the gRPC loop's threads.
+        self._transitions = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leadership")
+        self.leader_since: float | None = None
 
     # ------------------------------------------------------------ start
 
     async def start(self, *, start_ticker: bool = True) -> Addresses:
         s = self.settings
+        self._start_ticker = start_ticker
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
-        self.server, self.health = build_server(self.servicer, s)
         host, _, _ = s.grpc_addr.rpartition(":")
+        self.leadership = self._build_leadership()
+        self.servicer = RegionSupervisorServicer(
+            settings=s,
+            queue=self.queue,
+            supervisor=self.supervisor,
+            clock=self.clock,
+            metrics=self.metrics,
+            directory=self.directory,
+            journal=self.remotes.journal,
+            leadership=self.leadership,
+            store=self.store,
+        )
+        self.server, self.health = build_server(self.servicer, s)
         port = self.server.add_insecure_port(s.grpc_addr)
         if port == 0:
             raise OSError(f"cannot listen on {s.grpc_addr} (setting grpc_addr): address in use or invalid")
         self.addresses.grpc = f"{host}:{port}"
+        self._advertise = s.advertise_addr or self.addresses.grpc
         if s.metrics_addr:
             mhost, _, mport = s.metrics_addr.rpartition(":")
             self._metrics_server, _ = start_http_server(int(mport), addr=mhost.strip("[]"), registry=self.registry)
             self.addresses.metrics = f"{mhost}:{self._metrics_server.server_port}"
+        self.store.start()
         self.runtime.start()
         await self.server.start()
-        if start_ticker:
-            self.ticker.start()
+        if isinstance(self.leadership, EtcdElection):
+            self.leadership.advertise_addr = self._advertise
+        self.leadership.start()
         await set_health(self.health, True)
         log_event(
             log,
@@ -130,6 +163,7 @@ class Service:
             "service_started",
             grpc=self.addresses.grpc,
             metrics=self.addresses.metrics or "off",
+            store=s.store,
             tick_interval_ms=s.tick_interval_ms,
             heartbeat_clock=s.heartbeat_clock,
             **self.remotes.describe(),
@@ -139,6 +173,72 @@ class Service:
                 log_event(log, logging.WARNING, "embedded_service_in_use", service=name,
                           meaning=_EMBEDDED_MEANING[name])
         return self.addresses
+
+    def _build_leadership(self) -> Leadership:
+        s = self.settings
+        if isinstance(self.kv, EtcdKV):
+            return EtcdElection(
+                self.kv, s.store_prefix, s.advertise_addr, s.leader_lease_ttl_ms,
+                on_elected=self._on_elected, on_lost=self._on_lost,
+            )
+        return SingleLeadership(
+            s.advertise_addr or s.grpc_addr,
+            next_term=self._next_single_term,
+            on_elected=self._on_elected,
+            on_lost=self._on_lost,
+        )
+
+    def _next_single_term(self) -> int:
+        """Bump the stored term before anything is submitted under it."""
+        term = self._load_state().term + 1
+        self.store.submit([TermSet(term)])
+        self.store.flush()
+        return term
+
+    def _load_state(self) -> StoredState:
+        delay = 0.1
+        while True:
+            try:
+                return self.store.load()
+            except StoreError as exc:
+                if self._stopped:
+                    raise
+                log_event(log, logging.ERROR, "state_load_failed", error=str(exc), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # ------------------------------------------------------------ leadership
+
+    def _on_elected(self, term: int) -> None:
+        self._transitions.submit(self._become_leader, term)
+
+    def _on_lost(self) -> None:
+        # Stop ticking at once, on the caller's thread; the rest follows in order.
+        self.ticker.stop()
+        self.leader_since = None
+        self._transitions.submit(self._lose_leadership)
+
+    def _become_leader(self, term: int) -> None:
+        if self.settings.initialization_delay_ms:
+            time.sleep(self.settings.initialization_delay_ms / 1000)
+        state = self._load_state()
+        if self.leadership is None or not self.leadership.is_leader() or self.leadership.term != term:
+            return  # lost it while loading
+        if self.remotes.journal is not None:
+            self.remotes.journal.restore(state.journal, state.journal_term)
+        self.queue.put_control(BecomeLeader(term, state))
+        self.leader_since = self.clock.monotonic()
+        if self._start_ticker:
+            self.ticker.start(clear=False)  # BecomeLeader already cleared and rebuilt the table
+
+    def _lose_leadership(self) -> None:
+        self.ticker.stop()
+        if not self.queue.closed:
+            self.queue.put_control(LoseLeadership())
+
+    def _step_down(self, reason: str = "") -> None:
+        if self.leadership is not None:
+            self.leadership.step_down(reason or "fenced")
 
     def _on_supervisor_death(self, exc: BaseException) -> None:
         """Called on the dying supervisor thread: get the event loop to shut down with an error."""
@@ -160,23 +260,34 @@ class Service:
     # ------------------------------------------------------------ stop
 
     async def stop(self) -> None:
-        """Idempotent; the steps run in this order and within shutdown_timeout_ms overall."""
+        """Idempotent; the steps run in this order and within shutdown_timeout_ms overall:
+        health NOT_SERVING, stop accepting RPCs, step down (ticker stops, lease revoked),
+        drain the supervisor thread, commit pending state, close remotes, stop metrics."""
         if self._stopped:
             return
         self._stopped = True
         budget = self.settings.shutdown_timeout_ms / 1000
         started = self.clock.monotonic()
+
+        def remaining() -> float:
+            return max(0.1, budget - (self.clock.monotonic() - started))
+
         if self.server is not None:
             await set_health(self.health, False)
             await self.server.stop(grace=budget / 2)
         self.ticker.stop()
-        remaining = max(0.1, budget - (self.clock.monotonic() - started))
-        drained = self.runtime.stop(timeout=remaining)
+        if self.leadership is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.leadership.resign)
+        self._transitions.shutdown(wait=False, cancel_futures=True)
+        drained = self.runtime.stop(timeout=remaining())
+        committed = self.store.stop(timeout=remaining())
+        self.store.close()
         self.remotes.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        log_event(log, logging.INFO, "service_stopped", drained=drained, exit_code=self.exit_code)
+        log_event(log, logging.INFO, "service_stopped", drained=drained, committed=committed,
+                  exit_code=self.exit_code)
 
 
 _EMBEDDED_MEANING = {

@@ -12,8 +12,12 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from supervisor_service.store import StoredState
 
 DetectingRegion = tuple[int, int]
 """(datanode_id, region_id)."""
@@ -154,6 +158,19 @@ class StatusPolled:
 
 
 @dataclass(frozen=True, slots=True)
+class BecomeLeader:
+    """This replica leads from now, under `term`: recover from the stored state."""
+
+    term: int
+    state: StoredState
+
+
+@dataclass(frozen=True, slots=True)
+class LoseLeadership:
+    """This replica no longer leads: stop failing over and forget the table."""
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """Sentinel: the consumer processes what is ahead of it, then exits."""
 
@@ -170,6 +187,8 @@ Event = (
     | SelectionDone
     | SubmissionDone
     | StatusPolled
+    | BecomeLeader
+    | LoseLeadership
     | Stop
 )
 

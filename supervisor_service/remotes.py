@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -155,8 +156,14 @@ class DryRunJournal:
     journal keeps the newest `capacity` entries in memory.
     """
 
-    def __init__(self, clock: Clock, capacity: int = 10_000) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        capacity: int = 10_000,
+        persist: Callable[[JournalEntry, int], None] | None = None,
+    ) -> None:
         self._clock = clock
+        self._persist = persist
         self._lock = threading.Lock()
         self._entries: deque[JournalEntry] = deque(maxlen=capacity)
         self._procedures: dict[str, MigrationState] = {}
@@ -189,7 +196,22 @@ class DryRunJournal:
             )
             self.total_recorded += 1
             self._procedures[procedure_id] = MigrationState.SUCCEEDED
+            if self._persist is not None:
+                self._persist(self._entries[-1], self._highest_term)
         return MigrationResult(submitted=task.region_ids, procedure_id=procedure_id)
+
+    def restore(self, entries: list[JournalEntry], highest_term: int) -> None:
+        """Load the durable journal (at leadership start); ids continue after the newest entry."""
+        with self._lock:
+            self._entries.clear()
+            self._entries.extend(entries)
+            self._highest_term = max(self._highest_term, highest_term)
+            last = max((int(e.procedure_id.rsplit("-", 1)[1]) for e in entries
+                        if e.procedure_id.rsplit("-", 1)[-1].isdigit()), default=0)
+            self._ids = itertools.count(last + 1)
+
+    def set_persist(self, persist: Callable[[JournalEntry, int], None] | None) -> None:
+        self._persist = persist
 
     def status(self, procedure_id: str) -> tuple[MigrationState, str]:
         with self._lock:

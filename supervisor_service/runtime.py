@@ -32,7 +32,8 @@ from supervisor_service.events import (
     Tick,
 )
 from supervisor_service.metrics import Metrics
-from supervisor_service.remotes import RemoteError, Remotes
+from supervisor_service.remotes import RemoteError, Remotes, StaleLeaderTerm
+from supervisor_service.store import StateStore
 from supervisor_service.supervisor import Effect, PollMigration, SelectPeers, SubmitMigration, Supervisor
 
 log = logging.getLogger("supervisor_service.runtime")
@@ -49,6 +50,9 @@ class SupervisorRuntime:
         *,
         workers: int = 4,
         on_death: Callable[[BaseException], None] | None = None,
+        store: StateStore | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.queue = queue
@@ -56,6 +60,9 @@ class SupervisorRuntime:
         self.metrics = metrics
         self.remotes = remotes
         self._on_death = on_death
+        self.store = store
+        self._is_leader = is_leader
+        self._on_fenced = on_fenced
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="failover-worker")
         self._thread = threading.Thread(target=self._run, name="region-supervisor", daemon=True)
         self.tick_pending = threading.Event()
@@ -120,7 +127,11 @@ class SupervisorRuntime:
         if isinstance(event, Tick):
             self.metrics.tick_duration.observe(time.perf_counter() - started)
         self.metrics.events.labels(type=name).inc()
-        if reply is not None and not reply.done():
+        changes = self.supervisor.drain_changes()
+        if changes and self.store is not None:
+            # Acknowledge only once the change is durable; the writer thread calls back.
+            self.store.submit(changes, _resolver(reply, value) if reply is not None else None)
+        elif reply is not None and not reply.done():
             reply.set_result(value)
         for effect in self.supervisor.drain_outbox():
             self._execute(effect)
@@ -179,10 +190,19 @@ class SupervisorRuntime:
 
     def _submit(self, effect: SubmitMigration) -> None:
         task = effect.task
+        if not self._is_leader():
+            # Leadership ended after the decision: nothing leaves without a lease.
+            self._report(SubmissionDone(task, error="not the leader any more; submission dropped"))
+            return
         try:
             result = self._timed(
                 "RegionMigration", "SubmitRegionMigration", lambda: self.remotes.region_migration.submit(task)
             )
+        except StaleLeaderTerm as exc:
+            self._report(SubmissionDone(task, error=str(exc)))
+            if self._on_fenced is not None:
+                self._on_fenced(str(exc))
+            return
         except RemoteError as exc:
             self._report(SubmissionDone(task, error=str(exc)))
             return
@@ -200,6 +220,18 @@ class SupervisorRuntime:
         self._report(StatusPolled(pid, state=state, message=message))
 
 
+def _resolver(reply: Future, value: object) -> Callable[[BaseException | None], None]:
+    def resolve(exc: BaseException | None) -> None:
+        if reply.done():
+            return
+        if exc is None:
+            reply.set_result(value)
+        else:
+            reply.set_exception(exc)
+
+    return resolve
+
+
 class Ticker:
     """Sends Clear once, then Tick every `interval_s` on the monotonic clock; missed ticks are skipped."""
 
@@ -212,27 +244,32 @@ class Ticker:
         self._metrics = metrics
         self._interval = interval_s
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # makes "stopped" and "enqueue a Tick" exclusive
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, *, clear: bool = True) -> None:
         if self._thread is not None:
             return
-        self._stop.clear()
-        self._queue.put_control(Clear())
+        self._stop = threading.Event()
+        if clear:
+            self._queue.put_control(Clear())
         self._thread = threading.Thread(target=self._run, name="supervisor-ticker", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        """Stops at once: no Tick is enqueued after this returns."""
+        with self._lock:
+            self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def _run(self) -> None:
+        stop = self._stop
         due = self._clock.monotonic() + self._interval
-        while not self._stop.is_set():
+        while not stop.is_set():
             wait = due - self._clock.monotonic()
-            if wait > 0 and self._stop.wait(wait):
+            if wait > 0 and stop.wait(wait):
                 return
             now = self._clock.monotonic()
             if now - due >= self._interval:
@@ -240,9 +277,12 @@ class Ticker:
                 skipped = int((now - due) // self._interval)
                 self._metrics.ticks_skipped.inc(skipped)
                 due += skipped * self._interval
-            if self._runtime.tick_pending.is_set():
-                self._metrics.ticks_skipped.inc()
-            elif not self._queue.closed:
-                self._runtime.tick_pending.set()
-                self._queue.put_control(Tick(due_monotonic=due))
+            with self._lock:
+                if stop.is_set():
+                    return
+                if self._runtime.tick_pending.is_set():
+                    self._metrics.ticks_skipped.inc()
+                elif not self._queue.closed:
+                    self._runtime.tick_pending.set()
+                    self._queue.put_control(Tick(due_monotonic=due))
             due += self._interval

@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -34,10 +33,12 @@ from supervisor_service.events import (
     Reset,
     SetMaintenance,
 )
+from supervisor_service.leadership import Leadership
 from supervisor_service.metrics import Metrics
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes import DryRunJournal, PeerDirectory, peer_to_pb
 from supervisor_service.settings import Settings, check_host_port
+from supervisor_service.store import StateStore, StoreError
 from supervisor_service.supervisor import DumpSnapshot, Supervisor
 
 log = logging.getLogger("supervisor_service.server")
@@ -45,25 +46,12 @@ log = logging.getLogger("supervisor_service.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name
 _HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEFAULT_DUMP_PAGE = 1000
+LEADER_METADATA_KEY = "x-supervisor-leader"  # trailing metadata of a follower's FAILED_PRECONDITION
 DEFAULT_JOURNAL_LIMIT = 100
 
 
 class Overloaded(Exception):
     pass
-
-
-@dataclass
-class Leadership:
-    """Who leads. A single replica always does; leader election replaces this object."""
-
-    advertise_addr: str
-    term: int = 1
-
-    def is_leader(self) -> bool:
-        return True
-
-    def leader_addr(self) -> str:
-        return self.advertise_addr
 
 
 class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
@@ -78,6 +66,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         directory: PeerDirectory,
         journal: DryRunJournal | None,
         leadership: Leadership,
+        store: StateStore | None = None,
     ) -> None:
         self._s = settings
         self._queue = queue
@@ -87,6 +76,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self._directory = directory
         self._journal = journal
         self._leadership = leadership
+        self._store = store
         self._streams = 0
 
     # ------------------------------------------------------------ queue access
@@ -226,8 +216,9 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     async def _require_leader(self, context: grpc.aio.ServicerContext) -> None:
         if not self._leadership.is_leader():
             leader = self._leadership.leader_addr()
-            await context.send_initial_metadata((("x-supervisor-leader", leader),))
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"not the leader; the leader is {leader}")
+            context.set_trailing_metadata(((LEADER_METADATA_KEY, leader),))
+            where = f"the leader is {leader}" if leader else "no leader is known right now; retry shortly"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this replica is not the leader; {where}")
 
     async def RegisterDetectors(self, request, context):
         pairs = await self._pairs(context, request.regions)
@@ -262,7 +253,13 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         loop = asyncio.get_running_loop()
         # Building rows is CPU work: do it off the event loop so heartbeat streams keep flowing.
         rows = await loop.run_in_executor(None, dump_rows, snapshot, at, request.only_failed)
-        header = dict(is_leader=snapshot.is_leader, maintenance_mode=snapshot.maintenance, at_millis=at, total=len(rows))
+        header = dict(
+            is_leader=snapshot.is_leader,
+            maintenance_mode=snapshot.maintenance,
+            at_millis=at,
+            total=len(rows),
+            leader_addr=self._leadership.leader_addr(),
+        )
         if not rows:
             yield pb.DumpResponse(**header)
             return
@@ -274,10 +271,23 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     async def SetMaintenanceMode(self, request, context):
         await self._require_leader(context)
         enabled = await self._ask(context, lambda reply: SetMaintenance(request.enabled, reply))
-        return pb.MaintenanceModeResponse(enabled=enabled)
+        return pb.MaintenanceModeResponse(
+            enabled=enabled, is_leader=True, leader_addr=self._leadership.leader_addr()
+        )
 
     async def GetMaintenanceMode(self, request, context):
-        return pb.MaintenanceModeResponse(enabled=self._supervisor.maintenance)
+        leader = self._leadership.is_leader()
+        enabled = self._supervisor.maintenance
+        if not leader and self._store is not None:
+            # A follower holds no state of its own: read the switch from the store.
+            try:
+                loop = asyncio.get_running_loop()
+                enabled = await loop.run_in_executor(None, self._store.read_maintenance)
+            except StoreError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the state store: {exc}")
+        return pb.MaintenanceModeResponse(
+            enabled=enabled, is_leader=leader, leader_addr=self._leadership.leader_addr()
+        )
 
     async def ListJournal(self, request, context):
         if self._journal is None:

@@ -108,6 +108,24 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(10_000, ge=1)
     """Heartbeat streams served at once (RESOURCE_EXHAUSTED past it)."""
 
+    # -- state and leadership
+    store: str = "sqlite"
+    """State store: `sqlite` (a file in data_dir; one replica), `memory` (nothing survives a restart), or `etcd://host:port[,host:port]` (several replicas, leader election)."""
+    data_dir: Path = Path("./data")
+    """Directory of the SQLite store."""
+    store_prefix: str = "/region-supervisor/default"
+    """Key prefix in the store (etcd: one per cluster sharing the etcd)."""
+    store_flush_interval_ms: int = Field(10, ge=0, le=10_000)
+    """Group-commit window: state changes are written together at most this late."""
+    leader_lease_ttl_ms: int = Field(5000, ge=2000, le=600_000)
+    """Leader lease time to live (etcd store); a leader steps down before it can expire."""
+    initialization_delay_ms: int = Field(0, ge=0, le=600_000)
+    """Pause between becoming leader and loading the state (lets a previous leader's last writes land)."""
+    warmup_grace_ms: int = Field(30_000, ge=0)
+    """After becoming leader, no failover for this long, unless warmup_fraction of the known datanodes reported first."""
+    warmup_fraction: float = Field(0.9, ge=0, le=1)
+    """Fraction of the known datanodes that, once heard from, ends the warm-up early."""
+
     # -- process
     shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
     """Budget of graceful shutdown (grace period of in-flight RPCs plus draining)."""
@@ -130,6 +148,25 @@ class Settings(BaseSettings):
     @classmethod
     def _endpoints(cls, v: str) -> str:
         return check_host_port(v, allow_empty=True, allow_port_zero=False)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v in ("sqlite", "memory"):
+            return v
+        if v.startswith("etcd://"):
+            from supervisor_service.store import parse_endpoints
+
+            parse_endpoints(v)
+            return v
+        raise ValueError(f"expected sqlite, memory or etcd://host:port[,host:port], got {v!r}")
+
+    @field_validator("store_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError(f"expected an absolute key prefix like /region-supervisor/cluster-a, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:

@@ -23,8 +23,10 @@ from supervisor_service.events import (
     Deregister,
     DetectingRegion,
     Dump,
+    BecomeLeader,
     Event,
     Heartbeat,
+    LoseLeadership,
     MigrationState,
     MigrationTask,
     Peer,
@@ -39,6 +41,18 @@ from supervisor_service.events import (
     Tick,
 )
 from supervisor_service.metrics import Metrics
+from supervisor_service.store import (
+    Change,
+    CountsDrop,
+    CountsSet,
+    InFlightDrop,
+    InFlightRecord,
+    InFlightSet,
+    MaintenanceSet,
+    RegistryAdd,
+    RegistryRemove,
+    StoredState,
+)
 from supervisor_service.table import DetectorTable, NodeSnapshot, as_region_array
 
 log = logging.getLogger("supervisor_service.supervisor")
@@ -108,6 +122,10 @@ class FailoverPolicy:
     """How often an in-flight migration's status is asked for."""
     log_interval_ms: int = 60_000
     """Minimum interval between repeated 'failover held' log lines."""
+    warmup_grace_ms: int = 30_000
+    """After becoming leader, no failover for this long ..."""
+    warmup_fraction: float = 0.9
+    """... or until this fraction of the known datanodes has been heard from, whichever comes first."""
 
 
 class Supervisor:
@@ -133,6 +151,7 @@ class Supervisor:
         self.is_leader = is_leader
         self.leader_term = leader_term
         self.outbox: list[Effect] = []
+        self.changes: list[Change] = []  # for the state store, in order
         self._selecting: dict[int, SelectJob] = {}  # datanode -> job in PeerLookup/Selector
         self._submitting: dict[int, MigrationTask] = {}  # task id -> task in SubmitRegionMigration
         self._busy: set[int] = set()  # regions in either of the two calls above
@@ -141,6 +160,9 @@ class Supervisor:
         self._prev_failed: dict[int, np.ndarray] = {}
         self._next_id = 1
         self._last_hold_log_ms = -(10**18)
+        self._warmup_until_ms = 0
+        self._warmup_known: set[int] = set()
+        self._warmup_heard: set[int] = set()
         metrics.maintenance.set(int(maintenance))
         metrics.leader.set(int(is_leader))
 
@@ -150,13 +172,18 @@ class Supervisor:
         """Apply one event at `now` (ms). Returns the reply value for events that carry one."""
         match event:
             case Heartbeat(datanode_id, region_ids, ts):
-                return self.table.heartbeat(datanode_id, region_ids, ts)
+                created = self.table.heartbeat(datanode_id, region_ids, ts)
+                if created.size:
+                    self.changes.append(RegistryAdd(datanode_id, created))
+                if self._warmup_known:
+                    self._warmup_heard.add(datanode_id)
+                return created.size
             case Register(regions):
-                return self._for_each_datanode(regions, lambda d, r: self.table.register(d, r, now))
+                return self._for_each_datanode(regions, self._register, now)
             case Reset(regions):
-                return self._for_each_datanode(regions, lambda d, r: self.table.reset(d, r, now))
+                return self._for_each_datanode(regions, self._reset, now)
             case Deregister(regions):
-                return self._for_each_datanode(regions, self._deregister)
+                return self._for_each_datanode(regions, self._deregister, now)
             case Clear():
                 self.table.clear()
                 self._prev_failed.clear()
@@ -178,6 +205,12 @@ class Supervisor:
             case StatusPolled():
                 self._on_status(event, now)
                 return None
+            case BecomeLeader(term, state):
+                self._become_leader(term, state, now)
+                return None
+            case LoseLeadership():
+                self._lose_leadership()
+                return None
             case Stop():
                 return None
             case _:
@@ -185,6 +218,10 @@ class Supervisor:
 
     def drain_outbox(self) -> list[Effect]:
         out, self.outbox = self.outbox, []
+        return out
+
+    def drain_changes(self) -> list[Change]:
+        out, self.changes = self.changes, []
         return out
 
     def _new_id(self) -> int:
@@ -200,12 +237,25 @@ class Supervisor:
             grouped.setdefault(datanode_id, []).append(region_id)
         return {d: as_region_array(r) for d, r in grouped.items()}
 
-    def _for_each_datanode(self, regions, apply) -> int:
-        return sum(apply(d, r) for d, r in self._by_datanode(regions).items())
+    def _for_each_datanode(self, regions, apply, now: int) -> int:
+        return sum(apply(d, r, now) for d, r in self._by_datanode(regions).items())
 
-    def _deregister(self, datanode_id: int, region_ids: np.ndarray) -> int:
+    def _register(self, datanode_id: int, region_ids: np.ndarray, now: int) -> int:
+        self.changes.append(RegistryAdd(datanode_id, region_ids))
+        return self.table.register(datanode_id, region_ids, now)
+
+    def _reset(self, datanode_id: int, region_ids: np.ndarray, now: int) -> int:
+        self.changes.append(RegistryAdd(datanode_id, region_ids))
+        return self.table.reset(datanode_id, region_ids, now)
+
+    def _deregister(self, datanode_id: int, region_ids: np.ndarray, now: int = 0) -> int:
+        dropped = []
         for region_id in region_ids.tolist():
-            self.failover_counts.pop((datanode_id, region_id), None)
+            if self.failover_counts.pop((datanode_id, region_id), None) is not None:
+                dropped.append((datanode_id, region_id))
+        if dropped:
+            self.changes.append(CountsDrop(tuple(dropped)))
+        self.changes.append(RegistryRemove(datanode_id, region_ids))
         return self.table.deregister(datanode_id, region_ids)
 
     def _set_maintenance(self, enabled: bool) -> None:
@@ -213,10 +263,70 @@ class Supervisor:
             log_event(log, logging.WARNING, "maintenance_mode_changed", enabled=enabled)
         self.maintenance = enabled
         self.metrics.maintenance.set(int(enabled))
+        self.changes.append(MaintenanceSet(enabled))
 
     def set_leadership(self, is_leader: bool, term: int) -> None:
         self.is_leader, self.leader_term = is_leader, term
         self.metrics.leader.set(int(is_leader))
+
+    def _become_leader(self, term: int, state: StoredState, now: int) -> None:
+        """Recovery (GreptimeDB's InitializeAllRegions): every registered region gets a heartbeat at now.
+
+        A datanode that died while no leader was running is then failed over
+        one detection period later. Migrations in flight are reloaded, not
+        submitted again.
+        """
+        self.table.clear()
+        self._prev_failed.clear()
+        for datanode_id, region_ids in state.registry.items():
+            self.table.register(datanode_id, region_ids, now)
+        self.failover_counts = dict(state.failover_counts)
+        self.maintenance = state.maintenance
+        self.metrics.maintenance.set(int(state.maintenance))
+        self._selecting.clear()
+        self._submitting.clear()
+        self._busy.clear()
+        self._inflight = {
+            r: _InFlight(rec.datanode_id, rec.procedure_id, rec.deadline_ms) for r, rec in state.inflight.items()
+        }
+        self._procedures = {}
+        for region_id, flight in self._inflight.items():
+            if flight.procedure_id:
+                proc = self._procedures.setdefault(flight.procedure_id, _Procedure(next_poll_ms=now))
+                proc.regions.add(region_id)
+        self._warmup_until_ms = now + self.policy.warmup_grace_ms
+        self._warmup_known = set(state.registry)
+        self._warmup_heard = set()
+        self.set_leadership(True, term)
+        self.metrics.detectors.set(len(self.table))
+        self.metrics.inflight.set(len(self._inflight))
+        log_event(
+            log, logging.WARNING, "leadership_started", term=term, datanodes=len(state.registry),
+            regions=len(self.table), in_flight=len(self._inflight), maintenance=state.maintenance,
+        )
+
+    def _lose_leadership(self) -> None:
+        """Forget the table: the next leader rebuilds it from the store and the datanodes."""
+        self.set_leadership(False, self.leader_term)
+        self.table.clear()
+        self._prev_failed.clear()
+        self._selecting.clear()
+        self._submitting.clear()
+        self._busy.clear()
+        self._inflight.clear()
+        self._procedures.clear()
+        self._warmup_known = set()
+        log_event(log, logging.WARNING, "leadership_stopped", term=self.leader_term)
+
+    def _warming_up(self, now: int) -> bool:
+        if not self._warmup_known or now >= self._warmup_until_ms:
+            self._warmup_known = set()
+            return False
+        heard = len(self._warmup_known & self._warmup_heard) / len(self._warmup_known)
+        if heard >= self.policy.warmup_fraction:
+            self._warmup_known = set()
+            return False
+        return True
 
     # ------------------------------------------------------------ tick
 
@@ -236,6 +346,14 @@ class Supervisor:
         if self.maintenance:
             m.failover_skipped.labels(reason="maintenance").inc(total)
             self._hold_log(now, "failover_held_maintenance", failed_regions=total, datanodes=len(failed))
+            return
+        if self._warming_up(now):
+            m.failover_skipped.labels(reason="warmup").inc(total)
+            self._hold_log(
+                now, "failover_held_warmup", failed_regions=total, datanodes=len(failed),
+                heard=len(self._warmup_heard & self._warmup_known), known=len(self._warmup_known),
+                until_ms=self._warmup_until_ms,
+            )
             return
         for datanode_id, region_ids in failed.items():
             if datanode_id in self._selecting:
@@ -276,6 +394,7 @@ class Supervisor:
         expired = [r for r, f in self._inflight.items() if now >= f.deadline_ms]
         for region_id in expired:
             flight = self._inflight.pop(region_id)
+            self.changes.append(InFlightDrop(region_id))
             self._forget_procedure_region(flight.procedure_id, region_id)
             log_event(
                 log,
@@ -348,6 +467,9 @@ class Supervisor:
                 key = (job.datanode_id, region_id)
                 self.failover_counts[key] = self.failover_counts.get(key, 0) + 1
                 counts.append(self.failover_counts[key])
+            self.changes.append(
+                CountsSet(tuple(((job.datanode_id, r), c) for r, c in zip(regions, counts)))
+            )
             task = MigrationTask(
                 task_id=self._new_id(),
                 datanode_id=job.datanode_id,
@@ -392,6 +514,9 @@ class Supervisor:
                 procedure_id = result.procedure_id if category == "submitted" else ""
                 for region_id in regions:
                     self._inflight[region_id] = _InFlight(d, procedure_id, now + task.timeout_ms)
+                    self.changes.append(
+                        InFlightSet(region_id, InFlightRecord(d, procedure_id, now + task.timeout_ms))
+                    )
                 if procedure_id:
                     proc = self._procedures.setdefault(procedure_id, _Procedure())
                     proc.regions.update(regions)
@@ -421,6 +546,7 @@ class Supervisor:
             return
         del self._procedures[ev.procedure_id]
         flights = {r: self._inflight.pop(r) for r in proc.regions if r in self._inflight}
+        self.changes.extend(InFlightDrop(r) for r in flights)
         if state is MigrationState.SUCCEEDED:
             # The regions live elsewhere now: the old detectors would only fire again.
             for region_id, flight in flights.items():

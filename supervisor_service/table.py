@@ -211,10 +211,10 @@ class DetectorTable:
 
     # ------------------------------------------------------------ updates
 
-    def heartbeat(self, datanode_id: int, region_ids: np.ndarray, ts: int) -> int:
+    def heartbeat(self, datanode_id: int, region_ids: np.ndarray, ts: int) -> np.ndarray:
         """Apply one heartbeat of `datanode_id` naming the sorted unique `region_ids` at `ts`.
 
-        Creates missing detectors. Returns the number created.
+        Creates missing detectors. Returns the region ids created (usually none).
         """
         ts = int(ts)
         node = self._nodes.get(datanode_id)
@@ -225,7 +225,7 @@ class DetectorTable:
             grp = next(iter(node.groups.values()))
             if ts >= grp.last:
                 grp.heartbeat(ts, self.opts)
-            return 0
+            return _EMPTY_U64
         pos, present = node.locate(region_ids)
         hit = pos[present]
         if hit.size:
@@ -242,10 +242,10 @@ class DetectorTable:
                     node.gids[hit[hit_gids == gid]] = node.add_group(split)
                     grp = split
                 grp.heartbeat(ts, self.opts)
-        created = int(region_ids.size - hit.size)
-        if created:
-            node.insert_fresh(pos[~present], region_ids[~present], ts, self.opts)
-            self._count += created
+        created = region_ids[~present]
+        if created.size:
+            node.insert_fresh(pos[~present], created, ts, self.opts)
+            self._count += created.size
         node.merge_identical(ts)
         if not node.groups:
             del self._nodes[datanode_id]

@@ -1,0 +1,74 @@
+"""Who leads. One replica (SQLite or memory store) always does; several elect one through etcd.
+
+Both implementations answer `is_leader()`, `leader_addr()` and `term` from
+any thread; `EtcdElection` lives in `supervisor_service.etcd`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Leadership(Protocol):
+    def is_leader(self) -> bool: ...
+
+    def leader_addr(self) -> str: ...
+
+    @property
+    def term(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def resign(self) -> None: ...
+
+    def step_down(self, reason: str) -> None:
+        """Stop acting as leader now (a fenced write or a refused term said another leader exists)."""
+
+
+class SingleLeadership:
+    """The only replica: leader from `start` until it resigns or is fenced out.
+
+    The term is the stored term plus one, persisted by the caller before
+    anything is submitted under it, so a restarted replica always submits
+    with a higher term than its previous life.
+    """
+
+    def __init__(
+        self,
+        advertise_addr: str,
+        *,
+        next_term: Callable[[], int],
+        on_elected: Callable[[int], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self._addr = advertise_addr
+        self._next_term = next_term
+        self._on_elected = on_elected
+        self._on_lost = on_lost
+        self._leader = threading.Event()
+        self._term = 0
+
+    def is_leader(self) -> bool:
+        return self._leader.is_set()
+
+    def leader_addr(self) -> str:
+        return self._addr if self._leader.is_set() else ""
+
+    @property
+    def term(self) -> int:
+        return self._term
+
+    def start(self) -> None:
+        self._term = self._next_term()
+        self._leader.set()
+        self._on_elected(self._term)
+
+    def resign(self) -> None:
+        self.step_down("shutdown")
+
+    def step_down(self, reason: str) -> None:
+        if self._leader.is_set():
+            self._leader.clear()
+            self._on_lost()
