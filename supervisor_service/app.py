@@ -21,6 +21,7 @@ from supervisor_service._log import log_event
 from supervisor_service.clock import Clock, SystemClock
 from supervisor_service.etcd import EtcdElection, EtcdKV
 from supervisor_service.events import BecomeLeader, EventQueue, LoseLeadership
+from supervisor_service.guards import Guards
 from supervisor_service.leadership import Leadership, SingleLeadership
 from supervisor_service.metrics import Metrics
 from supervisor_service.remotes import PeerDirectory, Remotes, build_remotes
@@ -87,9 +88,12 @@ class Service:
                 status_poll_interval_ms=s.migration_status_poll_interval_ms,
                 warmup_grace_ms=s.warmup_grace_ms,
                 warmup_fraction=s.warmup_fraction,
+                failover_count_decay_ms=s.failover_count_decay_ms if s.guards_enabled else 0,
+                rebaseline_after_maintenance=s.rebaseline_after_maintenance,
             ),
             is_leader=False,
             leader_term=0,
+            guards=Guards(gs) if (gs := s.guard_settings()) is not None else None,
         )
         self.runtime = SupervisorRuntime(
             self.supervisor,

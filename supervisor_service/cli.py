@@ -2,7 +2,8 @@
 
     supervisor-service serve [--config FILE] [--grpc-addr ...]
     supervisor-service dump [--datanode ID ...] [--only-failed] [--at MILLIS] [--json]
-    supervisor-service maintenance on|off|status
+    supervisor-service maintenance on|off|status [--datanode ID ...] [--ttl SECONDS]
+    supervisor-service hold status|release
     supervisor-service journal [--limit N] [--json]
     supervisor-service settings [--markdown]
 
@@ -72,8 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--at", type=int, default=0, metavar="MILLIS", help="evaluate phi at this time (default: now)")
     dump.add_argument("--json", action="store_true", help="one JSON object per detector")
 
-    maint = client("maintenance", "turn maintenance mode (no failover) on or off, or show it")
+    maint = client("maintenance", "turn maintenance mode (no failover) on or off, globally or per datanode, or show it")
     maint.add_argument("action", choices=["on", "off", "status"])
+    maint.add_argument("--datanode", type=int, action="append", default=[], metavar="ID",
+                       help="only this datanode (repeatable); default: the global switch")
+    maint.add_argument("--ttl", type=float, default=0, metavar="SECONDS",
+                       help="with `on`: turn itself off after this long (a forgotten switch must not disable failover forever)")
+
+    hold = client("hold", "show why failover is held, or release a mass-failure hold")
+    hold.add_argument("action", choices=["status", "release"])
 
     journal = client("journal", "list the decisions recorded by the embedded dry-run RegionMigration")
     journal.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
@@ -153,11 +161,21 @@ def _client_command(args) -> int:
                 case "dump":
                     return _dump(client, args)
                 case "maintenance":
+                    if args.ttl < 0 or (args.ttl and args.action != "on"):
+                        return _fail("--ttl takes a positive number of seconds, with `on` only", EXIT_USAGE)
                     if args.action == "status":
-                        enabled = client.get_maintenance()
+                        resp = client.maintenance_status()
                     else:
-                        enabled = client.set_maintenance(args.action == "on")
-                    print(f"maintenance mode: {'on' if enabled else 'off'}")
+                        resp = client.set_maintenance_scope(args.action == "on", args.datanode, int(args.ttl * 1000))
+                    _print_maintenance(resp)
+                    return 0
+                case "hold":
+                    resp = client.release_hold() if args.action == "release" else client.holds()
+                    if args.action == "release":
+                        print("mass-failure hold released" if resp.released else "no mass-failure hold was active")
+                    print(f"failover held: {', '.join(resp.holds) if resp.holds else 'no'}"
+                          f" (failed datanode fraction {resp.failed_datanode_fraction:.2f},"
+                          f" answered by the {'leader' if resp.is_leader else 'follower'})")
                     return 0
                 case "journal":
                     return _journal(client, args)
@@ -168,6 +186,14 @@ def _client_command(args) -> int:
             detail = f"cannot reach the service at {args.addr} ({detail})"
         return _fail(f"{code}: {detail}", EXIT_UNAVAILABLE)
     return EXIT_USAGE
+
+
+def _print_maintenance(resp) -> None:
+    expiry = f" until {resp.expires_at_millis} ms" if resp.enabled and resp.expires_at_millis else ""
+    print(f"maintenance mode: {'on' if resp.enabled else 'off'}{expiry}")
+    for d in resp.datanodes:
+        until = f" until {d.expires_at_millis} ms" if d.expires_at_millis else ""
+        print(f"datanode {d.datanode_id}: maintenance on{until}")
 
 
 def _dump(client, args) -> int:

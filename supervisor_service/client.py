@@ -63,7 +63,7 @@ class SupervisorClient:
 
     def _call(self, fn: Callable[[], object]) -> object:
         """Run `fn` against the current replica, following leader hints and skipping dead replicas."""
-        attempts = max(3, len(self.addrs) + 1)
+        attempts = max(10, len(self.addrs) + 1)
         for attempt in range(attempts):
             try:
                 return fn()
@@ -73,6 +73,8 @@ class SupervisorClient:
                 hint = leader_hint(exc)
                 if hint and hint != self.addr:
                     self._switch(hint)
+                elif exc.code() == grpc.StatusCode.UNAVAILABLE and "becoming leader" in (exc.details() or ""):
+                    time.sleep(0.2)  # elected, loading its state
                 elif exc.code() == grpc.StatusCode.UNAVAILABLE and len(self.addrs) > 1:
                     nxt = self.addrs[(self.addrs.index(self.addr) + 1) % len(self.addrs)] if self.addr in self.addrs else self.addrs[0]
                     self._switch(nxt)
@@ -128,8 +130,21 @@ class SupervisorClient:
         return read()
 
     def set_maintenance(self, enabled: bool) -> bool:
-        request = pb.SetMaintenanceModeRequest(enabled=enabled)
-        return self._call(lambda: self.stub.SetMaintenanceMode(request, **self._kw()).enabled)
+        """The global switch; returns its new value."""
+        return self.set_maintenance_scope(enabled).enabled
+
+    def set_maintenance_scope(
+        self, enabled: bool, datanode_ids: Sequence[int] = (), ttl_millis: int = 0
+    ) -> pb.MaintenanceModeResponse:
+        """Global (no datanodes) or per-datanode maintenance, optionally expiring after `ttl_millis`."""
+        request = pb.SetMaintenanceModeRequest(enabled=enabled, datanode_ids=list(datanode_ids), ttl_millis=ttl_millis)
+        return self._call(lambda: self.stub.SetMaintenanceMode(request, **self._kw()))
+
+    def holds(self) -> pb.FailoverHoldsResponse:
+        return self.stub.GetFailoverHolds(pb.GetFailoverHoldsRequest(), **self._kw())
+
+    def release_hold(self) -> pb.FailoverHoldsResponse:
+        return self._call(lambda: self.stub.ReleaseFailoverHold(pb.ReleaseFailoverHoldRequest(), **self._kw()))
 
     def get_maintenance(self) -> bool:
         return self.stub.GetMaintenanceMode(pb.GetMaintenanceModeRequest(), **self._kw()).enabled

@@ -81,6 +81,7 @@ class SelectJob:
     job_id: int
     datanode_id: int
     region_ids: tuple[int, ...]
+    exclude_targets: tuple[int, ...] = ()  # besides the datanode itself (flap damping)
 
 
 # ---------------------------------------------------------------- events
@@ -119,6 +120,8 @@ class Clear:
 @dataclass(frozen=True, slots=True)
 class Tick:
     due_monotonic: float = 0.0
+    lag_ms: float = 0.0  # how late the tick is processed (set by the runtime)
+    queue_fill: float = 0.0  # fraction of the event queue in use when it is processed
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +132,18 @@ class Dump:
 
 @dataclass(frozen=True, slots=True)
 class SetMaintenance:
+    """Global maintenance, or per datanode when `datanode_ids` is set; `ttl_ms` > 0 makes it expire."""
+
     enabled: bool
+    reply: Future | None = None
+    datanode_ids: tuple[int, ...] = ()
+    ttl_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHold:
+    """An operator lets a held mass failure fail over."""
+
     reply: Future | None = None
 
 
@@ -184,6 +198,7 @@ Event = (
     | Tick
     | Dump
     | SetMaintenance
+    | ReleaseHold
     | SelectionDone
     | SubmissionDone
     | StatusPolled
@@ -234,6 +249,11 @@ class EventQueue:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def external_depth(self) -> int:
+        """Events counted against the capacity."""
+        return self._external
 
     def oldest_age(self) -> float:
         try:

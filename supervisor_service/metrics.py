@@ -15,6 +15,8 @@ from prometheus_client.registry import Collector
 
 # Buckets of the phi distribution: around the default threshold of 8, plus the tails.
 PHI_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 32.0, float("inf"))
+# Reasons to hold all failover on a tick (the order is the order they are checked in).
+HOLD_REASONS = ("maintenance", "warmup", "local_pause", "overload", "mass_failure")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -149,6 +151,22 @@ class Metrics:
             registry=r,
         )
         self.maintenance = Gauge("supervisor_maintenance_mode", "1 while maintenance mode is on.", registry=r)
+        self.maintenance_datanodes = Gauge(
+            "supervisor_maintenance_datanodes", "Datanodes in per-datanode maintenance.", registry=r
+        )
+        self.failover_hold = Gauge(
+            "supervisor_failover_hold",
+            "1 while all failover is held, by reason (maintenance, warmup, local_pause, overload, mass_failure).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HOLD_REASONS:
+            self.failover_hold.labels(reason=reason).set(0)
+        self.failed_datanode_fraction = Gauge(
+            "supervisor_failed_datanode_fraction",
+            "Fraction of the datanodes that failed within the mass-failure window.",
+            registry=r,
+        )
         self.leader = Gauge("supervisor_is_leader", "1 while this replica is the leader.", registry=r)
         self.thread_alive = Gauge(
             "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r

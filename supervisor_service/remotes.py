@@ -88,6 +88,15 @@ class PeerDirectory:
                     seen.addr = addr
                 seen.epoch = max(seen.epoch, epoch)
 
+    def epoch(self, datanode_id: int) -> int:
+        with self._lock:
+            seen = self._seen.get(datanode_id)
+            return 0 if seen is None else seen.epoch
+
+    def epoch_current(self, datanode_id: int, epoch: int) -> bool:
+        """False for a heartbeat from an older life of the datanode than the newest seen (0: unknown, allowed)."""
+        return epoch == 0 or epoch >= self.epoch(datanode_id)
+
     def peer(self, datanode_id: int) -> Peer | None:
         with self._lock:
             seen = self._seen.get(datanode_id)

@@ -14,6 +14,7 @@ thread that owns the table is gone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -116,7 +117,14 @@ class SupervisorRuntime:
         reply: Future | None = getattr(event, "reply", None)
         if isinstance(event, Tick):
             self.tick_pending.clear()
-            self.metrics.tick_lateness.observe(max(0.0, self.clock.monotonic() - event.due_monotonic))
+            lateness = max(0.0, self.clock.monotonic() - event.due_monotonic) if event.due_monotonic else 0.0
+            self.metrics.tick_lateness.observe(lateness)
+            # The supervisor's own lag feeds the local-pause and overload guards.
+            event = dataclasses.replace(
+                event,
+                lag_ms=max(lateness, self.queue.oldest_age()) * 1000,
+                queue_fill=self.queue.external_depth / self.queue.capacity,
+            )
             started = time.perf_counter()
         try:
             value = self.supervisor.handle(event, self.clock.now_ms())
@@ -180,7 +188,7 @@ class SupervisorRuntime:
                 "Selector",
                 "Select",
                 lambda: self.remotes.selector.select(
-                    len(job.region_ids), {job.datanode_id}, job.datanode_id, job.region_ids
+                    len(job.region_ids), {job.datanode_id, *job.exclude_targets}, job.datanode_id, job.region_ids
                 ),
             )
         except RemoteError as exc:

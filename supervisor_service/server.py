@@ -30,6 +30,7 @@ from supervisor_service.events import (
     Heartbeat,
     QueueClosed,
     Register,
+    ReleaseHold,
     Reset,
     SetMaintenance,
 )
@@ -38,7 +39,7 @@ from supervisor_service.metrics import Metrics
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes import DryRunJournal, PeerDirectory, peer_to_pb
 from supervisor_service.settings import Settings, check_host_port
-from supervisor_service.store import StateStore, StoreError
+from supervisor_service.store import MaintenanceSet, StateStore, StoreError
 from supervisor_service.supervisor import DumpSnapshot, Supervisor
 
 log = logging.getLogger("supervisor_service.server")
@@ -145,6 +146,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         datanode_id = request.datanode_id
         n = len(request.region_ids)
         leader = self._leadership.is_leader()
+        ready = leader and self._supervisor.is_leader
 
         def answer(accepted: int = 0, reason: str = "", outcome: str = "accepted") -> pb.HeartbeatResponse:
             self._metrics.heartbeats.labels(outcome=outcome).inc()
@@ -169,6 +171,10 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 reason=f"not the leader; send heartbeats to {self._leadership.leader_addr()}",
                 outcome="rejected_not_leader",
             ), owner
+        if not ready:
+            return answer(
+                reason="becoming leader: loading the state; retry shortly", outcome="rejected_not_ready"
+            ), owner
         if n > self._s.max_regions_per_heartbeat:
             return answer(
                 reason=f"{n} regions in one heartbeat; the limit is {self._s.max_regions_per_heartbeat} "
@@ -190,6 +196,12 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             ts = request.timestamp_millis
         else:
             ts = received
+        if self._s.reject_stale_epochs and not self._directory.epoch_current(datanode_id, request.node_epoch):
+            return answer(
+                reason=f"node_epoch {request.node_epoch} is older than {self._directory.epoch(datanode_id)}, "
+                "the newest seen for this datanode: a heartbeat from an earlier life of the datanode",
+                outcome="rejected_stale_epoch",
+            ), owner
         regions = np.unique(np.asarray(request.region_ids, dtype=np.uint64))
         try:
             await self._enqueue(Heartbeat(datanode_id, regions, ts))
@@ -219,6 +231,11 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             context.set_trailing_metadata(((LEADER_METADATA_KEY, leader),))
             where = f"the leader is {leader}" if leader else "no leader is known right now; retry shortly"
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this replica is not the leader; {where}")
+        if not self._supervisor.is_leader:
+            # Elected, but the state is still loading: a write now would be lost to the recovery.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this replica is becoming leader and loading its state; retry shortly"
+            )
 
     async def RegisterDetectors(self, request, context):
         pairs = await self._pairs(context, request.regions)
@@ -259,6 +276,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             at_millis=at,
             total=len(rows),
             leader_addr=self._leadership.leader_addr(),
+            holds=list(snapshot.holds),
         )
         if not rows:
             yield pb.DumpResponse(**header)
@@ -270,23 +288,61 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def SetMaintenanceMode(self, request, context):
         await self._require_leader(context)
-        enabled = await self._ask(context, lambda reply: SetMaintenance(request.enabled, reply))
-        return pb.MaintenanceModeResponse(
-            enabled=enabled, is_leader=True, leader_addr=self._leadership.leader_addr()
+        if len(request.datanode_ids) > self._s.max_regions_per_request:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many datanode_ids in one request")
+        if request.ttl_millis and not request.enabled:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl_millis only applies when enabling")
+        event = lambda reply: SetMaintenance(  # noqa: E731
+            request.enabled, reply, tuple(sorted(set(request.datanode_ids))), int(request.ttl_millis)
         )
+        state: MaintenanceSet = await self._ask(context, event)
+        return self._maintenance_response(state.enabled, state.until_ms, dict(state.datanodes), True)
 
     async def GetMaintenanceMode(self, request, context):
         leader = self._leadership.is_leader()
-        enabled = self._supervisor.maintenance
+        sup = self._supervisor
+        enabled, until, datanodes = sup.maintenance, sup.maintenance_until_ms, dict(sup.datanode_maintenance)
         if not leader and self._store is not None:
-            # A follower holds no state of its own: read the switch from the store.
+            # A follower holds no state of its own: read the switches from the store.
             try:
                 loop = asyncio.get_running_loop()
-                enabled = await loop.run_in_executor(None, self._store.read_maintenance)
+                enabled, until, datanodes = await loop.run_in_executor(None, self._store.read_maintenance)
             except StoreError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the state store: {exc}")
+        return self._maintenance_response(enabled, until, datanodes, leader)
+
+    def _maintenance_response(
+        self, enabled: bool, until: int, datanodes: dict[int, int], leader: bool
+    ) -> pb.MaintenanceModeResponse:
         return pb.MaintenanceModeResponse(
-            enabled=enabled, is_leader=leader, leader_addr=self._leadership.leader_addr()
+            enabled=enabled,
+            is_leader=leader,
+            leader_addr=self._leadership.leader_addr(),
+            expires_at_millis=until,
+            datanodes=[pb.DatanodeMaintenance(datanode_id=d, expires_at_millis=u) for d, u in sorted(datanodes.items())],
+        )
+
+    async def GetFailoverHolds(self, request, context):
+        guards = self._supervisor.guards
+        return pb.FailoverHoldsResponse(
+            holds=list(guards.active_holds) if guards is not None else [],
+            failed_datanode_fraction=guards.mass_failure_fraction if guards is not None else 0.0,
+            is_leader=self._leadership.is_leader(),
+        )
+
+    async def ReleaseFailoverHold(self, request, context):
+        await self._require_leader(context)
+        if self._supervisor.guards is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "guards are off (setting guards_enabled): nothing to release"
+            )
+        released = await self._ask(context, lambda reply: ReleaseHold(reply))
+        guards = self._supervisor.guards
+        return pb.FailoverHoldsResponse(
+            holds=list(guards.active_holds),
+            failed_datanode_fraction=guards.mass_failure_fraction,
+            released=bool(released),
+            is_leader=True,
         )
 
     async def ListJournal(self, request, context):

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from supervisor_service.detector import PhiAccrualOptions
+from supervisor_service.guards import GuardSettings
 
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
@@ -126,6 +127,46 @@ class Settings(BaseSettings):
     warmup_fraction: float = Field(0.9, ge=0, le=1)
     """Fraction of the known datanodes that, once heard from, ends the warm-up early."""
 
+    # -- guards (DESIGN.md section 6); each is off at the value in brackets
+    guards_enabled: bool = True
+    """Master switch of the guards below (false: fail over whatever crosses the threshold, as the original)."""
+    max_local_pause_ms: int = Field(5000, ge=0)
+    """A stall of the supervisor itself longer than this holds convictions [0]."""
+    local_pause_hold_ms: int = Field(5000, ge=0)
+    """How long convictions stay held after such a stall."""
+    overload_queue_fraction: float = Field(0.9, gt=0, le=1)
+    """No conviction while the event queue is fuller than this [1]."""
+    max_failed_datanode_fraction: float = Field(0.5, gt=0, le=1)
+    """Hold failover when more than this fraction of the datanodes fail within one window [1]."""
+    mass_failure_min_datanodes: int = Field(3, ge=1)
+    """... and at least this many datanodes did."""
+    mass_failure_window_ms: int = Field(30_000, ge=1)
+    """Window of the mass-failure guard."""
+    failover_rate_per_s: float = Field(1.0, ge=0)
+    """Global budget of datanodes failed over per second [0]."""
+    failover_burst: int = Field(10, ge=1)
+    """Burst of the global budget."""
+    target_regions_per_s: float = Field(200.0, ge=0)
+    """Regions moved to one target datanode per second [0]."""
+    target_burst_regions: int = Field(2000, ge=1)
+    """Burst of the per-target budget."""
+    target_holddown_ms: int = Field(30_000, ge=0)
+    """A datanode that failed or flaps is not a failover target for this long [0]."""
+    flap_window_ms: int = Field(600_000, ge=1)
+    """Window in which a datanode's recoveries and failovers are counted."""
+    flap_threshold: int = Field(3, ge=1)
+    """Recoveries within the window that make a datanode count as flapping."""
+    flap_backoff_base_ms: int = Field(10_000, ge=0)
+    """A datanode failing again within the window waits base x 2^(n-1) before its next failover [0]."""
+    flap_backoff_max_ms: int = Field(300_000, ge=0)
+    """Cap of that backoff."""
+    failover_count_decay_ms: int = Field(1_800_000, ge=0)
+    """A region healthy this long after its last failover forgets its failover count [0]."""
+    reject_stale_epochs: bool = True
+    """Reject heartbeats whose node_epoch is older than the newest seen for that datanode."""
+    rebaseline_after_maintenance: bool = True
+    """When maintenance ends, give the detectors it covered a fresh heartbeat at now."""
+
     # -- process
     shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
     """Budget of graceful shutdown (grace period of in-flight RPCs plus draining)."""
@@ -194,6 +235,28 @@ class Settings(BaseSettings):
             acceptable_heartbeat_pause_ms=self.acceptable_heartbeat_pause_ms,
             max_sample_size=self.max_sample_size,
             first_heartbeat_estimate_ms=self.first_heartbeat_estimate_ms,
+        )
+
+    def guard_settings(self) -> GuardSettings | None:
+        if not self.guards_enabled:
+            return None
+        return GuardSettings(
+            tick_interval_ms=self.tick_interval_ms,
+            max_local_pause_ms=self.max_local_pause_ms,
+            local_pause_hold_ms=self.local_pause_hold_ms,
+            overload_queue_fraction=self.overload_queue_fraction,
+            max_failed_datanode_fraction=self.max_failed_datanode_fraction,
+            mass_failure_min_datanodes=self.mass_failure_min_datanodes,
+            mass_failure_window_ms=self.mass_failure_window_ms,
+            failover_rate_per_s=self.failover_rate_per_s,
+            failover_burst=self.failover_burst,
+            target_regions_per_s=self.target_regions_per_s,
+            target_burst_regions=self.target_burst_regions,
+            target_holddown_ms=self.target_holddown_ms,
+            flap_window_ms=self.flap_window_ms,
+            flap_threshold=self.flap_threshold,
+            flap_backoff_base_ms=self.flap_backoff_base_ms,
+            flap_backoff_max_ms=self.flap_backoff_max_ms,
         )
 
     @property

@@ -155,6 +155,8 @@ class InFlightRecord:
 class StoredState:
     registry: dict[int, np.ndarray] = field(default_factory=dict)
     maintenance: bool = False
+    maintenance_until_ms: int = 0
+    datanode_maintenance: dict[int, int] = field(default_factory=dict)
     failover_counts: dict[DetectingRegion, int] = field(default_factory=dict)
     inflight: dict[int, InFlightRecord] = field(default_factory=dict)
     journal: list[JournalEntry] = field(default_factory=list)
@@ -201,7 +203,11 @@ class InFlightDrop:
 
 @dataclass(frozen=True, slots=True)
 class MaintenanceSet:
+    """The whole maintenance state: the global switch and the per-datanode ones, with expiries (0: none)."""
+
     enabled: bool
+    until_ms: int = 0
+    datanodes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +258,16 @@ def _entry_from_json(raw: bytes) -> JournalEntry:
     )
 
 
+def decode_maintenance(value: bytes | None) -> tuple[bool, int, dict[int, int]]:
+    """(global on, global expiry, {datanode: expiry}) from the stored value."""
+    if not value:
+        return False, 0, {}
+    if value in (b"0", b"1"):  # the first format: the global switch alone
+        return value == b"1", 0, {}
+    d = json.loads(value)
+    return bool(d["enabled"]), int(d.get("until_ms", 0)), {int(k): int(v) for k, v in d.get("datanodes", [])}
+
+
 def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
     state = StoredState()
     for key, value in raw.items():
@@ -269,7 +285,8 @@ def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
         elif kind == "journal":
             state.journal.append(_entry_from_json(value))
         elif kind == "maintenance":
-            state.maintenance = value == b"1"
+            on, until, datanodes = decode_maintenance(value)
+            state.maintenance, state.maintenance_until_ms, state.datanode_maintenance = on, until, datanodes
         elif kind == "journal_term":
             state.journal_term = int(value)
         elif kind == "term":
@@ -333,9 +350,9 @@ class StateStore:
         state.journal.sort(key=lambda e: e.at_millis)
         return state
 
-    def read_maintenance(self) -> bool:
-        """The stored maintenance switch, read directly (followers)."""
-        return self.kv.read_prefix(self.prefix + "maintenance").get(self.prefix + "maintenance") == b"1"
+    def read_maintenance(self) -> tuple[bool, int, dict[int, int]]:
+        """The stored maintenance state, read directly (followers)."""
+        return decode_maintenance(self.kv.read_prefix(self.prefix + "maintenance").get(self.prefix + "maintenance"))
 
     def start(self) -> None:
         if self._thread is None:
@@ -466,8 +483,10 @@ class StateStore:
                         key = f"{p}inflight/{_key_id(region_id)}"
                         puts.pop(key, None)
                         deletes.add(key)
-                    case MaintenanceSet(enabled):
-                        puts[f"{p}maintenance"] = b"1" if enabled else b"0"
+                    case MaintenanceSet(enabled, until_ms, datanodes):
+                        puts[f"{p}maintenance"] = json.dumps(
+                            {"enabled": enabled, "until_ms": until_ms, "datanodes": [list(x) for x in datanodes]}
+                        ).encode()
                     case JournalAppend(entry, term):
                         key = f"{p}journal/{_key_id(journal_seq)}"
                         journal_seq += 1

@@ -31,6 +31,7 @@ from supervisor_service.events import (
     MigrationTask,
     Peer,
     Register,
+    ReleaseHold,
     Reset,
     SelectionDone,
     SelectJob,
@@ -40,7 +41,8 @@ from supervisor_service.events import (
     SubmissionDone,
     Tick,
 )
-from supervisor_service.metrics import Metrics
+from supervisor_service.guards import Guards
+from supervisor_service.metrics import HOLD_REASONS, Metrics
 from supervisor_service.store import (
     Change,
     CountsDrop,
@@ -94,6 +96,8 @@ class DumpSnapshot:
     migrating: frozenset[int]
     is_leader: bool
     maintenance: bool
+    maintenance_datanodes: dict[int, int]
+    holds: tuple[str, ...]
     threshold: float
     taken_at_ms: int
 
@@ -126,6 +130,10 @@ class FailoverPolicy:
     """After becoming leader, no failover for this long ..."""
     warmup_fraction: float = 0.9
     """... or until this fraction of the known datanodes has been heard from, whichever comes first."""
+    failover_count_decay_ms: int = 0
+    """A region healthy this long after its last failover forgets its failover count (0: never)."""
+    rebaseline_after_maintenance: bool = True
+    """When maintenance ends, every detector it covered gets a fresh heartbeat at now."""
 
 
 class Supervisor:
@@ -140,6 +148,7 @@ class Supervisor:
         is_leader: bool = True,
         leader_term: int = 1,
         maintenance: bool = False,
+        guards: Guards | None = None,
     ) -> None:
         self.opts = opts
         self.metrics = metrics
@@ -159,7 +168,12 @@ class Supervisor:
         self._procedures: dict[str, _Procedure] = {}
         self._prev_failed: dict[int, np.ndarray] = {}
         self._next_id = 1
-        self._last_hold_log_ms = -(10**18)
+        self._last_hold_log_ms: dict[str, int] = {}
+        self.guards = guards
+        self.datanode_maintenance: dict[int, int] = {}  # datanode -> expiry (0: none)
+        self.maintenance_until_ms = 0  # expiry of the global switch (0: none)
+        self._count_touched: dict[DetectingRegion, int] = {}
+        self._last_decay_ms = -(10**18)
         self._warmup_until_ms = 0
         self._warmup_known: set[int] = set()
         self._warmup_heard: set[int] = set()
@@ -188,14 +202,18 @@ class Supervisor:
                 self.table.clear()
                 self._prev_failed.clear()
                 return len(self.table)
-            case Tick():
-                self._tick(now)
+            case Tick(lag_ms=lag_ms, queue_fill=queue_fill):
+                self._tick(now, lag_ms, queue_fill)
                 return None
             case Dump(datanode_ids=datanode_ids):
                 return self._snapshot(datanode_ids, now)
-            case SetMaintenance(enabled):
-                self._set_maintenance(enabled)
-                return enabled
+            case SetMaintenance(enabled, _, datanode_ids, ttl_ms):
+                self._set_maintenance(enabled, datanode_ids, ttl_ms, now)
+                return self.maintenance_state()
+            case ReleaseHold():
+                released = self.guards.release() if self.guards is not None else False
+                log_event(log, logging.WARNING, "failover_hold_released", was_held=released)
+                return released
             case SelectionDone():
                 self._on_selection(event, now)
                 return None
@@ -258,12 +276,63 @@ class Supervisor:
         self.changes.append(RegistryRemove(datanode_id, region_ids))
         return self.table.deregister(datanode_id, region_ids)
 
-    def _set_maintenance(self, enabled: bool) -> None:
-        if enabled != self.maintenance:
-            log_event(log, logging.WARNING, "maintenance_mode_changed", enabled=enabled)
-        self.maintenance = enabled
-        self.metrics.maintenance.set(int(enabled))
-        self.changes.append(MaintenanceSet(enabled))
+    def maintenance_state(self) -> MaintenanceSet:
+        return MaintenanceSet(
+            self.maintenance, self.maintenance_until_ms, tuple(sorted(self.datanode_maintenance.items()))
+        )
+
+    def _set_maintenance(self, enabled: bool, datanode_ids: tuple[int, ...], ttl_ms: int, now: int) -> None:
+        until = now + ttl_ms if enabled and ttl_ms > 0 else 0
+        if datanode_ids:
+            ended = []
+            for d in datanode_ids:
+                if enabled:
+                    self.datanode_maintenance[d] = until
+                elif self.datanode_maintenance.pop(d, None) is not None:
+                    ended.append(d)
+            log_event(log, logging.WARNING, "datanode_maintenance_changed", enabled=enabled,
+                      datanodes=",".join(map(str, datanode_ids)), until_ms=until)
+            self._end_maintenance(ended, now)
+        else:
+            was = self.maintenance
+            if enabled != was or until != self.maintenance_until_ms:
+                log_event(log, logging.WARNING, "maintenance_mode_changed", enabled=enabled, until_ms=until)
+            self.maintenance, self.maintenance_until_ms = enabled, until
+            if was and not enabled:
+                self._end_maintenance(None, now)
+        self._publish_maintenance()
+        self.changes.append(self.maintenance_state())
+
+    def _end_maintenance(self, datanode_ids: list[int] | None, now: int) -> None:
+        """Re-baseline what maintenance covered, so an upgrade window does not end in a burst of failovers."""
+        if datanode_ids == [] or not self.policy.rebaseline_after_maintenance:
+            return
+        count = self.table.rebaseline(datanode_ids, now)
+        self._prev_failed.clear()
+        log_event(log, logging.WARNING, "detectors_rebaselined", detectors=count,
+                  scope="all" if datanode_ids is None else ",".join(map(str, datanode_ids)))
+
+    def _expire_maintenance(self, now: int) -> None:
+        changed = False
+        if self.maintenance and 0 < self.maintenance_until_ms <= now:
+            log_event(log, logging.WARNING, "maintenance_mode_expired", until_ms=self.maintenance_until_ms)
+            self.maintenance, self.maintenance_until_ms = False, 0
+            self._end_maintenance(None, now)
+            changed = True
+        expired = [d for d, until in self.datanode_maintenance.items() if 0 < until <= now]
+        if expired:
+            for d in expired:
+                del self.datanode_maintenance[d]
+            log_event(log, logging.WARNING, "datanode_maintenance_expired", datanodes=",".join(map(str, expired)))
+            self._end_maintenance(expired, now)
+            changed = True
+        if changed:
+            self._publish_maintenance()
+            self.changes.append(self.maintenance_state())
+
+    def _publish_maintenance(self) -> None:
+        self.metrics.maintenance.set(int(self.maintenance))
+        self.metrics.maintenance_datanodes.set(len(self.datanode_maintenance))
 
     def set_leadership(self, is_leader: bool, term: int) -> None:
         self.is_leader, self.leader_term = is_leader, term
@@ -282,7 +351,9 @@ class Supervisor:
             self.table.register(datanode_id, region_ids, now)
         self.failover_counts = dict(state.failover_counts)
         self.maintenance = state.maintenance
-        self.metrics.maintenance.set(int(state.maintenance))
+        self.maintenance_until_ms = state.maintenance_until_ms
+        self.datanode_maintenance = dict(state.datanode_maintenance)
+        self._publish_maintenance()
         self._selecting.clear()
         self._submitting.clear()
         self._busy.clear()
@@ -330,32 +401,42 @@ class Supervisor:
 
     # ------------------------------------------------------------ tick
 
-    def _tick(self, now: int) -> None:
+    def _tick(self, now: int, lag_ms: float = 0.0, queue_fill: float = 0.0) -> None:
         m = self.metrics
         m.detectors.set(len(self.table))
         m.detector_groups.set(self.table.group_count)
         m.phi.set(self.table.phi_sizes(now))
         failed = dict(self.table.failed(now))
         self._count_new_failures(failed)
+        self._expire_maintenance(now)
+        guards = self.guards
+        pause = guards.observe_tick(now, lag_ms, queue_fill) if guards is not None else None
+        if guards is not None:
+            guards.track(set(failed), len(self.table.datanode_ids()), now)
+            self._decay_counts(now)
         if not self.is_leader:
+            self._publish_holds(())
             return
         self._expire_and_poll(now)
+        holds = self._holds(now, failed, pause)
+        self._publish_holds(holds)
         if not failed:
             return
         total = sum(r.size for r in failed.values())
-        if self.maintenance:
-            m.failover_skipped.labels(reason="maintenance").inc(total)
-            self._hold_log(now, "failover_held_maintenance", failed_regions=total, datanodes=len(failed))
+        if holds:
+            reason = holds[0]
+            m.failover_skipped.labels(reason=reason).inc(total)
+            self._hold_log(now, f"failover_held_{reason}", failed_regions=total, datanodes=len(failed),
+                           **self._hold_details(reason))
             return
-        if self._warming_up(now):
-            m.failover_skipped.labels(reason="warmup").inc(total)
-            self._hold_log(
-                now, "failover_held_warmup", failed_regions=total, datanodes=len(failed),
-                heard=len(self._warmup_heard & self._warmup_known), known=len(self._warmup_known),
-                until_ms=self._warmup_until_ms,
-            )
-            return
-        for datanode_id, region_ids in failed.items():
+        # Oldest failure first: under a rate limit, the longest-waiting datanode goes first.
+        order = sorted(failed, key=lambda d: (guards.failed_since(d, now) if guards else 0, d))
+        exclude_targets = tuple(sorted(guards.excluded_targets(now))) if guards is not None else ()
+        for datanode_id in order:
+            region_ids = failed[datanode_id]
+            if datanode_id in self.datanode_maintenance:
+                m.failover_skipped.labels(reason="maintenance_datanode").inc(region_ids.size)
+                continue
             if datanode_id in self._selecting:
                 m.failover_skipped.labels(reason="in_flight").inc(region_ids.size)
                 continue
@@ -364,7 +445,17 @@ class Supervisor:
                 m.failover_skipped.labels(reason="in_flight").inc(region_ids.size - len(regions))
             if not regions:
                 continue
-            job = SelectJob(self._new_id(), datanode_id, tuple(regions))
+            if guards is not None:
+                if now < guards.backoff_until(datanode_id):
+                    m.failover_skipped.labels(reason="flap_backoff").inc(len(regions))
+                    self._hold_log(now, "failover_backoff", datanode_id=datanode_id,
+                                   until_ms=guards.backoff_until(datanode_id))
+                    continue
+                if not guards.take_global(now):
+                    m.failover_skipped.labels(reason="rate_limited").inc(len(regions))
+                    self._hold_log(now, "failover_rate_limited", datanode_id=datanode_id, regions=len(regions))
+                    continue
+            job = SelectJob(self._new_id(), datanode_id, tuple(regions), exclude_targets)
             self._selecting[datanode_id] = job
             self.outbox.append(SelectPeers(job))
             log_event(
@@ -376,6 +467,54 @@ class Supervisor:
                 sample=_sample(regions),
             )
 
+    def _holds(self, now: int, failed: dict[int, np.ndarray], pause: str | None) -> tuple[str, ...]:
+        """Every reason to hold all failover right now, most fundamental first."""
+        holds = []
+        if self.maintenance:
+            holds.append("maintenance")
+        if self._warming_up(now):
+            holds.append("warmup")
+        if pause is not None:
+            holds.append(pause)
+        if self.guards is not None and self.guards.mass_failure():
+            holds.append("mass_failure")
+        return tuple(holds)
+
+    def _hold_details(self, reason: str) -> dict[str, object]:
+        if reason == "warmup":
+            return {"heard": len(self._warmup_heard & self._warmup_known), "known": len(self._warmup_known),
+                    "until_ms": self._warmup_until_ms}
+        if reason == "mass_failure" and self.guards is not None:
+            return {"failed_fraction": round(self.guards.mass_failure_fraction, 3),
+                    "release": "supervisor-service hold release"}
+        return {}
+
+    def _publish_holds(self, holds: tuple[str, ...]) -> None:
+        if self.guards is not None:
+            self.guards.active_holds = holds
+        m = self.metrics
+        for reason in HOLD_REASONS:
+            m.failover_hold.labels(reason=reason).set(int(reason in holds))
+        if self.guards is not None:
+            m.failed_datanode_fraction.set(self.guards.mass_failure_fraction)
+
+    def _decay_counts(self, now: int) -> None:
+        """Failover counts of regions healthy for `failover_count_decay_ms` are forgotten."""
+        decay = self.policy.failover_count_decay_ms
+        if decay <= 0 or now - self._last_decay_ms < 10_000:
+            return
+        self._last_decay_ms = now
+        stale = [k for k, t in self._count_touched.items() if now - t >= decay]
+        dropped = []
+        for key in stale:
+            del self._count_touched[key]
+            phi = self.table.phis(key[0], as_region_array([key[1]]), now).get(key[1])
+            if (phi is None or phi < self.opts.threshold) and self.failover_counts.pop(key, None) is not None:
+                dropped.append(key)
+        if dropped:
+            self.changes.append(CountsDrop(tuple(dropped)))
+            log_event(log, logging.INFO, "failover_counts_decayed", regions=len(dropped))
+
     def _count_new_failures(self, failed: dict[int, np.ndarray]) -> None:
         new = 0
         for datanode_id, region_ids in failed.items():
@@ -386,8 +525,9 @@ class Supervisor:
         self._prev_failed = failed
 
     def _hold_log(self, now: int, event: str, **fields: object) -> None:
-        if now - self._last_hold_log_ms >= self.policy.log_interval_ms:
-            self._last_hold_log_ms = now
+        """Log a repeated condition at most once per log_interval_ms (per kind of line)."""
+        if now - self._last_hold_log_ms.get(event, -(10**18)) >= self.policy.log_interval_ms:
+            self._last_hold_log_ms[event] = now
             log_event(log, logging.WARNING, event, **fields)
 
     def _expire_and_poll(self, now: int) -> None:
@@ -445,7 +585,8 @@ class Supervisor:
         # Re-check at answer time: a region that heartbeat meanwhile, or was deregistered, is not moved.
         phis = self.table.phis(job.datanode_id, as_region_array(job.region_ids), now)
         by_target: dict[Peer, list[int]] = {}
-        recovered = same_peer = 0
+        recovered = same_peer = damped = 0
+        excluded = set(job.exclude_targets)
         for region_id, to_peer in zip(job.region_ids, ev.peers):
             phi = phis.get(region_id)
             if phi is None or phi < self.opts.threshold or region_id in self._inflight:
@@ -454,6 +595,9 @@ class Supervisor:
             if to_peer.id == from_peer.id:
                 same_peer += 1
                 continue
+            if to_peer.id in excluded:  # the Selector ignored exclude_peer_ids
+                damped += 1
+                continue
             by_target.setdefault(to_peer, []).append(region_id)
         if recovered:
             m.failover_skipped.labels(reason="recovered").inc(recovered)
@@ -461,11 +605,20 @@ class Supervisor:
             m.failover_skipped.labels(reason="same_peer").inc(same_peer)
             log_event(log, logging.WARNING, "failover_same_peer_skipped", datanode_id=job.datanode_id,
                       regions=same_peer)
+        if damped:
+            m.failover_skipped.labels(reason="damped_target").inc(damped)
+            log_event(log, logging.WARNING, "failover_damped_target_skipped", datanode_id=job.datanode_id,
+                      regions=damped)
+        if self.guards is not None:
+            by_target = self._limit_targets(by_target, now)
+            if by_target:
+                self.guards.note_failover(job.datanode_id, now)
         for to_peer, regions in by_target.items():
             counts = []
             for region_id in regions:
                 key = (job.datanode_id, region_id)
                 self.failover_counts[key] = self.failover_counts.get(key, 0) + 1
+                self._count_touched[key] = now
                 counts.append(self.failover_counts[key])
             self.changes.append(
                 CountsSet(tuple(((job.datanode_id, r), c) for r, c in zip(regions, counts)))
@@ -487,6 +640,19 @@ class Supervisor:
                 from_peer=from_peer.id, to_peer=to_peer.id, regions=len(regions),
                 timeout_ms=task.timeout_ms, sample=_sample(regions),
             )
+
+    def _limit_targets(self, by_target: dict[Peer, list[int]], now: int) -> dict[Peer, list[int]]:
+        """Per-target budget: regions beyond it wait for a later tick (they are still failed then)."""
+        allowed = {}
+        for to_peer, regions in by_target.items():
+            granted = self.guards.take_target(to_peer.id, len(regions), now)
+            if granted < len(regions):
+                self.metrics.failover_skipped.labels(reason="rate_limited_target").inc(len(regions) - granted)
+                self._hold_log(now, "failover_target_rate_limited", to_peer=to_peer.id,
+                               granted=granted, wanted=len(regions))
+            if granted:
+                allowed[to_peer] = regions[:granted]
+        return allowed
 
     def _on_submission(self, ev: SubmissionDone, now: int) -> None:
         task = self._submitting.pop(ev.task.task_id, ev.task)
@@ -575,6 +741,8 @@ class Supervisor:
             migrating=frozenset(self._inflight) | frozenset(self._busy),
             is_leader=self.is_leader,
             maintenance=self.maintenance,
+            maintenance_datanodes=dict(self.datanode_maintenance),
+            holds=self.guards.active_holds if self.guards is not None else (),
             threshold=self.opts.threshold,
             taken_at_ms=now,
         )

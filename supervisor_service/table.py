@@ -285,6 +285,19 @@ class DetectorTable:
         self.deregister(datanode_id, region_ids)
         return self.register(datanode_id, region_ids, ts)
 
+    def rebaseline(self, datanode_ids: list[int] | None, ts: int) -> int:
+        """Give every detector of the datanodes (all: None) a fresh state heartbeat at `ts`."""
+        count = 0
+        for datanode_id in list(self._nodes) if datanode_ids is None else datanode_ids:
+            node = self._nodes.get(datanode_id)
+            if node is None:
+                continue
+            node.groups.clear()
+            gid = node.add_group(_Group.fresh(int(node.regions.size), int(ts), self.opts))
+            node.gids = np.full(node.regions.size, gid, dtype=np.int64)
+            count += int(node.regions.size)
+        return count
+
     # ------------------------------------------------------------ queries
 
     def contains(self, datanode_id: int, region_id: int) -> bool:
