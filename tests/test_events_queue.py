@@ -1,0 +1,338 @@
+"""The bounded event queue of the supervisor thread (supervisor_service.events.EventQueue)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from supervisor_service.events import Clear, EventQueue, QueueClosed, QueueFull, Stop, Tick
+
+# Generous bound for anything a helper thread must finish: the tests wait on events, not on sleeps.
+JOIN_S = 5.0
+
+
+def ev(i: int) -> Tick:
+    """A distinguishable event."""
+    return Tick(due_monotonic=float(i))
+
+
+def drain(q: EventQueue) -> list:
+    out = []
+    while (item := q.get(timeout=0)) is not None:
+        out.append(item)
+    return out
+
+
+def run_in_thread(fn):
+    """Start fn in a daemon thread; returns (thread, result dict with 'value' or 'error')."""
+    result: dict = {}
+    started = threading.Event()
+
+    def target():
+        started.set()
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            result["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    assert started.wait(JOIN_S)
+    return t, result
+
+
+def wait_until_blocked(thread: threading.Thread, settle_s: float = 0.05) -> None:
+    """Give a thread time to reach its wait; the tests stay correct if it has not yet."""
+    thread.join(settle_s)
+    assert thread.is_alive()
+
+
+# ---------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("capacity", [0, -1])
+def test_capacity_below_one_is_rejected(capacity):
+    with pytest.raises(ValueError):
+        EventQueue(capacity)
+
+
+def test_new_queue_is_empty():
+    q = EventQueue(4)
+    assert len(q) == 0
+    assert q.capacity == 4
+    assert not q.closed
+    assert q.oldest_age() == 0.0
+
+
+# ---------------------------------------------------------------- capacity
+
+
+def test_offer_respects_capacity():
+    q = EventQueue(3)
+    assert [q.offer(ev(i)) for i in range(5)] == [True, True, True, False, False]
+    assert len(q) == 3
+    assert drain(q) == [ev(0), ev(1), ev(2)]
+
+
+def test_put_respects_capacity_and_times_out_with_queue_full():
+    q = EventQueue(2)
+    q.put(ev(0), timeout=0)
+    q.put(ev(1), timeout=0)
+    start = time.monotonic()
+    with pytest.raises(QueueFull):
+        q.put(ev(2), timeout=0.05)
+    assert time.monotonic() - start >= 0.04  # it did wait for room
+    with pytest.raises(QueueFull):
+        q.put(ev(3), timeout=0)
+    assert len(q) == 2
+    assert drain(q) == [ev(0), ev(1)]
+
+
+def test_offer_and_put_share_the_same_bound():
+    q = EventQueue(2)
+    q.put(ev(0), timeout=0)
+    assert q.offer(ev(1))
+    assert not q.offer(ev(2))
+    with pytest.raises(QueueFull):
+        q.put(ev(3), timeout=0)
+
+
+def test_put_control_ignores_capacity():
+    q = EventQueue(1)
+    assert q.offer(ev(0))
+    for i in range(1, 50):
+        q.put_control(ev(i))
+    assert len(q) == 50
+    assert drain(q) == [ev(i) for i in range(50)]
+
+
+def test_control_events_do_not_take_external_slots():
+    q = EventQueue(2)
+    for i in range(10):
+        q.put_control(ev(100 + i))
+    # Control events ahead of them do not count against the bound of external events.
+    assert q.offer(ev(0))
+    q.put(ev(1), timeout=0)
+    assert not q.offer(ev(2))
+
+
+def test_external_slot_released_on_get():
+    q = EventQueue(2)
+    assert q.offer(ev(0)) and q.offer(ev(1))
+    assert not q.offer(ev(2))
+    assert q.get(timeout=0) == ev(0)
+    assert q.offer(ev(3))
+    assert not q.offer(ev(4))
+    assert drain(q) == [ev(1), ev(3)]
+    # Everything released: the full capacity is available again.
+    assert q.offer(ev(5)) and q.offer(ev(6))
+
+
+def test_getting_a_control_event_releases_no_external_slot():
+    q = EventQueue(1)
+    q.put_control(Clear())
+    assert q.offer(ev(0))
+    assert not q.offer(ev(1))
+    assert q.get(timeout=0) == Clear()
+    # The external event is still queued, so the single slot is still taken.
+    assert not q.offer(ev(1))
+    assert q.get(timeout=0) == ev(0)
+    assert q.offer(ev(1))
+
+
+def test_blocked_put_proceeds_when_a_get_makes_room():
+    q = EventQueue(1)
+    q.put(ev(0), timeout=0)
+    thread, result = run_in_thread(lambda: q.put(ev(1), timeout=JOIN_S))
+    wait_until_blocked(thread)
+    assert q.get(timeout=0) == ev(0)
+    thread.join(JOIN_S)
+    assert not thread.is_alive()
+    assert "error" not in result
+    assert q.get(timeout=0) == ev(1)
+
+
+# ---------------------------------------------------------------- order and get
+
+
+def test_fifo_order_across_put_offer_and_put_control():
+    q = EventQueue(10)
+    q.put(ev(0), timeout=0)
+    q.put_control(ev(1))
+    assert q.offer(ev(2))
+    q.put_control(Stop())
+    q.put(ev(3), timeout=0)
+    assert [q.get(timeout=0) for _ in range(5)] == [ev(0), ev(1), ev(2), Stop(), ev(3)]
+    assert len(q) == 0
+
+
+def test_len_counts_control_and_external_events():
+    q = EventQueue(2)
+    q.offer(ev(0))
+    q.put_control(ev(1))
+    q.put_control(ev(2))
+    assert len(q) == 3
+    q.get(timeout=0)
+    assert len(q) == 2
+
+
+def test_get_timeout_returns_none():
+    q = EventQueue(1)
+    start = time.monotonic()
+    assert q.get(timeout=0.05) is None
+    assert time.monotonic() - start >= 0.04
+    assert q.get(timeout=0) is None
+
+
+def test_blocked_get_wakes_on_put():
+    q = EventQueue(1)
+    thread, result = run_in_thread(lambda: q.get(timeout=JOIN_S))
+    wait_until_blocked(thread)
+    q.put(ev(7), timeout=0)
+    thread.join(JOIN_S)
+    assert not thread.is_alive()
+    assert result == {"value": ev(7)}
+
+
+def test_blocked_get_wakes_on_put_control():
+    q = EventQueue(1)
+    thread, result = run_in_thread(lambda: q.get(timeout=JOIN_S))
+    wait_until_blocked(thread)
+    q.put_control(Stop())
+    thread.join(JOIN_S)
+    assert result == {"value": Stop()}
+
+
+def test_many_producers_one_consumer_lose_nothing():
+    q = EventQueue(4)
+    producers, per_producer = 4, 200
+
+    def produce(p):
+        for i in range(per_producer):
+            q.put(ev(p * 1000 + i), timeout=JOIN_S)
+
+    threads = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(producers)]
+    for t in threads:
+        t.start()
+    got = []
+    deadline = time.monotonic() + JOIN_S * 2
+    while len(got) < producers * per_producer and time.monotonic() < deadline:
+        item = q.get(timeout=0.5)
+        if item is not None:
+            got.append(item)
+            assert len(q) <= q.capacity
+    for t in threads:
+        t.join(JOIN_S)
+    assert sorted(e.due_monotonic for e in got) == sorted(
+        float(p * 1000 + i) for p in range(producers) for i in range(per_producer)
+    )
+    # Per producer, FIFO order is kept.
+    for p in range(producers):
+        mine = [e.due_monotonic for e in got if p * 1000 <= e.due_monotonic < (p + 1) * 1000]
+        assert mine == sorted(mine)
+
+
+# ---------------------------------------------------------------- close
+
+
+def test_close_makes_put_and_offer_raise_queue_closed():
+    q = EventQueue(2)
+    q.close()
+    assert q.closed
+    with pytest.raises(QueueClosed):
+        q.put(ev(0), timeout=0)
+    with pytest.raises(QueueClosed):
+        q.put(ev(0), timeout=1.0)
+    with pytest.raises(QueueClosed):
+        q.offer(ev(0))
+    assert len(q) == 0
+
+
+def test_close_raises_queue_closed_even_when_full():
+    q = EventQueue(1)
+    q.put(ev(0), timeout=0)
+    q.close()
+    with pytest.raises(QueueClosed):
+        q.put(ev(1), timeout=0)
+
+
+def test_get_after_close_drains_then_returns_none():
+    q = EventQueue(3)
+    q.put(ev(0), timeout=0)
+    q.put_control(ev(1))
+    q.close()
+    assert q.get(timeout=0) == ev(0)
+    assert q.get(timeout=0) == ev(1)
+    start = time.monotonic()
+    assert q.get(timeout=JOIN_S) is None  # closed and empty: no waiting
+    assert time.monotonic() - start < JOIN_S / 2
+
+
+def test_close_wakes_a_blocked_get():
+    q = EventQueue(1)
+    thread, result = run_in_thread(lambda: q.get(timeout=JOIN_S * 4))
+    wait_until_blocked(thread)
+    start = time.monotonic()
+    q.close()
+    thread.join(JOIN_S)
+    assert not thread.is_alive()
+    assert result == {"value": None}
+    assert time.monotonic() - start < JOIN_S
+
+
+def test_close_wakes_a_blocked_put_with_queue_closed():
+    q = EventQueue(1)
+    q.put(ev(0), timeout=0)
+    thread, result = run_in_thread(lambda: q.put(ev(1), timeout=JOIN_S * 4))
+    wait_until_blocked(thread)
+    start = time.monotonic()
+    q.close()
+    thread.join(JOIN_S)
+    assert not thread.is_alive()
+    assert isinstance(result.get("error"), QueueClosed)
+    assert time.monotonic() - start < JOIN_S
+
+
+def test_close_is_idempotent():
+    q = EventQueue(1)
+    q.close()
+    q.close()
+    assert q.closed
+
+
+# ---------------------------------------------------------------- oldest_age
+
+
+def test_oldest_age_is_zero_when_empty_and_grows_with_the_oldest_item():
+    q = EventQueue(4)
+    assert q.oldest_age() == 0.0
+    before = time.monotonic()
+    q.put(ev(0), timeout=0)
+    age = q.oldest_age()
+    assert 0.0 <= age <= time.monotonic() - before
+    time.sleep(0.03)
+    q.put(ev(1), timeout=0)
+    older = q.oldest_age()
+    assert older >= 0.03  # measured from the first item, not the newest
+    q.get(timeout=0)
+    # Now the oldest is the second item, queued after the pause.
+    assert q.oldest_age() < older
+    q.get(timeout=0)
+    assert q.oldest_age() == 0.0
+
+
+def test_oldest_age_counts_control_events():
+    q = EventQueue(1)
+    q.put_control(Stop())
+    time.sleep(0.02)
+    assert q.oldest_age() >= 0.02
+
+
+def test_oldest_age_follows_the_monotonic_clock(monkeypatch):
+    q = EventQueue(1)
+    q.put(ev(0), timeout=0)
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + 100.0)
+    assert 100.0 <= q.oldest_age() < 100.0 + JOIN_S
