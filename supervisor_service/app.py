@@ -118,7 +118,7 @@ class Service:
         self._metrics_server = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
-        self._stopped = False
+        self._stopped: asyncio.Future | None = None
         self._start_ticker = True
         # Leadership transitions run here, one at a time, off the election's and the gRPC loop's threads.
         self._transitions = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leadership")
@@ -145,14 +145,24 @@ class Service:
             store=self.store,
         )
         self.server, self.health = build_server(self.servicer, s)
-        port = self.server.add_insecure_port(s.grpc_addr)
+        try:
+            port = self.server.add_insecure_port(s.grpc_addr)
+        except RuntimeError:  # grpc.aio raises where the sync server returned 0
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {s.grpc_addr} (setting grpc_addr): address in use or invalid")
+            raise OSError(f"cannot listen on {s.grpc_addr} (setting grpc_addr): address in use or not assignable")
         self.addresses.grpc = f"{host}:{port}"
         self._advertise = s.advertise_addr or self.addresses.grpc
         if s.metrics_addr:
             mhost, _, mport = s.metrics_addr.rpartition(":")
-            self._metrics_server, _ = start_http_server(int(mport), addr=mhost.strip("[]"), registry=self.registry)
+            try:
+                self._metrics_server, _ = start_http_server(
+                    int(mport), addr=mhost.strip("[]"), registry=self.registry
+                )
+            except OSError as exc:
+                raise OSError(
+                    f"cannot serve metrics on {s.metrics_addr} (setting metrics_addr): {exc.strerror or exc}"
+                ) from None
             self.addresses.metrics = f"{mhost}:{self._metrics_server.server_port}"
         self.store.start()
         self.runtime.start()
@@ -205,7 +215,7 @@ class Service:
             try:
                 return self.store.load()
             except StoreError as exc:
-                if self._stopped:
+                if self._stopped is not None:
                     raise
                 log_event(log, logging.ERROR, "state_load_failed", error=str(exc), retry_in_s=delay)
                 time.sleep(delay)
@@ -267,9 +277,16 @@ class Service:
         """Idempotent; the steps run in this order and within shutdown_timeout_ms overall:
         health NOT_SERVING, stop accepting RPCs, step down (ticker stops, lease revoked),
         drain the supervisor thread, commit pending state, close remotes, stop metrics."""
-        if self._stopped:
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)  # a second caller waits for the first to finish
             return
-        self._stopped = True
+        self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop_steps()
+        finally:
+            self._stopped.set_result(None)
+
+    async def _stop_steps(self) -> None:
         budget = self.settings.shutdown_timeout_ms / 1000
         started = self.clock.monotonic()
 

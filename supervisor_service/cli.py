@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -135,16 +136,25 @@ def _serve(args) -> int:
     configure_logging(settings.log_level, None if settings.log_format == "auto" else settings.log_format == "json")
     from prometheus_client import REGISTRY
 
+    from supervisor_service.store import StoreError
+
     async def run() -> int:
-        service = Service(settings, registry=REGISTRY)
+        try:
+            service = Service(settings, registry=REGISTRY)
+        except StoreError as exc:
+            return _fail(str(exc), EXIT_UNAVAILABLE)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.request_stop)
         try:
             await service.start()
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             await service.stop()
-            raise SystemExit(_fail(str(exc), EXIT_UNAVAILABLE)) from None
+            # Let grpc.aio finalize its server while the event loop is still alive; otherwise
+            # interpreter shutdown prints a spurious "Error in sys.excepthook".
+            service.server = None
+            gc.collect()
+            return _fail(str(exc), EXIT_UNAVAILABLE)
         return await service.wait()
 
     return asyncio.run(run())

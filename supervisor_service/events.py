@@ -306,6 +306,15 @@ class EventQueue:
             self._external += 1
         self._not_empty.notify()
 
+    def drain(self) -> list[Event]:
+        """Remove and return everything queued."""
+        with self._lock:
+            items = [item.event for item in self._items]
+            self._items.clear()
+            self._external = 0
+            self._not_full.notify_all()
+            return items
+
     def get(self, timeout: float) -> Event | None:
         """The next event, or None after `timeout` seconds (or when closed and empty)."""
         with self._lock:

@@ -26,6 +26,7 @@ from supervisor_service.clock import Clock
 from supervisor_service.events import (
     Clear,
     EventQueue,
+    QueueClosed,
     SelectionDone,
     StatusPolled,
     Stop,
@@ -106,6 +107,11 @@ class SupervisorRuntime:
             self.death = exc
             log.critical("supervisor_thread_died", exc_info=exc, extra={"fields": {"error": repr(exc)}})
             self.queue.close()
+            # Nobody will answer what is still queued: fail those calls now rather than let them hang.
+            for pending in self.queue.drain():
+                reply = getattr(pending, "reply", None)
+                if reply is not None and not reply.done():
+                    reply.set_exception(QueueClosed("the supervisor thread died"))
             if self._on_death is not None:
                 self._on_death(exc)
         finally:

@@ -114,6 +114,11 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the supervisor thread did not answer within 30 s"
             )
+        except QueueClosed as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry against a healthy replica")
+        except StoreError as exc:
+            # Not committed: the change may or may not survive, so the caller must retry.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the change could not be made durable: {exc}")
 
     # ------------------------------------------------------------ heartbeats
 
@@ -289,7 +294,11 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     async def SetMaintenanceMode(self, request, context):
         await self._require_leader(context)
         if len(request.datanode_ids) > self._s.max_regions_per_request:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many datanode_ids in one request")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.datanode_ids)} datanode_ids in one request; the limit is "
+                f"{self._s.max_regions_per_request} (setting max_regions_per_request)",
+            )
         if request.ttl_millis and not request.enabled:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl_millis only applies when enabling")
         event = lambda reply: SetMaintenance(  # noqa: E731

@@ -7,6 +7,8 @@ settings --markdown`), so the two cannot drift apart.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ from pydantic_settings import (
 from supervisor_service.detector import PhiAccrualOptions
 from supervisor_service.guards import GuardSettings
 
+ENV_PREFIX = "SUPERVISOR_"
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -271,6 +274,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+    unknown = sorted(
+        k for k in os.environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in Settings.model_fields
+    )
+    if unknown:
+        raise ConfigError("; ".join(f"unknown environment variable {k}{_did_you_mean(k[len(ENV_PREFIX):])}" for k in unknown))
     try:
         # pydantic-settings reads the TOML path from the class's model_config.
         cls = Settings
@@ -281,13 +289,21 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     except ValueError as exc:  # e.g. a malformed TOML file
-        raise ConfigError(f"invalid configuration: {exc}") from None
+        raise ConfigError(f"invalid config file {str(config_file)!r}: {exc}") from None
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(Settings.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _describe(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "settings"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {name!r}{_did_you_mean(name)} (`supervisor-service settings` lists them)")
+            continue
         env = f"SUPERVISOR_{name.upper()}" if err["loc"] else ""
         where = f"{name} ({env})" if env else name
         message = err["msg"].removeprefix("Value error, ")

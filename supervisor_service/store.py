@@ -95,9 +95,12 @@ class SqliteKV:
     """
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "supervisor.sqlite3"
-        self._lock_file = open(data_dir / "supervisor.lock", "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(data_dir / "supervisor.lock", "a+")  # noqa: SIM115 - held for the process's life
+        except OSError as exc:
+            raise StoreError(f"cannot use data_dir {str(data_dir)!r} (setting data_dir): {exc.strerror or exc}") from None
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,10 +109,14 @@ class SqliteKV:
                 f"another supervisor process uses {data_dir} (setting data_dir); "
                 "run one replica per data directory, or use an etcd store for several replicas"
             ) from None
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        except sqlite3.Error as exc:
+            self._lock_file.close()
+            raise StoreError(f"cannot open {self.path} (setting data_dir): {exc}") from None
         self._mutex = threading.Lock()
 
     def read_prefix(self, prefix: str) -> dict[str, bytes]:
