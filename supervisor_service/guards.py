@@ -10,7 +10,7 @@ module reads no clock and does no I/O: every method takes `now` (ms).
   (GC, SIGSTOP, an overloaded queue) holds convictions until every datanode
   has had a fair chance to be heard again;
 - mass failure (Kubernetes' unhealthy-zone threshold): when too many
-  datanodes fail within one window, the supervisor is more likely the one cut
+  datanodes are silent at once, the supervisor is more likely the one cut
   off; failover is held until the fraction drops or an operator releases it;
 - rate limits (Kubernetes' eviction rate, PD's store limit): token buckets
   on failovers, global (datanodes) and per target datanode (regions); the
@@ -40,11 +40,17 @@ class GuardSettings:
     overload_queue_fraction: float = 0.9
     """No conviction while the event queue is fuller than this (1: off)."""
     max_failed_datanode_fraction: float = 0.5
-    """Hold failover when more than this fraction of the datanodes failed within one window (1: off)."""
+    """Hold failover while more than this fraction of the datanodes are silent (1: off)."""
     mass_failure_min_datanodes: int = 3
-    """... and at least this many did."""
-    mass_failure_window_ms: int = 30_000
-    """The window of the mass-failure guard."""
+    """... and at least this many are."""
+    mass_failure_silence_ms: int = 5000
+    """A datanode unheard for this long counts towards the mass-failure fraction.
+
+    Shorter than the detection period on purpose: datanodes cut off together
+    cross the phi threshold one or two ticks apart (their last heartbeats were
+    spread over an interval), and the first must not be failed over before the
+    others are counted.
+    """
     failover_rate_per_s: float = 1.0
     """Global budget: datanodes failed over per second (0: unlimited)."""
     failover_burst: int = 10
@@ -107,6 +113,7 @@ class Guards:
         self._pause_hold_until = 0
         self.released_mass_failure = False
         self.mass_failure_fraction = 0.0
+        self._silent = 0  # datanodes unheard for mass_failure_silence_ms, as of the last tick
         self._global: TokenBucket | None = None
         self._targets: dict[int, TokenBucket] = {}
         self._nodes: dict[int, _Datanode] = {}
@@ -138,8 +145,8 @@ class Guards:
     def stall_detected(self, now: int) -> bool:
         return now < self._pause_hold_until
 
-    def track(self, failed: set[int], datanodes: int, now: int) -> None:
-        """Record failure and recovery transitions, and the failed fraction within the window."""
+    def track(self, failed: set[int], silent: int, datanodes: int, now: int) -> None:
+        """Record failure and recovery transitions, and the fraction of silent datanodes."""
         for d in failed:
             node = self._nodes.setdefault(d, _Datanode())
             if node.failed_since is None:
@@ -149,17 +156,15 @@ class Guards:
                 node.failed_since = None
                 node.recoveries.append(now)
         self._expire(now)
-        window_start = now - self.s.mass_failure_window_ms
-        recent = sum(1 for d in failed if self._nodes[d].failed_since >= window_start)
-        self.mass_failure_fraction = recent / datanodes if datanodes else 0.0
-        self._mass_recent = recent
+        self._silent = silent
+        self.mass_failure_fraction = silent / datanodes if datanodes else 0.0
 
     def mass_failure(self) -> bool:
         """True while failover is held for a mass failure (and not released by an operator)."""
         s = self.s
         tripped = (
             s.max_failed_datanode_fraction < 1
-            and self._mass_recent >= s.mass_failure_min_datanodes
+            and self._silent >= s.mass_failure_min_datanodes
             and self.mass_failure_fraction > s.max_failed_datanode_fraction
         )
         if not tripped:

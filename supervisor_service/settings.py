@@ -140,11 +140,11 @@ class Settings(BaseSettings):
     overload_queue_fraction: float = Field(0.9, gt=0, le=1)
     """No conviction while the event queue is fuller than this [1]."""
     max_failed_datanode_fraction: float = Field(0.5, gt=0, le=1)
-    """Hold failover when more than this fraction of the datanodes fail within one window [1]."""
+    """Hold failover while more than this fraction of the datanodes are silent [1]."""
     mass_failure_min_datanodes: int = Field(3, ge=1)
-    """... and at least this many datanodes did."""
-    mass_failure_window_ms: int = Field(30_000, ge=1)
-    """Window of the mass-failure guard."""
+    """... and at least this many datanodes are."""
+    mass_failure_silence_ms: int = Field(5000, ge=1)
+    """A datanode unheard for this long counts as silent for the mass-failure guard (shorter than detection, so datanodes cut together are counted together)."""
     failover_rate_per_s: float = Field(1.0, ge=0)
     """Global budget of datanodes failed over per second [0]."""
     failover_burst: int = Field(10, ge=1)
@@ -250,7 +250,7 @@ class Settings(BaseSettings):
             overload_queue_fraction=self.overload_queue_fraction,
             max_failed_datanode_fraction=self.max_failed_datanode_fraction,
             mass_failure_min_datanodes=self.mass_failure_min_datanodes,
-            mass_failure_window_ms=self.mass_failure_window_ms,
+            mass_failure_silence_ms=self.mass_failure_silence_ms,
             failover_rate_per_s=self.failover_rate_per_s,
             failover_burst=self.failover_burst,
             target_regions_per_s=self.target_regions_per_s,

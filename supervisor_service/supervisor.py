@@ -345,22 +345,18 @@ class Supervisor:
         one detection period later. Migrations in flight are reloaded, not
         submitted again.
         """
-        self.table.clear()
-        self._prev_failed.clear()
+        self._forget_volatile_state()
         for datanode_id, region_ids in state.registry.items():
             self.table.register(datanode_id, region_ids, now)
         self.failover_counts = dict(state.failover_counts)
+        self._count_touched = dict.fromkeys(self.failover_counts, now)  # decay counts from the recovery on
         self.maintenance = state.maintenance
         self.maintenance_until_ms = state.maintenance_until_ms
         self.datanode_maintenance = dict(state.datanode_maintenance)
         self._publish_maintenance()
-        self._selecting.clear()
-        self._submitting.clear()
-        self._busy.clear()
         self._inflight = {
             r: _InFlight(rec.datanode_id, rec.procedure_id, rec.deadline_ms) for r, rec in state.inflight.items()
         }
-        self._procedures = {}
         for region_id, flight in self._inflight.items():
             if flight.procedure_id:
                 proc = self._procedures.setdefault(flight.procedure_id, _Procedure(next_poll_ms=now))
@@ -379,6 +375,11 @@ class Supervisor:
     def _lose_leadership(self) -> None:
         """Forget the table: the next leader rebuilds it from the store and the datanodes."""
         self.set_leadership(False, self.leader_term)
+        self._forget_volatile_state()
+        log_event(log, logging.WARNING, "leadership_stopped", term=self.leader_term)
+
+    def _forget_volatile_state(self) -> None:
+        """Everything a leadership change rebuilds: the table and the failover work under way."""
         self.table.clear()
         self._prev_failed.clear()
         self._selecting.clear()
@@ -387,7 +388,6 @@ class Supervisor:
         self._inflight.clear()
         self._procedures.clear()
         self._warmup_known = set()
-        log_event(log, logging.WARNING, "leadership_stopped", term=self.leader_term)
 
     def _warming_up(self, now: int) -> bool:
         if not self._warmup_known or now >= self._warmup_until_ms:
@@ -412,7 +412,8 @@ class Supervisor:
         guards = self.guards
         pause = guards.observe_tick(now, lag_ms, queue_fill) if guards is not None else None
         if guards is not None:
-            guards.track(set(failed), len(self.table.datanode_ids()), now)
+            silent = self.table.silent_datanodes(now, guards.s.mass_failure_silence_ms)
+            guards.track(set(failed), len(silent), len(self.table.datanode_ids()), now)
             self._decay_counts(now)
         if not self.is_leader:
             self._publish_holds(())
@@ -507,9 +508,12 @@ class Supervisor:
         stale = [k for k, t in self._count_touched.items() if now - t >= decay]
         dropped = []
         for key in stale:
-            del self._count_touched[key]
             phi = self.table.phis(key[0], as_region_array([key[1]]), now).get(key[1])
-            if (phi is None or phi < self.opts.threshold) and self.failover_counts.pop(key, None) is not None:
+            if phi is not None and phi >= self.opts.threshold:
+                self._count_touched[key] = now  # still failed: the healthy period starts later
+                continue
+            del self._count_touched[key]
+            if self.failover_counts.pop(key, None) is not None:
                 dropped.append(key)
         if dropped:
             self.changes.append(CountsDrop(tuple(dropped)))

@@ -348,6 +348,11 @@ class DetectorTable:
             for grp in node.groups.values():
                 yield grp.phi(ts), grp.size
 
+    def silent_datanodes(self, ts: int, silence_ms: int) -> list[int]:
+        """Datanodes none of whose detectors heard a heartbeat within `silence_ms` of `ts`."""
+        cutoff = ts - silence_ms
+        return [d for d, node in self._nodes.items() if max(g.last for g in node.groups.values()) < cutoff]
+
     def alive_datanodes(self, ts: int) -> set[int]:
         """Datanodes with at least one available detector at `ts`."""
         threshold = self.opts.threshold
