@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     mass_failure_min_datanodes: int = Field(3, ge=1)
     """... and at least this many datanodes are."""
     mass_failure_silence_ms: int = Field(5000, ge=1)
-    """A datanode unheard for this long counts as silent for the mass-failure guard (shorter than detection, so datanodes cut together are counted together)."""
+    """A datanode unheard for this long counts as silent for the mass-failure guard (capped at half the acceptable heartbeat pause, so datanodes cut together are counted before the first is convicted)."""
     failover_rate_per_s: float = Field(1.0, ge=0)
     """Global budget of datanodes failed over per second [0]."""
     failover_burst: int = Field(10, ge=1)
@@ -250,7 +250,8 @@ class Settings(BaseSettings):
             overload_queue_fraction=self.overload_queue_fraction,
             max_failed_datanode_fraction=self.max_failed_datanode_fraction,
             mass_failure_min_datanodes=self.mass_failure_min_datanodes,
-            mass_failure_silence_ms=self.mass_failure_silence_ms,
+            # Silence must be noticed before conviction, whatever the detector settings.
+            mass_failure_silence_ms=min(self.mass_failure_silence_ms, int(self.acceptable_heartbeat_pause_ms // 2)),
             failover_rate_per_s=self.failover_rate_per_s,
             failover_burst=self.failover_burst,
             target_regions_per_s=self.target_regions_per_s,

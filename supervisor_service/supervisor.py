@@ -308,7 +308,7 @@ class Supervisor:
         if datanode_ids == [] or not self.policy.rebaseline_after_maintenance:
             return
         count = self.table.rebaseline(datanode_ids, now)
-        self._prev_failed.clear()
+        self._prev_failed = {}
         log_event(log, logging.WARNING, "detectors_rebaselined", detectors=count,
                   scope="all" if datanode_ids is None else ",".join(map(str, datanode_ids)))
 
@@ -406,13 +406,19 @@ class Supervisor:
         m.detectors.set(len(self.table))
         m.detector_groups.set(self.table.group_count)
         m.phi.set(self.table.phi_sizes(now))
+        # Expiring maintenance re-baselines detectors: do it before reading who failed.
+        self._expire_maintenance(now)
         failed = dict(self.table.failed(now))
         self._count_new_failures(failed)
-        self._expire_maintenance(now)
         guards = self.guards
         pause = guards.observe_tick(now, lag_ms, queue_fill) if guards is not None else None
         if guards is not None:
-            silent = self.table.silent_datanodes(now, guards.s.mass_failure_silence_ms)
+            # A datanode whose regions are all being migrated is dead and handled: not a new silence.
+            handled = self._inflight.keys() | self._busy
+            silent = [
+                d for d in self.table.silent_datanodes(now, guards.s.mass_failure_silence_ms)
+                if not handled or not set(self.table.regions_of(d).tolist()) <= handled
+            ]
             guards.track(set(failed), len(silent), len(self.table.datanode_ids()), now)
             self._decay_counts(now)
         if not self.is_leader:
