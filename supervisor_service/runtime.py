@@ -142,13 +142,41 @@ class SupervisorRuntime:
             self.metrics.tick_duration.observe(time.perf_counter() - started)
         self.metrics.events.labels(type=name).inc()
         changes = self.supervisor.drain_changes()
+        effects = self.supervisor.drain_outbox()
         if changes and self.store is not None:
-            # Acknowledge only once the change is durable; the writer thread calls back.
-            self.store.submit(changes, _resolver(reply, value) if reply is not None else None)
-        elif reply is not None and not reply.done():
-            reply.set_result(value)
-        for effect in self.supervisor.drain_outbox():
-            self._execute(effect)
+            # Nothing leaves before the state that justifies it is durable: replies are
+            # acknowledged, and migrations submitted, from the writer's callback.
+            self.store.submit(changes, self._after_commit(reply, value, effects))
+        else:
+            if reply is not None and not reply.done():
+                reply.set_result(value)
+            for effect in effects:
+                self._execute(effect)
+
+    def _after_commit(
+        self, reply: Future | None, value: object, effects: list[Effect]
+    ) -> Callable[[BaseException | None], None] | None:
+        if reply is None and not effects:
+            return None
+
+        def done(exc: BaseException | None) -> None:
+            if reply is not None and not reply.done():
+                if exc is None:
+                    reply.set_result(value)
+                else:
+                    reply.set_exception(exc)
+            for effect in effects:
+                if exc is None:
+                    self._execute(effect)
+                elif isinstance(effect, SubmitMigration):
+                    # Not durable (fenced, or the store gave up): the submission must not leave.
+                    self._report(SubmissionDone(effect.task, error=f"state not durable: {exc}"))
+                elif isinstance(effect, SelectPeers):
+                    self._report(SelectionDone(effect.job, error=f"state not durable: {exc}", error_stage="store"))
+                else:
+                    self._execute(effect)
+
+        return done
 
     # ------------------------------------------------------------ workers
 
@@ -232,18 +260,6 @@ class SupervisorRuntime:
             self._report(StatusPolled(pid, error=str(exc)))
             return
         self._report(StatusPolled(pid, state=state, message=message))
-
-
-def _resolver(reply: Future, value: object) -> Callable[[BaseException | None], None]:
-    def resolve(exc: BaseException | None) -> None:
-        if reply.done():
-            return
-        if exc is None:
-            reply.set_result(value)
-        else:
-            reply.set_exception(exc)
-
-    return resolve
 
 
 class Ticker:

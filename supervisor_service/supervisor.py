@@ -644,6 +644,11 @@ class Supervisor:
             )
             self._submitting[task.task_id] = task
             self._busy.update(regions)
+            # The intent is stored before the call leaves (the runtime sends it once this is
+            # durable): a successor that finds it treats the regions as in flight until the
+            # timeout, rather than failing them over a second time.
+            intent = InFlightRecord(job.datanode_id, "", now + task.timeout_ms)
+            self.changes.extend(InFlightSet(r, intent) for r in regions)
             self.outbox.append(SubmitMigration(task))
             log_event(
                 log, logging.WARNING, "failover_submitting", datanode_id=job.datanode_id,
@@ -667,6 +672,7 @@ class Supervisor:
     def _on_submission(self, ev: SubmissionDone, now: int) -> None:
         task = self._submitting.pop(ev.task.task_id, ev.task)
         self._busy.difference_update(task.region_ids)
+        self.changes.extend(InFlightDrop(r) for r in task.region_ids)  # the intent; re-set below if in flight
         m = self.metrics
         if ev.error is not None or ev.result is None:
             m.failover_errors.labels(stage="submit").inc()
