@@ -167,8 +167,7 @@ class Service:
         self.store.start()
         self.runtime.start()
         await self.server.start()
-        if isinstance(self.leadership, EtcdElection):
-            self.leadership.advertise_addr = self._advertise
+        self.leadership.advertise_addr = self._advertise  # the bound port, when grpc_addr asked for port 0
         self.leadership.start()
         await set_health(self.health, True)
         log_event(

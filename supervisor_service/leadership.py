@@ -12,6 +12,9 @@ from typing import Protocol
 
 
 class Leadership(Protocol):
+    advertise_addr: str
+    """This replica's address as clients should reach it (set once the port is bound)."""
+
     def is_leader(self) -> bool: ...
 
     def leader_addr(self) -> str: ...
@@ -43,7 +46,7 @@ class SingleLeadership:
         on_elected: Callable[[int], None],
         on_lost: Callable[[], None],
     ) -> None:
-        self._addr = advertise_addr
+        self.advertise_addr = advertise_addr  # set again by the service once its port is bound
         self._next_term = next_term
         self._on_elected = on_elected
         self._on_lost = on_lost
@@ -54,7 +57,7 @@ class SingleLeadership:
         return self._leader.is_set()
 
     def leader_addr(self) -> str:
-        return self._addr if self._leader.is_set() else ""
+        return self.advertise_addr if self._leader.is_set() else ""
 
     @property
     def term(self) -> int:

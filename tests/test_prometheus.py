@@ -31,7 +31,7 @@ def _query(base: str, expr: str) -> list[dict]:
 
 @pytest.fixture
 def running_service():
-    settings = load_settings(grpc_addr="127.0.0.1:0", metrics_addr="127.0.0.1:0", tick_interval_ms=200)
+    settings = load_settings(grpc_addr="127.0.0.1:0", metrics_addr="127.0.0.1:0", tick_interval_ms=200, store="memory")
     service = Service(settings, registry=CollectorRegistry())
     started = threading.Event()
 
