@@ -3,48 +3,18 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
-from concurrent import futures
-
 import grpc
 import pytest
 
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
-from supervisor_service.proto import pb, pb_grpc
 from tests._servers import EtcdServer, ServiceProcess
+from tests.fakes import FakeRegionMigration
 
 pytestmark = pytest.mark.realtime
 
 TTL_MS = 2000
 TICK_MS = 100
-
-
-class CountingMigration(pb_grpc.RegionMigrationServicer):
-    """Records every submission; refuses a leader term lower than the highest seen."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.submissions: list[tuple[float, pb.SubmitRegionMigrationRequest]] = []
-        self.highest_term = 0
-        self.refused = 0
-
-    def SubmitRegionMigration(self, request, context):
-        with self.lock:
-            if request.leader_term < self.highest_term:
-                self.refused += 1
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"stale leader term {request.leader_term}")
-            self.highest_term = request.leader_term
-            self.submissions.append((time.monotonic(), request))
-            n = len(self.submissions)
-        return pb.SubmitRegionMigrationResponse(submitted=request.region_ids, procedure_id=f"p-{n}")
-
-    def GetMigrationStatus(self, request, context):
-        return pb.GetMigrationStatusResponse(state=pb.MIGRATION_STATE_RUNNING)
-
-    def regions_of(self, datanode_id: int) -> list[int]:
-        with self.lock:
-            return [r for _, req in self.submissions if req.from_peer.id == datanode_id for r in req.region_ids]
 
 
 @pytest.fixture
@@ -56,14 +26,13 @@ def etcd(tmp_path):
 
 @pytest.fixture
 def migration():
-    servicer = CountingMigration()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_RegionMigrationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.endpoint = f"127.0.0.1:{port}"
-    yield servicer
-    server.stop(0)
+    fake = FakeRegionMigration()
+    yield fake
+    fake.stop()
+
+
+def _regions_of(migration: FakeRegionMigration, datanode_id: int) -> list[int]:
+    return [r for c in migration.submissions if c.request.from_peer.id == datanode_id for r in c.request.region_ids]
 
 
 def _replicas(tmp_path, etcd, migration, n=3, prefix="/region-supervisor/test-ha"):
@@ -137,14 +106,14 @@ def test_leader_killed_new_leader_fails_over_exactly_once(tmp_path, etcd, migrat
         assert took <= TTL_MS / 1000 + TTL_MS / 3000 + TICK_MS / 1000 + 1.0, took
 
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and sorted(migration.regions_of(3)) != [300, 301, 302]:
+        while time.monotonic() < deadline and sorted(_regions_of(migration, 3)) != [300, 301, 302]:
             time.sleep(0.1)
-        assert sorted(migration.regions_of(3)) == [300, 301, 302]
+        assert sorted(_regions_of(migration, 3)) == [300, 301, 302]
         time.sleep(2)  # and nothing more arrives
-        assert sorted(migration.regions_of(3)) == [300, 301, 302], "a region was failed over twice"
-        assert migration.regions_of(1) == [] and migration.regions_of(2) == []
+        assert sorted(_regions_of(migration, 3)) == [300, 301, 302], "a region was failed over twice"
+        assert _regions_of(migration, 1) == [] and _regions_of(migration, 2) == []
         assert all(b.addr == new_leader.addr for b in beaters[:2])
-        terms = [req.leader_term for _, req in migration.submissions]
+        terms = [c.request.leader_term for c in migration.submissions]
         assert terms and min(terms) > 0
     finally:
         for b in beaters:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
-from prometheus_client import CollectorRegistry
-
-from supervisor_service.app import Service
 from supervisor_service.client import SupervisorClient
-from supervisor_service.settings import load_settings
 from tests._servers import free_port, require_binary, stop_process
 
 pytestmark = pytest.mark.realtime
@@ -29,26 +23,8 @@ def _query(base: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-@pytest.fixture
-def running_service():
-    settings = load_settings(grpc_addr="127.0.0.1:0", metrics_addr="127.0.0.1:0", tick_interval_ms=200, store="memory")
-    service = Service(settings, registry=CollectorRegistry())
-    started = threading.Event()
-
-    async def main() -> None:
-        await service.start()
-        started.set()
-        await service.wait()
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(15), "service did not start"
-    yield service
-    service.request_stop()
-    thread.join(15)
-
-
-def test_prometheus_scrapes_every_metric_family(running_service, tmp_path):
+def test_prometheus_scrapes_every_metric_family(service, tmp_path):
+    running_service = service(metrics_addr="127.0.0.1:0", tick_interval_ms=200)
     binary = require_binary("prometheus", "prometheus")
     with SupervisorClient(running_service.addresses.grpc) as client:
         assert client.register([(1, 10), (1, 11), (2, 20)]) == 3
