@@ -273,21 +273,22 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         snapshot: DumpSnapshot = await self._ask(context, lambda reply: Dump(reply, datanodes))
         at = request.at_millis or snapshot.taken_at_ms
         loop = asyncio.get_running_loop()
-        # Building rows is CPU work: do it off the event loop so heartbeat streams keep flowing.
-        rows = await loop.run_in_executor(None, dump_rows, snapshot, at, request.only_failed)
+        # Building rows is CPU work: do it off the event loop, page by page, so heartbeat
+        # streams keep flowing and memory holds one page at a time.
+        dump = await loop.run_in_executor(None, DumpPages, snapshot, at, request.only_failed)
         header = dict(
             is_leader=snapshot.is_leader,
             maintenance_mode=snapshot.maintenance,
             at_millis=at,
-            total=len(rows),
+            total=dump.total,
             leader_addr=self._leadership.leader_addr(),
             holds=list(snapshot.holds),
         )
-        if not rows:
+        if not dump.total:
             yield pb.DumpResponse(**header)
             return
-        for start in range(0, len(rows), page_size):
-            yield pb.DumpResponse(detectors=rows[start : start + page_size], **header)
+        for build in dump.pages(page_size):
+            yield pb.DumpResponse(detectors=await loop.run_in_executor(None, build), **header)
 
     # ------------------------------------------------------------ maintenance and journal
 
@@ -374,18 +375,52 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         return pb.ListJournalResponse(entries=entries, embedded=True)
 
 
-def dump_rows(snapshot: DumpSnapshot, at: int, only_failed: bool) -> list[pb.DetectorState]:
-    """Expand a snapshot into DetectorState rows, phi evaluated at `at`."""
-    rows = []
-    threshold = snapshot.threshold
-    counts = snapshot.failover_counts
-    migrating = snapshot.migrating
-    for node in snapshot.nodes:
-        phis = {gid: grp.phi(at) for gid, grp in node.groups.items()}
-        for region_id, gid in zip(node.regions.tolist(), node.gids.tolist()):
+class DumpPages:
+    """Turns a snapshot into DetectorState pages lazily, so a dump of a million detectors
+    never holds a million protobuf rows at once. phi is evaluated per shared history group."""
+
+    def __init__(self, snapshot: DumpSnapshot, at: int, only_failed: bool) -> None:
+        self._snapshot = snapshot
+        self._at = at
+        threshold = snapshot.threshold
+        # (node, phi of each group, mask of the rows to show) per datanode.
+        self._nodes = []
+        self.total = 0
+        for node in snapshot.nodes:
+            phis = {gid: grp.phi(at) for gid, grp in node.groups.items()}
+            if only_failed:
+                failed = [gid for gid, phi in phis.items() if phi >= threshold]
+                positions = np.flatnonzero(np.isin(node.gids, failed))
+            else:
+                positions = np.arange(node.regions.size)
+            if positions.size:
+                self._nodes.append((node, phis, positions))
+                self.total += int(positions.size)
+
+    def pages(self, page_size: int):
+        """Yields callables that each build one page of `page_size` rows (the last may be shorter);
+        run them off the event loop."""
+        pending: list[tuple] = []
+        room = page_size
+        for node, phis, positions in self._nodes:
+            start = 0
+            while start < positions.size:
+                chunk = positions[start : start + room]
+                pending.append((node, phis, chunk))
+                start += chunk.size
+                room -= chunk.size
+                if room == 0:
+                    yield lambda parts=pending: [row for part in parts for row in self._rows(*part)]
+                    pending, room = [], page_size
+        if pending:
+            yield lambda parts=pending: [row for part in parts for row in self._rows(*part)]
+
+    def _rows(self, node, phis: dict[int, float], positions: np.ndarray) -> list[pb.DetectorState]:
+        snapshot = self._snapshot
+        threshold, counts, migrating = snapshot.threshold, snapshot.failover_counts, snapshot.migrating
+        rows = []
+        for region_id, gid in zip(node.regions[positions].tolist(), node.gids[positions].tolist()):
             phi = phis[gid]
-            if only_failed and phi < threshold:
-                continue
             grp = node.groups[gid]
             rows.append(
                 pb.DetectorState(
@@ -401,7 +436,7 @@ def dump_rows(snapshot: DumpSnapshot, at: int, only_failed: bool) -> list[pb.Det
                     migrating=region_id in migrating,
                 )
             )
-    return rows
+        return rows
 
 
 async def _abort_unauthenticated(context) -> None:
