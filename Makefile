@@ -50,8 +50,9 @@ system-deps:
 test: proto system-deps
 	$(PY) -m pytest -q
 
+# The scale benchmark (README "Performance"): `make bench`, or `make bench BENCH_ARGS=--quick` (under a minute).
 bench: proto
-	$(PY) -m supervisor_service.bench
+	$(PY) -m supervisor_service.bench $(BENCH_ARGS)
 
 lint: proto
 	$(PY) -m compileall -q supervisor_service tests

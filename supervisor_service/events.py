@@ -92,6 +92,7 @@ class Heartbeat:
     datanode_id: int
     region_ids: np.ndarray  # sorted, unique uint64
     ts_millis: int
+    received_monotonic: float = 0.0  # Clock.monotonic() at receipt (0: unknown); receipt-to-applied latency
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from supervisor_service.clock import Clock
 from supervisor_service.events import (
     Clear,
     EventQueue,
+    Heartbeat,
     QueueClosed,
     SelectionDone,
     StatusPolled,
@@ -68,6 +69,7 @@ class SupervisorRuntime:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="failover-worker")
         self._thread = threading.Thread(target=self._run, name="region-supervisor", daemon=True)
         self.tick_pending = threading.Event()
+        self._event_counters: dict[str, object] = {}
         self.death: BaseException | None = None
         self._stopped = threading.Event()
 
@@ -140,7 +142,12 @@ class SupervisorRuntime:
             raise
         if isinstance(event, Tick):
             self.metrics.tick_duration.observe(time.perf_counter() - started)
-        self.metrics.events.labels(type=name).inc()
+        elif isinstance(event, Heartbeat) and event.received_monotonic:
+            self.metrics.heartbeat_apply_latency.observe(self.clock.monotonic() - event.received_monotonic)
+        counter = self._event_counters.get(name)
+        if counter is None:  # `labels()` is slow for a per-event call: keep the children
+            counter = self._event_counters[name] = self.metrics.events.labels(type=name)
+        counter.inc()
         changes = self.supervisor.drain_changes()
         effects = self.supervisor.drain_outbox()
         if changes and self.store is not None:

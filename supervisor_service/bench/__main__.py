@@ -1,0 +1,3 @@
+from supervisor_service.bench.runner import main
+
+raise SystemExit(main())

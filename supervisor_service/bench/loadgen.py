@@ -1,0 +1,328 @@
+"""A load-generator process: datanode heartbeat streams over real gRPC (grpc.aio), driven by commands.
+
+One process runs many datanodes on one asyncio loop, one `SendHeartbeat` bidi
+stream per datanode, spread over a few HTTP/2 connections. Requests are
+serialized once per datanode and sent as bytes (the service stamps heartbeats
+with its own clock, so every heartbeat of a datanode is the same message):
+the generator's CPU goes to gRPC, not to protobuf.
+
+The parent talks to it over a `multiprocessing` pipe; every command is a
+tuple and gets one reply (a dict):
+
+- `("fleet", ids, regions, period_s)`: start one stream per datanode id,
+  heartbeating every `period_s` seconds, phases spread over the period;
+- `("flood", seconds, window)`: every fleet stream sends as fast as answers
+  come back (`window` requests outstanding) for `seconds`, then resumes its
+  period; replies when done;
+- `("extra", addr, ids, regions, seconds, window)`: open extra streams (to
+  `addr`, or the service when empty) and flood them for `seconds`, then
+  close them; replies when done;
+- `("stop", id)` / `("start", id)`: end one fleet datanode's stream (it
+  goes silent) / start it again;
+- `("dump", page_size)`: read a Dump of every detector and time it;
+- `("fleet_stop",)`: end every fleet stream;
+- `("stats",)`: counters and this process's CPU time;
+- `("quit",)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import grpc
+
+from supervisor_service.proto import pb, pb_grpc
+
+METHOD = "/supervisor.v1.RegionSupervisor/SendHeartbeat"
+_REJECTED = bytes([6 << 3, 1])  # HeartbeatResponse.rejected = true on the wire
+CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),  # a connection per channel, not one shared by all
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+def region_ids_of(datanode_id: int, regions: int) -> list[int]:
+    """A datanode's region ids: table id = the datanode id, region numbers 0..n-1 (sorted, unique)."""
+    return [(datanode_id << 32) | n for n in range(regions)]
+
+
+def heartbeat_bytes(datanode_id: int, regions: int) -> bytes:
+    return pb.HeartbeatRequest(
+        datanode_id=datanode_id,
+        region_ids=region_ids_of(datanode_id, regions),
+        peer_addr=f"10.{(datanode_id >> 16) & 255}.{(datanode_id >> 8) & 255}.{datanode_id & 255}:4001",
+    ).SerializeToString()
+
+
+@dataclass
+class Counters:
+    sent: int = 0  # requests written
+    acked: int = 0  # answers read, not rejected
+    rejected: int = 0  # answers with rejected=true
+    errors: int = 0  # streams that ended with an error
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add_answer(self, raw: bytes) -> None:
+        # Parse only what may be a rejection (field 6 `rejected` = true is the bytes 0x30 0x01):
+        # the generator's CPU should go to gRPC, and the service counts accepted regions itself.
+        if _REJECTED in raw:
+            answer = pb.HeartbeatResponse.FromString(raw)
+            if answer.rejected:
+                self.rejected += 1
+                key = answer.reason[:60]
+                self.reasons[key] = self.reasons.get(key, 0) + 1
+                return
+        self.acked += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "sent": self.sent, "acked": self.acked, "rejected": self.rejected,
+            "errors": self.errors, "reasons": dict(self.reasons),
+        }
+
+
+class _Stream:
+    """One datanode's stream, periodic or flooding."""
+
+    def __init__(self, gen: LoadGenerator, datanode_id: int, payload: bytes, period: float, phase: float) -> None:
+        self.gen = gen
+        self.datanode_id = datanode_id
+        self.payload = payload
+        self.period = period
+        self.phase = phase
+        self.stopped = False
+        self.task: asyncio.Task | None = None
+
+    async def run(self, method, counters: Counters, flood_until=None) -> None:
+        """Heartbeat until stopped. `flood_until`: a callable giving the end of the current flood."""
+        loop = asyncio.get_running_loop()
+        gen = self.gen
+        flood_until = flood_until or (lambda: gen.flood_until)
+        call = method()
+        pending = 0
+        next_due = loop.time() + self.phase
+        try:
+            while not self.stopped:
+                if loop.time() < flood_until():
+                    while pending < gen.window:
+                        await call.write(self.payload)
+                        counters.sent += 1
+                        pending += 1
+                    raw = await call.read()
+                    if raw is grpc.aio.EOF:
+                        raise RuntimeError("stream ended")
+                    pending -= 1
+                    counters.add_answer(raw)
+                    next_due = loop.time() + self.phase
+                    continue
+                while pending:
+                    raw = await call.read()
+                    if raw is grpc.aio.EOF:
+                        raise RuntimeError("stream ended")
+                    pending -= 1
+                    counters.add_answer(raw)
+                delay = next_due - loop.time()
+                if delay > 0:
+                    changed = gen.changed
+                    try:
+                        await asyncio.wait_for(changed.wait(), delay)
+                    except TimeoutError:
+                        pass
+                    continue
+                next_due += self.period
+                if next_due < loop.time():  # fell behind (a flood ended): keep the phase, skip the missed
+                    next_due = loop.time() + self.period
+                await call.write(self.payload)
+                counters.sent += 1
+                pending += 1
+            while pending:
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
+                    break
+                pending -= 1
+                counters.add_answer(raw)
+            await call.done_writing()
+            await call.read()
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - counted and reported, the others go on
+            counters.errors += 1
+            call.cancel()
+
+
+class LoadGenerator:
+    def __init__(self, addr: str, channels: int) -> None:
+        self.addr = addr
+        self.channels = [grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS) for _ in range(channels)]
+        self.methods = [
+            c.stream_stream(METHOD, request_serializer=None, response_deserializer=None) for c in self.channels
+        ]
+        self.fleet: dict[int, _Stream] = {}
+        self.counters = Counters()
+        self.flood_until = 0.0
+        self.window = 1
+        self.changed = asyncio.Event()
+        self.regions = 0
+        self.period = 1.0
+
+    def _wake(self) -> None:
+        """Wake every sleeping periodic stream (a flood starts or a datanode restarts)."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def _start_fleet_stream(self, datanode_id: int, phase: float) -> None:
+        stream = _Stream(self, datanode_id, heartbeat_bytes(datanode_id, self.regions), self.period, phase)
+        self.fleet[datanode_id] = stream
+        method = self.methods[datanode_id % len(self.methods)]
+        stream.task = asyncio.ensure_future(stream.run(method, self.counters))
+
+    async def fleet_start(self, ids: list[int], regions: int, period: float) -> dict:
+        self.regions, self.period = regions, period
+        n = max(1, len(ids))
+        for i, datanode_id in enumerate(ids):
+            # Phases spread evenly over the period, interleaved across processes by id.
+            self._start_fleet_stream(datanode_id, period * ((i + 0.5) / n))
+        return {"streams": len(self.fleet)}
+
+    async def flood(self, seconds: float, window: int) -> dict:
+        loop = asyncio.get_running_loop()
+        before = self.counters.as_dict()
+        cpu0, t0 = time.process_time(), loop.time()
+        self.window = window
+        self.flood_until = t0 + seconds
+        self._wake()
+        await asyncio.sleep(seconds)
+        elapsed = loop.time() - t0
+        after = self.counters.as_dict()
+        return {
+            "elapsed": elapsed, "cpu": time.process_time() - cpu0,
+            **{k: after[k] - before[k] for k in ("sent", "acked", "rejected", "errors")},
+        }
+
+    async def extra(self, addr: str, ids: list[int], regions: int, seconds: float, window: int) -> dict:
+        loop = asyncio.get_running_loop()
+        channels = [grpc.aio.insecure_channel(addr or self.addr, options=CHANNEL_OPTIONS)
+                    for _ in range(len(self.channels))]
+        methods = [c.stream_stream(METHOD, request_serializer=None, response_deserializer=None) for c in channels]
+        counters = Counters()
+        self.window = window
+        cpu0, t0 = time.process_time(), loop.time()
+        until = t0 + seconds
+        streams = [_Stream(self, d, heartbeat_bytes(d, regions), 1.0, 0.0) for d in ids]
+        tasks = [asyncio.ensure_future(s.run(methods[i % len(methods)], counters, lambda: until))
+                 for i, s in enumerate(streams)]
+        await asyncio.sleep(seconds)
+        for s in streams:
+            s.stopped = True
+        elapsed = loop.time() - t0
+        cpu = time.process_time() - cpu0
+        done, late = await asyncio.wait(tasks, timeout=10)
+        for task in late:
+            task.cancel()
+        for c in channels:
+            await c.close()
+        return {"elapsed": elapsed, "cpu": cpu, **counters.as_dict()}
+
+    async def stop_one(self, datanode_id: int) -> dict:
+        stream = self.fleet.pop(datanode_id)
+        stream.stopped = True
+        self._wake()
+        await asyncio.wait_for(stream.task, 10)
+        return {"stopped": datanode_id, "monotonic": time.monotonic()}
+
+    async def start_one(self, datanode_id: int) -> dict:
+        self._start_fleet_stream(datanode_id, 0.0)
+        return {"started": datanode_id}
+
+    async def dump(self, page_size: int) -> dict:
+        channel = grpc.aio.insecure_channel(self.addr, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.RegionSupervisorStub(channel)
+        t0 = time.monotonic()
+        cpu0 = time.process_time()
+        rows = pages = size = 0
+        first = None
+        try:
+            async for page in stub.Dump(pb.DumpRequest(page_size=page_size), timeout=120):
+                if first is None:
+                    first = time.monotonic() - t0
+                pages += 1
+                rows += len(page.detectors)
+                size += page.ByteSize()
+        finally:
+            await channel.close()
+        return {"seconds": time.monotonic() - t0, "first_page_s": first or 0.0, "rows": rows, "pages": pages,
+                "bytes": size, "cpu": time.process_time() - cpu0}
+
+    async def fleet_stop(self) -> dict:
+        streams = list(self.fleet.values())
+        self.fleet.clear()
+        for stream in streams:
+            stream.stopped = True
+        self._wake()
+        tasks = [s.task for s in streams if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        return {"stopped": len(streams)}
+
+    async def stats(self) -> dict:
+        return {"cpu": time.process_time(), "monotonic": time.monotonic(), **self.counters.as_dict()}
+
+    async def close(self) -> None:
+        for stream in self.fleet.values():
+            stream.stopped = True
+        self._wake()
+        tasks = [s.task for s in self.fleet.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        for c in self.channels:
+            await c.close()
+
+
+async def _serve(conn, addr: str, channels: int) -> None:
+    loop = asyncio.get_running_loop()
+    gen = LoadGenerator(addr, channels)
+    commands: asyncio.Queue = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            while conn.poll():
+                commands.put_nowait(conn.recv())
+        except EOFError:
+            commands.put_nowait(("quit",))
+            loop.remove_reader(conn.fileno())
+
+    loop.add_reader(conn.fileno(), readable)
+
+    async def answer(coro) -> None:
+        try:
+            conn.send(await coro)
+        except Exception as exc:  # noqa: BLE001 - the parent gets the error as the reply
+            conn.send({"error": f"{exc!r}\n{traceback.format_exc()}"})
+
+    handlers = {
+        "fleet": gen.fleet_start, "flood": gen.flood, "extra": gen.extra, "stop": gen.stop_one,
+        "start": gen.start_one, "dump": gen.dump, "stats": gen.stats, "fleet_stop": gen.fleet_stop,
+    }
+    background: set[asyncio.Task] = set()
+    while True:
+        command = await commands.get()
+        name, args = command[0], command[1:]
+        if name == "quit":
+            break
+        task = asyncio.ensure_future(answer(handlers[name](*args)))
+        background.add(task)
+        task.add_done_callback(background.discard)
+    loop.remove_reader(conn.fileno())
+    await gen.close()
+    conn.send({"quit": True})
+
+
+def main(conn, addr: str, channels: int = 4) -> None:
+    """Entry point of the process (`multiprocessing`, spawn start method)."""
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+    asyncio.run(_serve(conn, addr, channels))
