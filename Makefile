@@ -7,7 +7,7 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test bench soak proto lint clean venv system-deps
+.PHONY: run test bench soak report proto lint clean venv system-deps
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
@@ -53,6 +53,10 @@ test: proto system-deps
 # The scale benchmark (README "Performance"): `make bench`, or `make bench BENCH_ARGS=--quick` (under a minute).
 bench: proto
 	$(PY) -m supervisor_service.bench $(BENCH_ARGS)
+
+# The detection-quality report committed in docs/ (README "Detection quality"): about a minute.
+report: proto
+	$(VENV)/bin/supervisor-service evaluate --out docs
 
 lint: proto
 	$(PY) -m compileall -q supervisor_service tests

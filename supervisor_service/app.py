@@ -29,7 +29,7 @@ from supervisor_service.runtime import SupervisorRuntime, Ticker
 from supervisor_service.server import RegionSupervisorServicer, build_server, set_health
 from supervisor_service.settings import Settings
 from supervisor_service.store import KV, JournalAppend, StateStore, StoredState, StoreError, TermSet, open_kv
-from supervisor_service.supervisor import FailoverPolicy, Supervisor
+from supervisor_service.supervisor import Supervisor
 
 log = logging.getLogger("supervisor_service.app")
 
@@ -83,14 +83,7 @@ class Service:
         self.supervisor = Supervisor(
             s.detector_options(),
             self.metrics,
-            FailoverPolicy(
-                base_timeout_ms=s.migration_base_timeout_ms,
-                status_poll_interval_ms=s.migration_status_poll_interval_ms,
-                warmup_grace_ms=s.warmup_grace_ms,
-                warmup_fraction=s.warmup_fraction,
-                failover_count_decay_ms=s.failover_count_decay_ms if s.guards_enabled else 0,
-                rebaseline_after_maintenance=s.rebaseline_after_maintenance,
-            ),
+            s.failover_policy(),
             is_leader=False,
             leader_term=0,
             guards=Guards(gs) if (gs := s.guard_settings()) is not None else None,

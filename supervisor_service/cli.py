@@ -6,6 +6,7 @@
     supervisor-service hold status|release
     supervisor-service journal [--limit N] [--json]
     supervisor-service settings [--markdown]
+    supervisor-service evaluate [--config FILE] [--trace FILE.csv ...] [--out DIR] [--quick]
 
 Errors are one line on stderr and a non-zero exit status.
 """
@@ -90,6 +91,34 @@ def _parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.add_argument("--markdown", action="store_true", help="as the README's markdown table")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="replay heartbeat traces through the supervisor on a simulated clock and report detection quality",
+        description="Replays heartbeat traces (generated from a seed, or recorded CSV files) through the real "
+        "detector table, guards and failover rules on a simulated clock, with guards on and off, and reports "
+        "detection time T_D, false failovers per hour per datanode, query accuracy P_A and failovers, for the "
+        "settings in effect and for a sweep of the phi threshold and the acceptable heartbeat pause. Writes "
+        "DIR/detection-quality.md (and .png with matplotlib installed: pip install 'supervisor-service[plot]'). "
+        "Exits 1 when a check of the report fails.",
+    )
+    ev.add_argument("--config", metavar="FILE", help="TOML file of settings to evaluate (default: the defaults "
+                    "and SUPERVISOR_* variables)")
+    ev.add_argument("--trace", action="append", default=[], metavar="FILE.csv",
+                    help="a recorded trace of datanode_id,region_id,timestamp_ms rows, instead of the generated "
+                    "ones (repeatable)")
+    ev.add_argument("--datanodes", type=int, default=20, help="datanodes per generated trace (default 20)")
+    ev.add_argument("--regions", type=int, default=10, help="regions per datanode (default 10)")
+    ev.add_argument("--interval-ms", type=int, default=3000, help="heartbeat interval of the datanodes (default 3000)")
+    ev.add_argument("--hours", type=float, default=1.0, help="simulated hours per trace (default 1)")
+    ev.add_argument("--seed", type=int, default=1, help="seed of the generated traces (default 1)")
+    ev.add_argument("--thresholds", default=",".join(f"{t:g}" for t in (1, 2, 4, 8, 12, 16)), metavar="LIST",
+                    help="phi thresholds of the sweep (default 1,2,4,8,12,16)")
+    ev.add_argument("--pauses", default="3,5,7.5,10,15", metavar="LIST",
+                    help="acceptable heartbeat pauses of the sweep, seconds (default 3,5,7.5,10,15)")
+    ev.add_argument("--quick", action="store_true", help="a quarter of an hour per trace and a smaller sweep")
+    ev.add_argument("--processes", type=int, default=0, help="worker processes (default: one per core)")
+    ev.add_argument("--out", default=".", metavar="DIR", help="where to write the report (default: .)")
     return p
 
 
@@ -101,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _serve(args)
             case "settings":
                 return _settings(args)
+            case "evaluate":
+                return _evaluate(args, argv)
             case _:
                 return _client_command(args)
     except KeyboardInterrupt:
@@ -121,6 +152,53 @@ def _settings(args) -> int:
     for name, field in Settings.model_fields.items():
         print(f"SUPERVISOR_{name.upper():<40} {field.default!s}")
     return 0
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"{what}: expected positive numbers, got {text!r}")
+    return values
+
+
+def _evaluate(args, argv: Sequence[str] | None) -> int:
+    from pathlib import Path
+
+    from supervisor_service import evaluate as ev
+    from supervisor_service.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+        thresholds = _float_list(args.thresholds, "--thresholds")
+        pauses = [p * 1000 for p in _float_list(args.pauses, "--pauses")]
+        if args.quick:
+            thresholds, pauses = [t for t in thresholds if t in (2, 8, 16)] or thresholds[:2], pauses[:0]
+        for name in ("datanodes", "regions", "interval_ms", "hours"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if args.datanodes < 3:
+            raise ValueError("--datanodes must be at least 3 (failover needs somewhere to go)")
+        cfg = ev.TraceConfig(datanodes=args.datanodes, regions=args.regions, interval_ms=args.interval_ms,
+                             hours=0.25 if args.quick else args.hours, seed=args.seed)
+        if args.trace:
+            traces, cfg = [ev.load_csv(path) for path in args.trace], None
+        else:
+            traces = [ev.generate(kind, cfg) for kind in ev.TRACE_KINDS]
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    command = "supervisor-service " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = ev.evaluate(settings, traces, cfg=cfg, thresholds=thresholds, pauses_ms=pauses,
+                         processes=args.processes, command=command)
+    md, png = ev.write_report(report, Path(args.out))
+    print(report.markdown(None), end="")
+    print(f"\nwrote {md}" + (f" and {png}" if png else " (no plot: matplotlib is not installed; "
+                                                        "pip install 'supervisor-service[plot]')"))
+    return 0 if all(ok for _, ok, _ in report.checks) else 1
 
 
 def _serve(args) -> int:

@@ -51,6 +51,13 @@ class GuardSettings:
     spread over an interval), and the first must not be failed over before the
     others are counted.
     """
+    mass_failure_recovery_ms: int = 5000
+    """After a mass failure clears, failover stays held this long (0: off).
+
+    Datanodes cut off together come back over a heartbeat interval, not at
+    once: without this, the first ones back drop the fraction below the limit
+    and the rest, a moment from reporting, are failed over.
+    """
     failover_rate_per_s: float = 1.0
     """Global budget: datanodes failed over per second (0: unlimited)."""
     failover_burst: int = 10
@@ -114,6 +121,8 @@ class Guards:
         self.released_mass_failure = False
         self.mass_failure_fraction = 0.0
         self._silent = 0  # datanodes unheard for mass_failure_silence_ms, as of the last tick
+        self._now = 0  # the last tick's time
+        self._mass_recovery_until = 0  # a cleared mass failure is still held until then
         self._global: TokenBucket | None = None
         self._targets: dict[int, TokenBucket] = {}
         self._nodes: dict[int, _Datanode] = {}
@@ -158,19 +167,28 @@ class Guards:
         self._expire(now)
         self._silent = silent
         self.mass_failure_fraction = silent / datanodes if datanodes else 0.0
+        self._now = now
+        if self._mass_tripped():
+            self._mass_recovery_until = now + self.s.mass_failure_recovery_ms
 
-    def mass_failure(self) -> bool:
-        """True while failover is held for a mass failure (and not released by an operator)."""
+    def _mass_tripped(self) -> bool:
         s = self.s
-        tripped = (
+        return (
             s.max_failed_datanode_fraction < 1
             and self._silent >= s.mass_failure_min_datanodes
             and self.mass_failure_fraction > s.max_failed_datanode_fraction
         )
-        if not tripped:
-            self.released_mass_failure = False  # a release lasts until the condition clears
+
+    def mass_failure(self) -> bool:
+        """True while failover is held for a mass failure, or for `mass_failure_recovery_ms` after
+        it cleared, unless an operator released it (a release lasts until the condition clears)."""
+        if self._mass_tripped():
+            return not self.released_mass_failure
+        if self.released_mass_failure:
+            self.released_mass_failure = False
+            self._mass_recovery_until = 0  # the operator let it fail over: no recovery hold either
             return False
-        return not self.released_mass_failure
+        return self._now < self._mass_recovery_until
 
     def release(self) -> bool:
         """An operator lets the current mass failure fail over. True if a hold was active."""

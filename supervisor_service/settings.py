@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from supervisor_service.detector import PhiAccrualOptions
 from supervisor_service.guards import GuardSettings
+from supervisor_service.supervisor import FailoverPolicy
 
 ENV_PREFIX = "SUPERVISOR_"
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -145,6 +146,8 @@ class Settings(BaseSettings):
     """... and at least this many datanodes are."""
     mass_failure_silence_ms: int = Field(5000, ge=1)
     """A datanode unheard for this long counts as silent for the mass-failure guard (capped at half the acceptable heartbeat pause, so datanodes cut together are counted before the first is convicted)."""
+    mass_failure_recovery_ms: int = Field(5000, ge=0)
+    """After a mass failure clears, failover stays held this long, so the datanodes cut off with the others can report again [0]."""
     failover_rate_per_s: float = Field(1.0, ge=0)
     """Global budget of datanodes failed over per second [0]."""
     failover_burst: int = Field(10, ge=1)
@@ -240,6 +243,16 @@ class Settings(BaseSettings):
             first_heartbeat_estimate_ms=self.first_heartbeat_estimate_ms,
         )
 
+    def failover_policy(self) -> FailoverPolicy:
+        return FailoverPolicy(
+            base_timeout_ms=self.migration_base_timeout_ms,
+            status_poll_interval_ms=self.migration_status_poll_interval_ms,
+            warmup_grace_ms=self.warmup_grace_ms,
+            warmup_fraction=self.warmup_fraction,
+            failover_count_decay_ms=self.failover_count_decay_ms if self.guards_enabled else 0,
+            rebaseline_after_maintenance=self.rebaseline_after_maintenance,
+        )
+
     def guard_settings(self) -> GuardSettings | None:
         if not self.guards_enabled:
             return None
@@ -252,6 +265,7 @@ class Settings(BaseSettings):
             mass_failure_min_datanodes=self.mass_failure_min_datanodes,
             # Silence must be noticed before conviction, whatever the detector settings.
             mass_failure_silence_ms=min(self.mass_failure_silence_ms, int(self.acceptable_heartbeat_pause_ms // 2)),
+            mass_failure_recovery_ms=self.mass_failure_recovery_ms,
             failover_rate_per_s=self.failover_rate_per_s,
             failover_burst=self.failover_burst,
             target_regions_per_s=self.target_regions_per_s,

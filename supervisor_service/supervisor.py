@@ -234,6 +234,11 @@ class Supervisor:
             case _:
                 assert_never(event)
 
+    @property
+    def last_failed(self) -> dict[int, np.ndarray]:
+        """The datanodes (and their regions) the last tick found at or above the threshold; do not modify."""
+        return self._prev_failed
+
     def drain_outbox(self) -> list[Effect]:
         out, self.outbox = self.outbox, []
         return out

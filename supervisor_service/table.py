@@ -204,6 +204,10 @@ def _same_regions(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a, b))
 
 
+SILENT_INTERVALS = 1.5
+"""A datanode is never silent before this many of its mean heartbeat intervals have passed."""
+
+
 class DetectorTable:
     """All detectors, grouped by datanode and shared history. Supervisor thread only."""
 
@@ -366,9 +370,16 @@ class DetectorTable:
                 yield grp.phi(ts), grp.size
 
     def silent_datanodes(self, ts: int, silence_ms: int) -> list[int]:
-        """Datanodes none of whose detectors heard a heartbeat within `silence_ms` of `ts`."""
-        cutoff = ts - silence_ms
-        return [d for d, node in self._nodes.items() if max(g.last for g in node.groups.values()) < cutoff]
+        """Datanodes none of whose detectors heard a heartbeat within `silence_ms` of `ts`, nor within
+        `SILENT_INTERVALS` of the datanode's own mean heartbeat interval (so a short `silence_ms`
+        never makes a datanode between two regular heartbeats look silent)."""
+        silent = []
+        for datanode_id, node in self._nodes.items():
+            newest = max(node.groups.values(), key=lambda g: g.last)
+            quiet = ts - newest.last
+            if quiet > silence_ms and quiet > SILENT_INTERVALS * newest.total / len(newest.intervals):
+                silent.append(datanode_id)
+        return silent
 
     def alive_datanodes(self, ts: int) -> set[int]:
         """Datanodes with at least one available detector at `ts`."""

@@ -392,10 +392,41 @@ class TestMassFailure:
         sim.run(5000)
         assert sim.selected_at() == []
         sim.alive.update({1, 2, 3})  # three come back: 3/10 failed
+        recovery = sim.guards.s.mass_failure_recovery_ms
+        # Still held for mass_failure_recovery_ms after the last tick it tripped on: the others
+        # cut off with them may be a moment away.
+        tripped_last = sim.now
+        assert selected(sim.step()) == []
+        assert sim.hold("mass_failure") == 1
+        assert sim.fraction() == pytest.approx(0.3)
+        sim.run(recovery - 2000)
+        assert sim.selected_at() == []
         effects = sim.step()
+        assert sim.now - tripped_last == recovery
         assert selected(effects) == [4, 5, 6]
         assert sim.hold("mass_failure") == 0
-        assert sim.fraction() == pytest.approx(0.3)
+
+    def test_cut_off_datanodes_coming_back_over_an_interval_are_not_failed_over(self):
+        # Six cut off together come back over four ticks (within mass_failure_recovery_ms): the
+        # first back drop the fraction below the limit while the others are still past the threshold.
+        sim = Sim()
+        warm(sim)
+        self.cut(sim, range(1, 7))
+        sim.run(5000)
+        for back in ({1, 2}, {3}, {4, 5}, {6}):
+            sim.alive.update(back)
+            assert selected(sim.step()) == [], f"failed over while {back} came back"
+        assert sim.hold("mass_failure") == 1  # the recovery hold, until every one had its chance
+        sim.run(10_000)
+        assert sim.hold("mass_failure") == 0 and sim.selected_at() == []
+
+    def test_without_a_recovery_hold_the_first_back_let_the_rest_fail_over(self):
+        sim = Sim(GuardSettings(mass_failure_recovery_ms=0))
+        warm(sim)
+        self.cut(sim, range(1, 7))
+        sim.run(5000)
+        sim.alive.update({1, 2, 3})
+        assert selected(sim.step()) == [4, 5, 6]
 
     def test_operator_release_fails_over_and_lapses_when_the_condition_clears(self, logged):
         sim = Sim()
@@ -507,7 +538,11 @@ class TestMassFailure:
         assert not g.mass_failure() and not g.released_mass_failure
         g.track(set(), 6, 10, 4000)  # six silent, none convicted yet: already held
         assert g.mass_failure()
-        g.track(set(), 2, 3, 5000)  # 2 of 3: below mass_failure_min_datanodes
+        g.track(set(), 2, 10, 5000)  # cleared, but held for mass_failure_recovery_ms after 4000
+        assert g.mass_failure()
+        g.track(set(), 2, 10, 4000 + g.s.mass_failure_recovery_ms)
+        assert not g.mass_failure()
+        g.track(set(), 2, 3, 20_000)  # 2 of 3: below mass_failure_min_datanodes
         assert not g.mass_failure()
 
 

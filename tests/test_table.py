@@ -555,3 +555,18 @@ def test_snapshot_filters_datanodes():
     assert table.snapshot(set()) == []
     assert sorted(s.datanode_id for s in table.snapshot()) == [1, 2, 3]
     assert table.snapshot({99}) == []
+
+
+def test_silent_datanodes_need_the_silence_and_one_and_a_half_intervals():
+    table = DetectorTable(PhiAccrualOptions())
+    for t in range(0, 30_001, 3000):  # datanode 1 every 3 s, datanode 2 every 500 ms up to 30 s
+        table.heartbeat(1, arr([1]), t)
+    for t in range(0, 30_001, 500):
+        table.heartbeat(2, arr([2]), t)
+    # 1.5 s of silence is asked for, but datanode 1 is between two regular heartbeats until 1.5 x ~3 s.
+    assert table.silent_datanodes(30_000 + 1600, 1500) == [2]
+    mean_1 = table.snapshot({1})[0].groups[0].observed_mean
+    assert table.silent_datanodes(30_000 + int(1.5 * mean_1) + 1, 1500) == [1, 2]
+    # A longer silence setting still rules: 5 s.
+    assert table.silent_datanodes(30_000 + 4999, 5000) == []
+    assert table.silent_datanodes(30_000 + 5001, 5000) == [1, 2]

@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from supervisor_service.bench.loadgen import pipe_commands
 from supervisor_service.proto import pb
 
 
@@ -38,18 +39,7 @@ async def _serve(conn) -> None:
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    loop = asyncio.get_running_loop()
-    commands: asyncio.Queue = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            while conn.poll():
-                commands.put_nowait(conn.recv())
-        except EOFError:
-            loop.remove_reader(conn.fileno())
-            commands.put_nowait(("quit",))
-
-    loop.add_reader(conn.fileno(), readable)
+    commands = pipe_commands(conn)
     conn.send({"port": port})
     while True:
         command = await commands.get()

@@ -283,9 +283,9 @@ class LoadGenerator:
             await c.close()
 
 
-async def _serve(conn, addr: str, channels: int) -> None:
+def pipe_commands(conn) -> asyncio.Queue:
+    """The commands arriving on the parent's pipe, as a queue of the running loop; ("quit",) when it closes."""
     loop = asyncio.get_running_loop()
-    gen = LoadGenerator(addr, channels)
     commands: asyncio.Queue = asyncio.Queue()
 
     def readable() -> None:
@@ -297,6 +297,13 @@ async def _serve(conn, addr: str, channels: int) -> None:
             loop.remove_reader(conn.fileno())
 
     loop.add_reader(conn.fileno(), readable)
+    return commands
+
+
+async def _serve(conn, addr: str, channels: int) -> None:
+    loop = asyncio.get_running_loop()
+    gen = LoadGenerator(addr, channels)
+    commands = pipe_commands(conn)
 
     async def answer(coro) -> None:
         try:
