@@ -74,7 +74,7 @@ class Service:
             peer_lookup_endpoint=s.peer_lookup_endpoint,
             region_migration_endpoint=s.region_migration_endpoint,
             timeout_s=s.remote_timeout_ms / 1000,
-            alive_window_ms=s.selector_alive_window_ms or int(s.acceptable_heartbeat_pause_ms),
+            alive_window_ms=s.selector_alive_window,
             journal_capacity=s.journal_capacity,
         )
         if self.remotes.journal is not None:

@@ -517,8 +517,8 @@ class Simulation:
         detected = [t - start for (d, start), t in self._first_detection.items()]
         crashes = len(scored)
         return RunResult(
-            trace=trace.name, variant=self.variant.label, detection_scored=trace.detection_scored, datanodes=trace.datanodes,
-            hours=trace.duration_ms / HOUR_MS, crashes=crashes, detection_ms=sorted(detected),
+            trace=trace.name, variant=self.variant.label, detection_scored=trace.detection_scored,
+            datanodes=trace.datanodes, hours=trace.duration_ms / HOUR_MS, crashes=crashes, detection_ms=sorted(detected),
             missed=crashes - len(detected), mistakes=self.mistakes, wrong_regions=self.wrong_regions,
             failovers=self.failovers, regions_moved=self.regions_moved,
             live_ticks=self.live_ticks, suspected_ticks=self.suspected_ticks,
@@ -606,13 +606,16 @@ def variant_of(settings, point: Point | None = None, *, guards: bool = True) -> 
             update={"phi_threshold": point.threshold, "acceptable_heartbeat_pause_ms": point.pause_ms}
         )
         guards = point.guards
+    policy = settings.failover_policy()
+    if not guards:
+        policy = replace(policy, failover_count_decay_ms=0)  # the service ties count decay to the guards
     return Variant(
         label="guards on" if guards else "guards off",
         opts=settings.detector_options(),
         guards=settings.guard_settings() if guards else None,
-        policy=settings.failover_policy() if guards else replace(settings.failover_policy(), failover_count_decay_ms=0),
+        policy=policy,
         tick_ms=settings.tick_interval_ms,
-        alive_window_ms=settings.selector_alive_window_ms or int(settings.acceptable_heartbeat_pause_ms),
+        alive_window_ms=settings.selector_alive_window,
     )
 
 

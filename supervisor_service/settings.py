@@ -278,6 +278,11 @@ class Settings(BaseSettings):
         )
 
     @property
+    def selector_alive_window(self) -> int:
+        """The embedded Selector's alive window in ms: its setting, or the acceptable heartbeat pause."""
+        return self.selector_alive_window_ms or int(self.acceptable_heartbeat_pause_ms)
+
+    @property
     def advertised(self) -> str:
         return self.advertise_addr or self.grpc_addr
 
