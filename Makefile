@@ -54,6 +54,10 @@ test: proto system-deps
 bench: proto
 	$(PY) -m supervisor_service.bench $(BENCH_ARGS)
 
+# The soak (README "Soak"): the real service for SOAK_MINUTES (default 10) under churn, stalls and Dumps.
+soak: proto
+	$(PY) -m supervisor_service.bench.soak $(SOAK_ARGS)
+
 # The detection-quality report committed in docs/ (README "Detection quality"): about a minute.
 report: proto
 	$(VENV)/bin/supervisor-service evaluate --out docs
