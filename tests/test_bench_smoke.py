@@ -83,3 +83,18 @@ def test_render_and_percentile():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile(list(range(1, 101)), 99) == 99
+
+
+def test_soak_runs_for_a_minute_and_checks_what_it_provoked():
+    """One crash (failed over exactly once), one 3 s pause and one 7 s SIGSTOP of the service
+    (neither failed over), against the real `serve` process with its default settings."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor_service.bench.soak", "--minutes", "1", "--datanodes", "12",
+         "--regions", "3", "--churn", "10", "--stall-every", "15"],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| crashes (failed over / missed / more than once) | 1 (1 / 0 / 0) |" in proc.stdout
+    assert "| datanodes paused 3 s, and false failovers | 1, 0 |" in proc.stdout
+    assert "| service SIGSTOPped 7 s | 1 times |" in proc.stdout
+    assert "| service alive at the end | yes |" in proc.stdout
