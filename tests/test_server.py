@@ -272,6 +272,55 @@ def test_heartbeat_from_an_older_node_epoch_is_rejected(svc, stub):
     assert row_map(stub, 211)[1].last_heartbeat_millis == 1_003_000
 
 
+class RawHeartbeatStream(HeartbeatStream):
+    """A SendHeartbeat stream of serialized messages: `send_raw` writes bytes and reads bytes."""
+
+    def __init__(self, channel) -> None:
+        self._outbox = queue.Queue()
+        method = channel.stream_stream(f"/{SERVICE}/SendHeartbeat", request_serializer=None, response_deserializer=None)
+        self._responses = method(self._requests(), timeout=60)
+
+    def send_raw(self, raw: bytes) -> bytes:
+        self._outbox.put(raw)
+        return next(self._responses)
+
+
+def test_repeated_heartbeat_bytes_are_validated_and_answered_like_any_other(svc, stub):
+    """A stream that sends the same bytes again skips parsing them, not checking them; every
+    answer is byte for byte what serializing the response message gives."""
+    request = pb.HeartbeatRequest(datanode_id=221, region_ids=[1, 2], timestamp_millis=1_000_000, node_epoch=3)
+    with RawHeartbeatStream(svc.channel) as a:
+        answers = [a.send_raw(request.SerializeToString()) for _ in range(3)]
+        for raw in answers:
+            response = pb.HeartbeatResponse.FromString(raw)
+            assert raw == response.SerializeToString()
+            assert not response.rejected and response.accepted_regions == 2 and response.datanode_id == 221
+            assert response.is_leader and response.leader_addr and response.server_time_millis > 0
+        # A later life of the datanode, on another stream, fences the same bytes on this one.
+        with HeartbeatStream(stub) as b:
+            assert not b.send(221, [1, 2], timestamp_millis=1_001_000, node_epoch=5).rejected
+        stale = a.send_raw(request.SerializeToString())
+        response = pb.HeartbeatResponse.FromString(stale)
+        assert stale == response.SerializeToString()
+        assert response.rejected and "node_epoch" in response.reason and response.accepted_regions == 0
+        # Other bytes on the same stream are parsed again.
+        other = pb.HeartbeatRequest(datanode_id=221, region_ids=[3], timestamp_millis=1_002_000, node_epoch=5)
+        response = pb.HeartbeatResponse.FromString(a.send_raw(other.SerializeToString()))
+        assert not response.rejected and response.accepted_regions == 1
+        wrong = pb.HeartbeatRequest(datanode_id=222, region_ids=[3], timestamp_millis=1_002_000)
+        response = pb.HeartbeatResponse.FromString(a.send_raw(wrong.SerializeToString()))
+        assert response.rejected and "221" in response.reason and response.datanode_id == 222
+    assert row_map(stub, 221)[1].last_heartbeat_millis == 1_001_000
+    assert row_map(stub, 221)[3].last_heartbeat_millis == 1_002_000
+
+
+def test_a_message_that_does_not_parse_ends_the_stream(svc):
+    with RawHeartbeatStream(svc.channel) as a:
+        with pytest.raises(grpc.RpcError) as info:
+            a.send_raw(b"\xff\xff")
+    assert info.value.code() == grpc.StatusCode.UNKNOWN
+
+
 # ---------------------------------------------------------------- registry
 
 
