@@ -10,7 +10,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -220,11 +220,7 @@ class QueueClosed(Exception):
     """The supervisor thread is gone or shutting down; nothing more is accepted."""
 
 
-@dataclass(slots=True)
-class _Item:
-    event: Event
-    external: bool
-    enqueued: float = field(default_factory=time.monotonic)
+_monotonic = time.monotonic  # bound once: the stamp of every queued event
 
 
 class EventQueue:
@@ -241,11 +237,14 @@ class EventQueue:
         if capacity < 1:
             raise ValueError(f"event queue capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self._items: deque[_Item] = deque()
+        self._items: deque[tuple[Event, bool, float]] = deque()  # (event, external, enqueued at)
         self._external = 0
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
+        # Notifying a Condition costs microseconds of Python even with nobody waiting: producers
+        # notify only when the consumer is (or is about to be) waiting.
+        self._getters = 0
         self._closed = False
 
     def __len__(self) -> int:
@@ -258,7 +257,7 @@ class EventQueue:
 
     def oldest_age(self) -> float:
         try:
-            return max(0.0, time.monotonic() - self._items[0].enqueued)
+            return max(0.0, time.monotonic() - self._items[0][2])
         except IndexError:
             return 0.0
 
@@ -279,7 +278,10 @@ class EventQueue:
                 raise QueueClosed("the supervisor is shutting down")
             if self._external >= self.capacity:
                 return False
-            self._push(event, external=True)
+            self._items.append((event, True, _monotonic()))
+            self._external += 1
+            if self._getters:
+                self._not_empty.notify()
             return True
 
     def put(self, event: Event, timeout: float) -> None:
@@ -302,15 +304,16 @@ class EventQueue:
             self._push(event, external=False)
 
     def _push(self, event: Event, external: bool) -> None:
-        self._items.append(_Item(event, external))
+        self._items.append((event, external, _monotonic()))
         if external:
             self._external += 1
-        self._not_empty.notify()
+        if self._getters:
+            self._not_empty.notify()
 
     def drain(self) -> list[Event]:
         """Remove and return everything queued."""
         with self._lock:
-            items = [item.event for item in self._items]
+            items = [item[0] for item in self._items]
             self._items.clear()
             self._external = 0
             self._not_full.notify_all()
@@ -319,14 +322,48 @@ class EventQueue:
     def get(self, timeout: float) -> Event | None:
         """The next event, or None after `timeout` seconds (or when closed and empty)."""
         with self._lock:
-            if not self._items:
-                if self._closed:
-                    return None
-                self._not_empty.wait(timeout)
-                if not self._items:
-                    return None
-            item = self._items.popleft()
-            if item.external:
+            if not self._wait_for_items(timeout):
+                return None
+            event, external, _ = self._items.popleft()
+            if external:
                 self._external -= 1
                 self._not_full.notify()
-            return item.event
+            return event
+
+    def get_batch(self, timeout: float, limit: int) -> list[Event]:
+        """The next event, and when it is a Heartbeat the Heartbeats right behind it (at most
+        `limit` events in all); [] after `timeout` seconds (or when closed and empty).
+
+        A run of Heartbeats carries no reply and none of them reads the queue, so the consumer
+        can apply them back to back, for one lock acquisition. Every other event comes alone: a
+        Tick reads the depth and age of what is queued behind it, which must still be queued.
+        """
+        with self._lock:
+            if not self._wait_for_items(timeout):
+                return []
+            items = self._items
+            event, external, _ = items.popleft()
+            batch = [event]
+            released = int(external)
+            if event.__class__ is Heartbeat:
+                while items and len(batch) < limit and items[0][0].__class__ is Heartbeat:
+                    event, external, _ = items.popleft()
+                    batch.append(event)
+                    released += external
+            if released:
+                self._external -= released
+                self._not_full.notify(released)
+            return batch
+
+    def _wait_for_items(self, timeout: float) -> bool:
+        """Under the lock: wait up to `timeout` for an item; False if there is none."""
+        if self._items:
+            return True
+        if self._closed:
+            return False
+        self._getters += 1
+        try:
+            self._not_empty.wait(timeout)
+        finally:
+            self._getters -= 1
+        return bool(self._items)

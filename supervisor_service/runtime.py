@@ -41,6 +41,10 @@ from supervisor_service.supervisor import Effect, PollMigration, SelectPeers, Su
 
 log = logging.getLogger("supervisor_service.runtime")
 
+# Heartbeats applied per turn of the supervisor thread at most: a run of them costs one lock
+# acquisition; the bound keeps the producers' room coming back while a long backlog is applied.
+_HEARTBEAT_BATCH = 256
+
 
 class SupervisorRuntime:
     def __init__(
@@ -97,11 +101,15 @@ class SupervisorRuntime:
     def _run(self) -> None:
         try:
             while True:
-                event = self.queue.get(timeout=0.5)
-                if event is None:
+                events = self.queue.get_batch(timeout=0.5, limit=_HEARTBEAT_BATCH)
+                if not events:
                     if self.queue.closed:
                         return
                     continue
+                if len(events) > 1:
+                    self._apply_heartbeats(events)
+                    continue
+                event = events[0]
                 if isinstance(event, Stop):
                     return
                 self._dispatch(event)
@@ -157,6 +165,28 @@ class SupervisorRuntime:
         else:
             if reply is not None and not reply.done():
                 reply.set_result(value)
+            for effect in effects:
+                self._execute(effect)
+
+    def _apply_heartbeats(self, events: list[Heartbeat]) -> None:
+        """A run of Heartbeats, as `_dispatch` would apply them one by one: each at the clock's
+        now, its apply latency observed as soon as it is applied; their changes (regions they
+        created) leave for the store together, in order. A heartbeat has no reply and no effect."""
+        handle, now_ms, monotonic = self.supervisor.handle, self.clock.now_ms, self.clock.monotonic
+        latency = self.metrics.heartbeat_apply_latency
+        for event in events:
+            handle(event, now_ms())
+            if event.received_monotonic:
+                latency.observe(monotonic() - event.received_monotonic)
+        counter = self._event_counters.get("Heartbeat")
+        if counter is None:
+            counter = self._event_counters["Heartbeat"] = self.metrics.events.labels(type="Heartbeat")
+        counter.inc(len(events))
+        changes = self.supervisor.drain_changes()
+        effects = self.supervisor.drain_outbox()
+        if changes and self.store is not None:
+            self.store.submit(changes, self._after_commit(None, None, effects))
+        else:
             for effect in effects:
                 self._execute(effect)
 

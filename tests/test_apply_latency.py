@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor_service.clock import FakeClock
 from supervisor_service.detector import PhiAccrualOptions
-from supervisor_service.events import EventQueue, Heartbeat, Stop
+from supervisor_service.events import EventQueue, Heartbeat, Stop, Tick
 from supervisor_service.metrics import Metrics
 from supervisor_service.remotes import Remotes
 from supervisor_service.runtime import SupervisorRuntime
@@ -36,3 +36,32 @@ def test_heartbeats_with_a_receipt_stamp_are_timed_until_applied():
     assert registry.get_sample_value(f"{NAME}_bucket", {"le": "0.025"}) == 0
     assert registry.get_sample_value(f"{NAME}_bucket", {"le": "0.05"}) == 1
     assert registry.get_sample_value(f"{NAME}_bucket", {"le": "+Inf"}) == 1
+
+
+def test_a_tick_between_runs_of_heartbeats_sees_the_queue_behind_it():
+    """The consumer applies runs of heartbeats together, but never takes what is behind a Tick
+    before the Tick: the overload guard reads the queue as it stands at the Tick."""
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    queue = EventQueue(10)
+    supervisor = Supervisor(PhiAccrualOptions(), metrics)
+    seen = []
+    handle = supervisor.handle
+
+    def spy(event, now):
+        seen.append((type(event).__name__, getattr(event, "queue_fill", None)))
+        return handle(event, now)
+
+    supervisor.handle = spy
+    runtime = SupervisorRuntime(supervisor, queue, clock, metrics, Remotes(None, None, None))
+    for datanode_id in (1, 2):
+        queue.offer(Heartbeat(datanode_id, np.array([1], dtype=np.uint64), clock.now_ms()))
+    queue.put_control(Tick())
+    for datanode_id in (3, 4, 5):
+        queue.offer(Heartbeat(datanode_id, np.array([1], dtype=np.uint64), clock.now_ms()))
+    queue.put_control(Stop())
+    runtime._run()
+    assert seen == [("Heartbeat", None)] * 2 + [("Tick", 0.3)] + [("Heartbeat", None)] * 3
+    assert registry.get_sample_value("supervisor_events_total", {"type": "Heartbeat"}) == 5
+    assert len(supervisor.table) == 5

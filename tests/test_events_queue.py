@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from supervisor_service.events import Clear, EventQueue, QueueClosed, QueueFull, Stop, Tick
+from supervisor_service.events import Clear, EventQueue, Heartbeat, QueueClosed, QueueFull, Stop, Tick
 
 # Generous bound for anything a helper thread must finish: the tests wait on events, not on sleeps.
 JOIN_S = 5.0
@@ -336,3 +337,41 @@ def test_oldest_age_follows_the_monotonic_clock(monkeypatch):
     real = time.monotonic
     monkeypatch.setattr(time, "monotonic", lambda: real() + 100.0)
     assert 100.0 <= q.oldest_age() < 100.0 + JOIN_S
+
+
+# ---------------------------------------------------------------- get_batch
+
+
+def hb(i: int) -> Heartbeat:
+    return Heartbeat(i, np.array([i], dtype=np.uint64), 1000 + i)
+
+
+def test_get_batch_takes_a_run_of_heartbeats_and_every_other_event_alone():
+    q = EventQueue(16)
+    for event in (hb(0), hb(1), hb(2), ev(3), ev(4), hb(5), Stop(), hb(6), hb(7), hb(8)):
+        q.offer(event) if isinstance(event, Heartbeat) else q.put_control(event)
+    batches = []
+    while batch := q.get_batch(timeout=0, limit=2):
+        batches.append([e.datanode_id if isinstance(e, Heartbeat) else e for e in batch])
+    assert batches == [[0, 1], [2], [ev(3)], [ev(4)], [5], [Stop()], [6, 7], [8]]
+
+
+def test_get_batch_releases_the_external_slots_it_takes():
+    q = EventQueue(3)
+    assert all(q.offer(hb(i)) for i in range(3))
+    assert not q.offer(hb(3))
+    assert len(q.get_batch(timeout=0, limit=10)) == 3
+    assert q.external_depth == 0 and len(q) == 0
+    assert [q.offer(hb(i)) for i in range(4)] == [True, True, True, False]
+
+
+def test_get_batch_times_out_empty_and_wakes_on_offer():
+    q = EventQueue(2)
+    assert q.get_batch(timeout=0.01, limit=10) == []
+    thread, result = run_in_thread(lambda: q.get_batch(timeout=JOIN_S, limit=10))
+    wait_until_blocked(thread)
+    assert q.offer(hb(1))
+    thread.join(JOIN_S)
+    assert [e.datanode_id for e in result["value"]] == [1]
+    q.close()
+    assert q.get_batch(timeout=JOIN_S, limit=10) == []  # closed and empty: no waiting
