@@ -278,6 +278,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         regions = stream.regions
         if regions is None:
             regions = stream.regions = self._regions_of(datanode_id, stream.request.region_ids)
+            stream.request = None  # the parsed message is not needed again: a thousand streams' worth is MiBs
         event = Heartbeat(datanode_id, regions, ts, received_monotonic)
         try:
             if not self._queue.offer(event):
