@@ -64,6 +64,7 @@ report: proto
 
 lint: proto
 	$(PY) -m compileall -q supervisor_service tests
+	$(PY) -m pyflakes supervisor_service/*.py supervisor_service/bench tests
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT)/supervisor data .pytest_cache

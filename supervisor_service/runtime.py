@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from supervisor_service._log import log_event
 from supervisor_service.clock import Clock
 from supervisor_service.events import (
     Clear,
