@@ -418,12 +418,16 @@ class Supervisor:
         guards = self.guards
         pause = guards.observe_tick(now, lag_ms, queue_fill) if guards is not None else None
         if guards is not None:
-            # A datanode whose regions are all being migrated is dead and handled: not a new silence.
-            handled = self._inflight.keys() | self._busy
-            silent = [
-                d for d in self.table.silent_datanodes(now, guards.s.mass_failure_silence_ms)
-                if not handled or not set(self.table.regions_of(d).tolist()) <= handled
-            ]
+            silent: list[int] = []
+            # While a stall or an overload holds convictions, the silence is the supervisor's own
+            # doing (the heartbeats wait in its queue): it is not a mass failure, nor an alert.
+            if pause is None:
+                # A datanode whose regions are all being migrated is dead and handled: not a new silence.
+                handled = self._inflight.keys() | self._busy
+                silent = [
+                    d for d in self.table.silent_datanodes(now, guards.s.mass_failure_silence_ms)
+                    if not handled or not set(self.table.regions_of(d).tolist()) <= handled
+                ]
             guards.track(set(failed), len(silent), len(self.table.datanode_ids()), now)
             self._decay_counts(now)
         if not self.is_leader:

@@ -244,6 +244,30 @@ class TestLocalPause:
         assert selected(effects) == [9]
         assert sim.hold("local_pause") == 0
 
+    def test_a_stall_is_not_taken_for_a_mass_failure(self):
+        # The mass-failure guard on: after the stall every datanode looks silent until the queued
+        # heartbeats land, but that silence is the supervisor's own; no mass-failure hold or alert.
+        sim, effects = self.stalled(GuardSettings())
+        assert jobs(effects) == []
+        assert sim.hold("local_pause") == 1
+        assert sim.hold("mass_failure") == 0 and sim.fraction() == 0
+        for d in sim.alive:
+            sim.beat(d)
+        for _ in range(10):
+            sim.step()
+            assert sim.hold("mass_failure") == 0
+        assert sim.selected_at() == []
+
+    def test_a_real_mass_failure_during_a_stall_is_held_once_the_stall_hold_ends(self):
+        sim, _ = self.stalled(GuardSettings())
+        sim.alive.difference_update(range(1, 7))  # six died during the stall; their heartbeats never come
+        for d in sim.alive:
+            sim.beat(d)
+        effects = sim.run(10_000)
+        assert jobs(effects) == []
+        assert sim.hold("local_pause") == 0 and sim.hold("mass_failure") == 1
+        assert sim.fraction() == pytest.approx(0.6)
+
     def test_stall_with_every_datanode_back_fails_nothing_over(self):
         sim, effects = self.stalled(GuardSettings(**NO_MASS))
         assert jobs(effects) == []
