@@ -274,8 +274,10 @@ class Supervisor:
     def _deregister(self, datanode_id: int, region_ids: np.ndarray, now: int = 0) -> int:
         dropped = []
         for region_id in region_ids.tolist():
-            if self.failover_counts.pop((datanode_id, region_id), None) is not None:
-                dropped.append((datanode_id, region_id))
+            key = (datanode_id, region_id)
+            self._count_touched.pop(key, None)
+            if self.failover_counts.pop(key, None) is not None:
+                dropped.append(key)
         if dropped:
             self.changes.append(CountsDrop(tuple(dropped)))
         self.changes.append(RegistryRemove(datanode_id, region_ids))
