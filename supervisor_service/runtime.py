@@ -151,10 +151,17 @@ class SupervisorRuntime:
             self.metrics.tick_duration.observe(time.perf_counter() - started)
         elif isinstance(event, Heartbeat) and event.received_monotonic:
             self.metrics.heartbeat_apply_latency.observe(self.clock.monotonic() - event.received_monotonic)
+        self._count_events(name)
+        self._release(reply, value)
+
+    def _count_events(self, name: str, n: int = 1) -> None:
         counter = self._event_counters.get(name)
         if counter is None:  # `labels()` is slow for a per-event call: keep the children
             counter = self._event_counters[name] = self.metrics.events.labels(type=name)
-        counter.inc()
+        counter.inc(n)
+
+    def _release(self, reply: Future | None, value: object) -> None:
+        """After events were handled: their state changes go to the store, then the reply and effects."""
         changes = self.supervisor.drain_changes()
         effects = self.supervisor.drain_outbox()
         if changes and self.store is not None:
@@ -177,17 +184,8 @@ class SupervisorRuntime:
             handle(event, now_ms())
             if event.received_monotonic:
                 latency.observe(monotonic() - event.received_monotonic)
-        counter = self._event_counters.get("Heartbeat")
-        if counter is None:
-            counter = self._event_counters["Heartbeat"] = self.metrics.events.labels(type="Heartbeat")
-        counter.inc(len(events))
-        changes = self.supervisor.drain_changes()
-        effects = self.supervisor.drain_outbox()
-        if changes and self.store is not None:
-            self.store.submit(changes, self._after_commit(None, None, effects))
-        else:
-            for effect in effects:
-                self._execute(effect)
+        self._count_events("Heartbeat", len(events))
+        self._release(None, None)
 
     def _after_commit(
         self, reply: Future | None, value: object, effects: list[Effect]
