@@ -278,10 +278,7 @@ class EventQueue:
                 raise QueueClosed("the supervisor is shutting down")
             if self._external >= self.capacity:
                 return False
-            self._items.append((event, True, _monotonic()))
-            self._external += 1
-            if self._getters:
-                self._not_empty.notify()
+            self._push(event, external=True)
             return True
 
     def put(self, event: Event, timeout: float) -> None:
@@ -321,14 +318,8 @@ class EventQueue:
 
     def get(self, timeout: float) -> Event | None:
         """The next event, or None after `timeout` seconds (or when closed and empty)."""
-        with self._lock:
-            if not self._wait_for_items(timeout):
-                return None
-            event, external, _ = self._items.popleft()
-            if external:
-                self._external -= 1
-                self._not_full.notify()
-            return event
+        batch = self.get_batch(timeout, limit=1)
+        return batch[0] if batch else None
 
     def get_batch(self, timeout: float, limit: int) -> list[Event]:
         """The next event, and when it is a Heartbeat the Heartbeats right behind it (at most
