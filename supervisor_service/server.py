@@ -64,17 +64,31 @@ class _Stream:
 
     __slots__ = (
         "owner", "raw", "request", "datanode_id", "n", "peer_addr", "node_epoch", "timestamp_millis",
-        "regions", "answer_key", "answer_head", "received", "leader",
+        "regions", "last_ids", "last_regions", "answer_key", "answer_head", "received", "leader",
     )
 
     def __init__(self) -> None:
         self.owner: int | None = None
         self.raw: bytes | None = None
         self.regions: np.ndarray | None = None  # of `raw`, once validated
+        self.last_ids = b""  # the region ids of the last request whose array was built...
+        self.last_regions: np.ndarray | None = None  # ...and that array
         self.answer_key: tuple | None = None
         self.answer_head = b""
         self.received = 0
         self.leader = False
+
+    def regions_of(self, region_ids) -> np.ndarray:
+        """The request's region ids as a sorted unique array. A datanode names the same regions
+        in heartbeat after heartbeat (whatever else changes, as the client clock's timestamp):
+        those reuse the array built last time, after a byte compare."""
+        raw = np.asarray(region_ids, dtype=np.uint64)
+        key = raw.tobytes()
+        if key != self.last_ids or self.last_regions is None:
+            regions = as_region_array(raw)
+            regions.flags.writeable = False  # shared by the events of later heartbeats
+            self.last_ids, self.last_regions = key, regions
+        return self.last_regions
 
     def parse(self, raw: bytes) -> None:
         request = pb.HeartbeatRequest.FromString(raw)
@@ -114,7 +128,6 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         # addresses already validated (a datanode sends the same one every time).
         self._outcomes: dict[str, tuple] = {}
         self._valid_peer_addrs: set[str] = set()
-        self._last_regions: dict[int, tuple[bytes, np.ndarray]] = {}  # datanode -> its last region ids
         self._time_ms: int | None = None  # the server_time_millis of the last accepted answer...
         self._time_bytes = b""  # ...serialized
 
@@ -196,21 +209,6 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         finally:
             self._streams -= 1
             self._metrics.heartbeat_streams.dec()
-            if stream.owner is not None:
-                self._last_regions.pop(stream.owner, None)
-
-    def _regions_of(self, datanode_id: int, region_ids) -> np.ndarray:
-        """A heartbeat's region ids as a sorted unique array. A datanode names the same regions
-        in heartbeat after heartbeat: those reuse the array checked last time (a byte compare)."""
-        raw = np.asarray(region_ids, dtype=np.uint64)
-        key = raw.tobytes()
-        last = self._last_regions.get(datanode_id)
-        if last is not None and last[0] == key:
-            return last[1]
-        regions = as_region_array(raw)
-        regions.flags.writeable = False  # shared by the events of later heartbeats
-        self._last_regions[datanode_id] = (key, regions)
-        return regions
 
     def _heartbeat(self, raw: bytes, stream: _Stream) -> bytes | Heartbeat:
         """The serialized answer to one serialized heartbeat, or its event when the queue is full
@@ -277,7 +275,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             )
         regions = stream.regions
         if regions is None:
-            regions = stream.regions = self._regions_of(datanode_id, stream.request.region_ids)
+            regions = stream.regions = stream.regions_of(stream.request.region_ids)
             stream.request = None  # the parsed message is not needed again: a thousand streams' worth is MiBs
         event = Heartbeat(datanode_id, regions, ts, received_monotonic)
         try:
