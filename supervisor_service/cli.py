@@ -175,7 +175,8 @@ def _evaluate(args, argv: Sequence[str] | None) -> int:
         thresholds = _float_list(args.thresholds, "--thresholds")
         pauses = [p * 1000 for p in _float_list(args.pauses, "--pauses")]
         if args.quick:
-            thresholds, pauses = [t for t in thresholds if t in (2, 8, 16)] or thresholds[:2], pauses[:0]
+            # Three thresholds at the default pause only (evaluate always adds the default point).
+            thresholds, pauses = [t for t in thresholds if t in (2, 8, 16)] or thresholds[:2], []
         for name in ("datanodes", "regions", "interval_ms", "hours"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
