@@ -31,8 +31,9 @@ from supervisor_service.table import DetectorTable
 START_MS = 1_700_000_000_000
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set of a process (this one by default), from /proc."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024

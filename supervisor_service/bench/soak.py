@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from supervisor_service.bench.baseline import rss_bytes
 from supervisor_service.bench.runner import LoadGens
 from supervisor_service.client import SupervisorClient
 
@@ -215,14 +216,6 @@ def _timed_dump(addr: str) -> float:
     return time.perf_counter() - started
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _row(minute: int, before: dict, after: dict, seconds: float, pid: int, dump_s: float) -> dict:
     accepted = "supervisor_heartbeats_total{outcome=accepted}"
     return {
@@ -231,7 +224,7 @@ def _row(minute: int, before: dict, after: dict, seconds: float, pid: int, dump_
         "heartbeats/s": round((after.get(accepted, 0) - before.get(accepted, 0)) / seconds),
         "rejected": int(_sum(after, "supervisor_heartbeats_total", "rejected")),
         "queue depth": int(after.get("supervisor_event_queue_depth", 0)),
-        "RSS MiB": round(_rss_mib(pid)),
+        "RSS MiB": round(rss_bytes(pid) / (1024 * 1024)),
         "dump s": round(dump_s, 2),
         "regions failed over": int(_sum(after, "supervisor_failover_regions_total", "result=submitted")),
         "holds": ",".join(k.split("reason=")[1].rstrip("}") for k, v in after.items()
