@@ -87,6 +87,7 @@ class Service:
             is_leader=False,
             leader_term=0,
             guards=Guards(gs) if (gs := s.guard_settings()) is not None else None,
+            clock_base=self.clock.base(),
         )
         self.runtime = SupervisorRuntime(
             self.supervisor,

@@ -53,6 +53,8 @@ class MigrationTask:
     region_ids: tuple[int, ...]
     timeout_ms: int
     leader_term: int
+    request_id: str = ""
+    """The idempotency key of the decision: the same for every retry of it, by any leader."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +159,18 @@ class SelectionDone:
     error_stage: str = ""
 
 
+# What a failed SubmitRegionMigration tells about the migration (SubmissionDone.error_kind).
+SUBMIT_AMBIGUOUS = "ambiguous"  # the call may have been carried out (timeout, connection lost, server error)
+SUBMIT_REFUSED = "refused"  # the service answered that it did not do it (invalid argument, ...)
+SUBMIT_NOT_SENT = "not_sent"  # it never left (no lease, state not durable, a newer term was seen)
+
+
 @dataclass(frozen=True, slots=True)
 class SubmissionDone:
     task: MigrationTask
     result: MigrationResult | None = None
     error: str | None = None
+    error_kind: str = SUBMIT_AMBIGUOUS  # when `error` is set; unclassified errors are ambiguous
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,12 @@ class Guards:
             reason = "overload"
         return reason
 
+    def reset_tick_baseline(self) -> None:
+        """Forget the last tick (on becoming or ceasing to be leader): the ticker does not run between
+        leaderships, and that gap is not a stall of this process."""
+        self._last_tick = None
+        self._pause_hold_until = 0
+
     def stall_detected(self, now: int) -> bool:
         return now < self._pause_hold_until
 

@@ -176,6 +176,28 @@ class Metrics:
         self.inflight = Gauge(
             "supervisor_migrations_in_flight", "Regions submitted for migration and not finished.", registry=r
         )
+        self.submissions = Gauge(
+            "supervisor_failover_submissions",
+            "Failover submissions not ended, by state (intent, ambiguous, submitted, migrating).",
+            ["state"],
+            registry=r,
+        )
+        self.submit_retries = Counter(
+            "supervisor_failover_submit_retries",
+            "SubmitRegionMigration calls sent again (same target, same request_id) after an ambiguous failure.",
+            registry=r,
+        )
+        self.migration_not_found = Counter(
+            "supervisor_migration_not_found_regions",
+            "Regions whose migration GetMigrationStatus reported NOT_FOUND (failed over again, backed off).",
+            registry=r,
+        )
+        self.selector_invalid = Counter(
+            "supervisor_selector_invalid_answers",
+            "Selector answers refused, by reason (zero_id, no_address, conflicting_address, excluded_peer).",
+            ["reason"],
+            registry=r,
+        )
         self.remote_latency = Histogram(
             "supervisor_remote_call_duration_seconds",
             "Latency of calls to remote services.",

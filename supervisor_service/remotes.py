@@ -122,18 +122,26 @@ class EmbeddedPeerLookup:
 
 
 class EmbeddedSelector:
-    """Round-robin over datanodes heard from within `alive_window_ms`, minus the excluded ones."""
+    """Round-robin over datanodes heard from within `alive_window_ms`, minus the excluded ones.
 
-    def __init__(self, directory: PeerDirectory, alive_window_ms: int) -> None:
+    With `require_addr`, only datanodes whose heartbeats gave an address (`peer_addr`) are candidates
+    (a remote RegionMigration needs to know where the target is); datanode id 0 never is.
+    """
+
+    def __init__(self, directory: PeerDirectory, alive_window_ms: int, *, require_addr: bool = False) -> None:
         self._directory = directory
         self._window = alive_window_ms
+        self._require_addr = require_addr
         self._cursor = 0
         self._lock = threading.Lock()
 
     def select(
         self, min_required_items: int, exclude_peer_ids: set[int], from_peer_id: int, region_ids: tuple[int, ...]
     ) -> list[Peer]:
-        candidates = [p for p in self._directory.alive(self._window) if p.id not in exclude_peer_ids]
+        candidates = [
+            p for p in self._directory.alive(self._window)
+            if p.id not in exclude_peer_ids and p.id != 0 and (p.addr or not self._require_addr)
+        ]
         if not candidates:
             return []
         with self._lock:
@@ -154,6 +162,7 @@ class JournalEntry:
     trigger_reason: str
     procedure_id: str
     leader_term: int
+    request_id: str = ""
 
 
 class DryRunJournal:
@@ -161,8 +170,10 @@ class DryRunJournal:
 
     Its procedures finish at once (status SUCCEEDED), as a real migration of a
     dead datanode's regions would eventually. A submission with a lower leader
-    term than the highest seen is refused (fencing of a deposed leader). The
-    journal keeps the newest `capacity` entries in memory.
+    term than the highest seen is refused (fencing of a deposed leader). A
+    request_id it has journaled is answered as the first time, with no second
+    entry (a retry of a call that timed out). The journal keeps the newest
+    `capacity` entries in memory.
     """
 
     def __init__(
@@ -175,10 +186,12 @@ class DryRunJournal:
         self._persist = persist
         self._lock = threading.Lock()
         self._entries: deque[JournalEntry] = deque(maxlen=capacity)
-        self._procedures: dict[str, MigrationState] = {}
         self._ids = itertools.count(1)
         self._highest_term = 0
         self.total_recorded = 0
+
+    def _answer(self, entry: JournalEntry) -> MigrationResult:
+        return MigrationResult(submitted=entry.region_ids, procedure_id=entry.procedure_id)
 
     def submit(self, task: MigrationTask) -> MigrationResult:
         with self._lock:
@@ -190,6 +203,11 @@ class DryRunJournal:
                     f"leader term {task.leader_term} is older than {self._highest_term}",
                 )
             self._highest_term = task.leader_term
+            if task.request_id:
+                # The journal is short (capacity entries): a scan of it, newest first, per call.
+                for entry in reversed(self._entries):
+                    if entry.request_id == task.request_id:
+                        return self._answer(entry)
             procedure_id = f"dry-run-{next(self._ids)}"
             self._entries.append(
                 JournalEntry(
@@ -201,13 +219,13 @@ class DryRunJournal:
                     trigger_reason="FAILOVER",
                     procedure_id=procedure_id,
                     leader_term=task.leader_term,
+                    request_id=task.request_id,
                 )
             )
             self.total_recorded += 1
-            self._procedures[procedure_id] = MigrationState.SUCCEEDED
             if self._persist is not None:
                 self._persist(self._entries[-1], self._highest_term)
-        return MigrationResult(submitted=task.region_ids, procedure_id=procedure_id)
+            return self._answer(self._entries[-1])
 
     def restore(self, entries: list[JournalEntry], highest_term: int) -> None:
         """Load the durable journal (at leadership start); ids continue after the newest entry."""
@@ -223,9 +241,12 @@ class DryRunJournal:
         self._persist = persist
 
     def status(self, procedure_id: str) -> tuple[MigrationState, str]:
+        """Every journaled procedure has finished (SUCCEEDED), restored ones included."""
         with self._lock:
-            state = self._procedures.pop(procedure_id, MigrationState.NOT_FOUND)
-        return state, "dry run: nothing was moved" if state is MigrationState.SUCCEEDED else ""
+            known = any(e.procedure_id == procedure_id for e in reversed(self._entries))
+        if known:
+            return MigrationState.SUCCEEDED, "dry run: nothing was moved"
+        return MigrationState.NOT_FOUND, ""
 
     def entries(self, limit: int) -> list[JournalEntry]:
         """The newest `limit` entries, newest first."""
@@ -312,6 +333,7 @@ class GrpcRegionMigration(_GrpcClient):
             timeout_millis=task.timeout_ms,
             trigger_reason=pb.TRIGGER_REASON_FAILOVER,
             leader_term=task.leader_term,
+            request_id=task.request_id,
         )
         try:
             resp = self._call("SubmitRegionMigration", self._stub.SubmitRegionMigration, request)
@@ -331,11 +353,16 @@ class GrpcRegionMigration(_GrpcClient):
         )
 
     def status(self, procedure_id: str) -> tuple[MigrationState, str]:
-        resp = self._call(
-            "GetMigrationStatus",
-            self._stub.GetMigrationStatus,
-            pb.GetMigrationStatusRequest(procedure_id=procedure_id),
-        )
+        try:
+            resp = self._call(
+                "GetMigrationStatus",
+                self._stub.GetMigrationStatus,
+                pb.GetMigrationStatusRequest(procedure_id=procedure_id),
+            )
+        except RemoteError as exc:
+            if exc.code == "NOT_FOUND":  # the status code rather than the state: the same answer
+                return MigrationState.NOT_FOUND, exc.detail
+            raise
         try:
             state = MigrationState(resp.state)
         except ValueError:
@@ -388,7 +415,7 @@ def build_remotes(
         else EmbeddedPeerLookup(directory),
         selector=GrpcSelector(selector_endpoint, timeout_s)
         if selector_endpoint
-        else EmbeddedSelector(directory, alive_window_ms),
+        else EmbeddedSelector(directory, alive_window_ms, require_addr=bool(region_migration_endpoint)),
         region_migration=GrpcRegionMigration(region_migration_endpoint, timeout_s)
         if region_migration_endpoint
         else journal,

@@ -23,6 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from supervisor_service.clock import Clock
 from supervisor_service.events import (
+    SUBMIT_AMBIGUOUS,
+    SUBMIT_NOT_SENT,
+    SUBMIT_REFUSED,
     Clear,
     EventQueue,
     Heartbeat,
@@ -43,6 +46,18 @@ log = logging.getLogger("supervisor_service.runtime")
 # Heartbeats applied per turn of the supervisor thread at most: a run of them costs one lock
 # acquisition; the bound keeps the producers' room coming back while a long backlog is applied.
 _HEARTBEAT_BATCH = 256
+
+# Status codes after which a SubmitRegionMigration may still have been carried out: the deadline
+# passed or the connection broke with the request possibly received, or the server failed midway.
+# Any other code is the service's answer that it did not do it.
+AMBIGUOUS_CODES = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN", "INTERNAL", "CANCELLED", "DATA_LOSS"})
+
+
+def submit_error_kind(exc: RemoteError) -> str:
+    """What a failed SubmitRegionMigration says about the migration (events.SUBMIT_*)."""
+    if isinstance(exc, StaleLeaderTerm):
+        return SUBMIT_NOT_SENT  # refused for our term; the successor owns the decision
+    return SUBMIT_AMBIGUOUS if exc.code in AMBIGUOUS_CODES else SUBMIT_REFUSED
 
 
 class SupervisorRuntime:
@@ -204,7 +219,8 @@ class SupervisorRuntime:
                     self._execute(effect)
                 elif isinstance(effect, SubmitMigration):
                     # Not durable (fenced, or the store gave up): the submission must not leave.
-                    self._report(SubmissionDone(effect.task, error=f"state not durable: {exc}"))
+                    self._report(SubmissionDone(effect.task, error=f"state not durable: {exc}",
+                                                error_kind=SUBMIT_NOT_SENT))
                 elif isinstance(effect, SelectPeers):
                     self._report(SelectionDone(effect.job, error=f"state not durable: {exc}", error_stage="store"))
                 else:
@@ -268,19 +284,20 @@ class SupervisorRuntime:
         task = effect.task
         if not self._is_leader():
             # Leadership ended after the decision: nothing leaves without a lease.
-            self._report(SubmissionDone(task, error="not the leader any more; submission dropped"))
+            self._report(SubmissionDone(task, error="not the leader any more; submission not sent",
+                                        error_kind=SUBMIT_NOT_SENT))
             return
         try:
             result = self._timed(
                 "RegionMigration", "SubmitRegionMigration", lambda: self.remotes.region_migration.submit(task)
             )
         except StaleLeaderTerm as exc:
-            self._report(SubmissionDone(task, error=str(exc)))
+            self._report(SubmissionDone(task, error=str(exc), error_kind=submit_error_kind(exc)))
             if self._on_fenced is not None:
                 self._on_fenced(str(exc))
             return
         except RemoteError as exc:
-            self._report(SubmissionDone(task, error=str(exc)))
+            self._report(SubmissionDone(task, error=str(exc), error_kind=submit_error_kind(exc)))
             return
         self._report(SubmissionDone(task, result=result))
 

@@ -73,7 +73,23 @@ class Settings(BaseSettings):
     failover_workers: int = Field(4, ge=1, le=256)
     """Threads making remote calls for failover (they never block the supervisor thread)."""
     migration_base_timeout_ms: int = Field(120_000, ge=1)
-    """Migration timeout per failover count: timeout = this x the region's failover count."""
+    """Migration timeout per failover: timeout = this x (the region's count of accepted failovers + 1)."""
+    max_failover_timeout_ms: int = Field(1_200_000, ge=1)
+    """Cap of that timeout (at least migration_base_timeout_ms)."""
+    submit_retry_backoff_ms: int = Field(1000, ge=1)
+    """A SubmitRegionMigration that may have happened (timeout, UNAVAILABLE, ...) is sent again, to the same target with the same request_id, after this, doubling per retry ..."""
+    submit_retry_backoff_max_ms: int = Field(30_000, ge=1)
+    """... up to this."""
+    resubmit_backoff_ms: int = Field(10_000, ge=0)
+    """Regions whose migration GetMigrationStatus reported NOT_FOUND wait this long before they are failed over again, doubling per NOT_FOUND in the window ..."""
+    resubmit_backoff_max_ms: int = Field(300_000, ge=0)
+    """... up to this."""
+    max_resubmissions_per_window: int = Field(3, ge=1)
+    """At most this many such resubmissions of a region per resubmit_window_ms."""
+    resubmit_window_ms: int = Field(600_000, ge=1)
+    """The window of that limit."""
+    expiry_checkpoint_interval_ms: int = Field(15_000, ge=100)
+    """While a maintenance expiry is pending, the time it has left is stored this often: after a restart on another machine or boot it ends at most this plus the time without a leader late, never early."""
     migration_status_poll_interval_ms: int = Field(5000, ge=1)
     """How often an in-flight migration's status is polled."""
     journal_capacity: int = Field(10_000, ge=1)
@@ -246,6 +262,16 @@ class Settings(BaseSettings):
     def failover_policy(self) -> FailoverPolicy:
         return FailoverPolicy(
             base_timeout_ms=self.migration_base_timeout_ms,
+            max_failover_timeout_ms=self.max_failover_timeout_ms,
+            submit_retry_backoff_ms=self.submit_retry_backoff_ms,
+            submit_retry_backoff_max_ms=self.submit_retry_backoff_max_ms,
+            resubmit_backoff_ms=self.resubmit_backoff_ms,
+            resubmit_backoff_max_ms=self.resubmit_backoff_max_ms,
+            max_resubmissions_per_window=self.max_resubmissions_per_window,
+            resubmit_window_ms=self.resubmit_window_ms,
+            expiry_checkpoint_interval_ms=self.expiry_checkpoint_interval_ms,
+            # A remote Selector or RegionMigration must be given targets it can reach.
+            require_target_addr=bool(self.selector_endpoint or self.region_migration_endpoint),
             status_poll_interval_ms=self.migration_status_poll_interval_ms,
             warmup_grace_ms=self.warmup_grace_ms,
             warmup_fraction=self.warmup_fraction,

@@ -15,8 +15,9 @@ Two layers:
 Keys under the prefix (one per cluster):
   registry/<datanode>   sorted uint64 region ids (little endian)
   counts/<datanode>     uint64 pairs (region, failover count)
-  inflight/<region>     JSON {datanode_id, procedure_id, deadline_ms}
-  maintenance           b"1" or b"0"
+  inflight/<submission> JSON: one SubmitRegionMigration decision (request_id, datanode, peers,
+                        regions, timeout, state, procedure id, clock mark); see InFlightRecord
+  maintenance           JSON {enabled, until_ms, datanodes, mark} (first format: b"1" or b"0")
   journal/<seq>         JSON dry-run journal entry
   journal_term          highest leader term the dry-run journal accepted
   term                  leadership counter of a single replica (SQLite, memory)
@@ -24,6 +25,7 @@ Keys under the prefix (one per cluster):
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -152,7 +154,47 @@ class SqliteKV:
 
 
 @dataclass(frozen=True, slots=True)
+class ClockMark:
+    """Where a stored duration was last measured: the writer's boot, its CLOCK_MONOTONIC (ms) and its
+    `now_ms()` then. A reader on the same boot measures the time since exactly (monotonic); any other
+    reader (a restart after a reboot, another replica) cannot, and never trusts a wall-clock difference."""
+
+    boot_id: str
+    monotonic_ms: int
+    wall_ms: int
+
+
+# States of a submission (InFlightRecord.state).
+INTENT = "intent"  # decided and durable; the call may be under way (nobody knows yet)
+AMBIGUOUS = "ambiguous"  # a call failed in a way that leaves it unknown whether it was carried out
+SUBMITTED = "submitted"  # accepted under `procedure_id` (polled)
+MIGRATING = "migrating"  # reported already migrating (no procedure of ours): ends at its timeout
+
+
+@dataclass(frozen=True, slots=True)
 class InFlightRecord:
+    """One SubmitRegionMigration decision: regions of one datanode going to one target, under one
+    `request_id` that every retry of it carries, whoever the leader. Stored under one key whatever
+    the number of regions, so each failover step is one write of a handful of keys."""
+
+    request_id: str
+    datanode_id: int
+    from_peer: Peer
+    to_peer: Peer
+    region_ids: tuple[int, ...]
+    timeout_ms: int
+    state: str
+    procedure_id: str = ""
+    attempts: int = 0  # calls that failed ambiguously so far
+    mark: ClockMark | None = None  # submitted / migrating: when it was accepted (its timeout runs from there)
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyInFlight:
+    """A record of the first format, one per region (`inflight/<region>`, an absolute deadline); read
+    only so that a leader can replace it with an InFlightRecord."""
+
+    region_id: int
     datanode_id: int
     procedure_id: str
     deadline_ms: int
@@ -162,10 +204,12 @@ class InFlightRecord:
 class StoredState:
     registry: dict[int, np.ndarray] = field(default_factory=dict)
     maintenance: bool = False
-    maintenance_until_ms: int = 0
+    maintenance_until_ms: int = 0  # on the writer's clock; see maintenance_mark
     datanode_maintenance: dict[int, int] = field(default_factory=dict)
+    maintenance_mark: ClockMark | None = None  # when the expiries above were written (None: first format)
     failover_counts: dict[DetectingRegion, int] = field(default_factory=dict)
-    inflight: dict[int, InFlightRecord] = field(default_factory=dict)
+    inflight: dict[str, InFlightRecord] = field(default_factory=dict)  # by submission id
+    legacy_inflight: dict[str, LegacyInFlight] = field(default_factory=dict)  # by key id
     journal: list[JournalEntry] = field(default_factory=list)
     journal_term: int = 0
     term: int = 0
@@ -199,22 +243,24 @@ class CountsDrop:
 
 @dataclass(frozen=True, slots=True)
 class InFlightSet:
-    region_id: int
+    submission_id: str
     record: InFlightRecord
 
 
 @dataclass(frozen=True, slots=True)
 class InFlightDrop:
-    region_id: int
+    submission_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class MaintenanceSet:
-    """The whole maintenance state: the global switch and the per-datanode ones, with expiries (0: none)."""
+    """The whole maintenance state: the global switch and the per-datanode ones, with expiries (0: none)
+    on the writer's clock, and the mark they were measured at (what a reader trusts: the time left)."""
 
     enabled: bool
     until_ms: int = 0
     datanodes: tuple[tuple[int, int], ...] = ()
+    mark: ClockMark | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +294,7 @@ def _entry_to_json(entry: JournalEntry) -> bytes:
         "trigger_reason": entry.trigger_reason,
         "procedure_id": entry.procedure_id,
         "leader_term": entry.leader_term,
+        "request_id": entry.request_id,
     }).encode()
 
 
@@ -262,17 +309,70 @@ def _entry_from_json(raw: bytes) -> JournalEntry:
         trigger_reason=d["trigger_reason"],
         procedure_id=d["procedure_id"],
         leader_term=d["leader_term"],
+        request_id=d.get("request_id", ""),
     )
 
 
 def decode_maintenance(value: bytes | None) -> tuple[bool, int, dict[int, int]]:
-    """(global on, global expiry, {datanode: expiry}) from the stored value."""
+    """(global on, global expiry, {datanode: expiry}) from the stored value, expiries on the writer's clock."""
+    on, until, datanodes, _ = decode_maintenance_marked(value)
+    return on, until, datanodes
+
+
+def decode_maintenance_marked(value: bytes | None) -> tuple[bool, int, dict[int, int], ClockMark | None]:
     if not value:
-        return False, 0, {}
+        return False, 0, {}, None
     if value in (b"0", b"1"):  # the first format: the global switch alone
-        return value == b"1", 0, {}
+        return value == b"1", 0, {}, None
     d = json.loads(value)
-    return bool(d["enabled"]), int(d.get("until_ms", 0)), {int(k): int(v) for k, v in d.get("datanodes", [])}
+    mark = d.get("mark")
+    return (
+        bool(d["enabled"]),
+        int(d.get("until_ms", 0)),
+        {int(k): int(v) for k, v in d.get("datanodes", [])},
+        ClockMark(str(mark["boot_id"]), int(mark["monotonic_ms"]), int(mark["wall_ms"])) if mark else None,
+    )
+
+
+def _mark_json(mark: ClockMark | None) -> dict | None:
+    return None if mark is None else {"boot_id": mark.boot_id, "monotonic_ms": mark.monotonic_ms, "wall_ms": mark.wall_ms}
+
+
+def _inflight_to_json(rec: InFlightRecord) -> bytes:
+    return json.dumps({
+        "request_id": rec.request_id,
+        "datanode_id": rec.datanode_id,
+        "from": [rec.from_peer.id, rec.from_peer.addr],
+        "to": [rec.to_peer.id, rec.to_peer.addr],
+        # 8 bytes per region (base64): a 100,000-region submission is about 1 MB, within etcd's request limit.
+        "regions": base64.b64encode(np.asarray(rec.region_ids, dtype=_U64).tobytes()).decode(),
+        "timeout_ms": rec.timeout_ms,
+        "state": rec.state,
+        "procedure_id": rec.procedure_id,
+        "attempts": rec.attempts,
+        "mark": _mark_json(rec.mark),
+    }).encode()
+
+
+def _decode_inflight(ident: str, value: bytes, state: StoredState) -> None:
+    d = json.loads(value)
+    if "request_id" not in d:  # the first format: one key per region
+        state.legacy_inflight[ident] = LegacyInFlight(int(ident), int(d["datanode_id"]), str(d["procedure_id"]),
+                                                      int(d["deadline_ms"]))
+        return
+    mark = d.get("mark")
+    state.inflight[ident] = InFlightRecord(
+        request_id=str(d["request_id"]),
+        datanode_id=int(d["datanode_id"]),
+        from_peer=Peer(int(d["from"][0]), str(d["from"][1])),
+        to_peer=Peer(int(d["to"][0]), str(d["to"][1])),
+        region_ids=tuple(np.frombuffer(base64.b64decode(d["regions"]), dtype=_U64).tolist()),
+        timeout_ms=int(d["timeout_ms"]),
+        state=str(d["state"]),
+        procedure_id=str(d.get("procedure_id", "")),
+        attempts=int(d.get("attempts", 0)),
+        mark=ClockMark(str(mark["boot_id"]), int(mark["monotonic_ms"]), int(mark["wall_ms"])) if mark else None,
+    )
 
 
 def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
@@ -287,13 +387,13 @@ def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
             for region_id, count in pairs.tolist():
                 state.failover_counts[(int(ident), region_id)] = count
         elif kind == "inflight":
-            d = json.loads(value)
-            state.inflight[int(ident)] = InFlightRecord(d["datanode_id"], d["procedure_id"], d["deadline_ms"])
+            _decode_inflight(ident, value, state)
         elif kind == "journal":
             state.journal.append(_entry_from_json(value))
         elif kind == "maintenance":
-            on, until, datanodes = decode_maintenance(value)
+            on, until, datanodes, mark = decode_maintenance_marked(value)
             state.maintenance, state.maintenance_until_ms, state.datanode_maintenance = on, until, datanodes
+            state.maintenance_mark = mark
         elif kind == "journal_term":
             state.journal_term = int(value)
         elif kind == "term":
@@ -479,20 +579,18 @@ class StateStore:
                     case CountsDrop(keys):
                         for d, r in keys:
                             counts_of(d).pop(r, None)
-                    case InFlightSet(region_id, rec):
-                        key = f"{p}inflight/{_key_id(region_id)}"
+                    case InFlightSet(submission_id, rec):
+                        key = f"{p}inflight/{submission_id}"
                         deletes.discard(key)
-                        puts[key] = json.dumps(
-                            {"datanode_id": rec.datanode_id, "procedure_id": rec.procedure_id,
-                             "deadline_ms": rec.deadline_ms}
-                        ).encode()
-                    case InFlightDrop(region_id):
-                        key = f"{p}inflight/{_key_id(region_id)}"
+                        puts[key] = _inflight_to_json(rec)
+                    case InFlightDrop(submission_id):
+                        key = f"{p}inflight/{submission_id}"
                         puts.pop(key, None)
                         deletes.add(key)
-                    case MaintenanceSet(enabled, until_ms, datanodes):
+                    case MaintenanceSet(enabled, until_ms, datanodes, mark):
                         puts[f"{p}maintenance"] = json.dumps(
-                            {"enabled": enabled, "until_ms": until_ms, "datanodes": [list(x) for x in datanodes]}
+                            {"enabled": enabled, "until_ms": until_ms, "datanodes": [list(x) for x in datanodes],
+                             "mark": _mark_json(mark)}
                         ).encode()
                     case JournalAppend(entry, term):
                         key = f"{p}journal/{_key_id(journal_seq)}"

@@ -8,17 +8,23 @@ results come back as events. Failover follows DESIGN.md section 4.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import assert_never
 
 import numpy as np
 
 from supervisor_service._log import log_event
+from supervisor_service.clock import ClockBase
 from supervisor_service.detector import PhiAccrualOptions
 from supervisor_service.events import (
     DONE_CATEGORIES,
     KEPT_CATEGORIES,
+    SUBMIT_NOT_SENT,
+    SUBMIT_REFUSED,
     Clear,
     Deregister,
     DetectingRegion,
@@ -44,7 +50,12 @@ from supervisor_service.events import (
 from supervisor_service.guards import Guards
 from supervisor_service.metrics import HOLD_REASONS, Metrics
 from supervisor_service.store import (
+    AMBIGUOUS,
+    INTENT,
+    MIGRATING,
+    SUBMITTED,
     Change,
+    ClockMark,
     CountsDrop,
     CountsSet,
     InFlightDrop,
@@ -103,15 +114,38 @@ class DumpSnapshot:
 
 
 @dataclass(slots=True)
-class _InFlight:
-    datanode_id: int
-    procedure_id: str  # empty when reported `migrating` without a procedure of ours
-    deadline_ms: int
+class _Submission:
+    """One decision, from its intent to its end; the in-memory side of its InFlightRecord.
+
+    intent / ambiguous: the regions are held (maybe submitted) and the call is retried, to the
+    same target with the same request_id, until a definite answer; submitted / migrating: in
+    flight until the procedure ends or `deadline_ms` passes.
+    """
+
+    sid: str  # its key in the store (the request_id, or request_id + ".m" for regions reported migrating)
+    task: MigrationTask  # task_id is the attempt now out, or the last one
+    state: str
+    procedure_id: str = ""
+    attempts: int = 0
+    sending: bool = False
+    retry_at_ms: int = 0
+    rewrite: bool = False  # the record must be written again before the next call (its write failed)
+    deadline_ms: int = 0
+    mark: ClockMark | None = None
+
+    @property
+    def regions(self) -> tuple[int, ...]:
+        return self.task.region_ids
+
+    def record(self) -> InFlightRecord:
+        t = self.task
+        return InFlightRecord(t.request_id, t.datanode_id, t.from_peer, t.to_peer, t.region_ids, t.timeout_ms,
+                              self.state, self.procedure_id, self.attempts, self.mark)
 
 
 @dataclass(slots=True)
 class _Procedure:
-    regions: set[int] = field(default_factory=set)
+    sids: set[str] = field(default_factory=set)
     next_poll_ms: int = 0
     polling: bool = False
 
@@ -121,7 +155,26 @@ class FailoverPolicy:
     """Failover parameters (plain values, so tests build them directly)."""
 
     base_timeout_ms: int = 120_000
-    """Migration timeout per failover count: `timeout = base * max(count)` (GreptimeDB: 120 s)."""
+    """Migration timeout per failover: `timeout = base * (max(count) + 1)` (GreptimeDB: 120 s)."""
+    max_failover_timeout_ms: int = 1_200_000
+    """... at most this (a region failed over many times does not get a timeout of hours)."""
+    submit_retry_backoff_ms: int = 1000
+    """A SubmitRegionMigration that may have happened is retried after this, doubling per retry ..."""
+    submit_retry_backoff_max_ms: int = 30_000
+    """... up to this; always to the same target with the same request_id."""
+    resubmit_backoff_ms: int = 10_000
+    """After GetMigrationStatus said NOT_FOUND, the regions wait this long before a new submission,
+    doubling with each NOT_FOUND in the window ..."""
+    resubmit_backoff_max_ms: int = 300_000
+    """... up to this."""
+    max_resubmissions_per_window: int = 3
+    """At most this many resubmissions after NOT_FOUND per region within `resubmit_window_ms`."""
+    resubmit_window_ms: int = 600_000
+    """The window of that limit."""
+    expiry_checkpoint_interval_ms: int = 15_000
+    """While a maintenance expiry is pending, the time it has left is stored this often (one key)."""
+    require_target_addr: bool = False
+    """A Selector answer with a target without an address is invalid (set for a remote Selector)."""
     status_poll_interval_ms: int = 5_000
     """How often an in-flight migration's status is asked for."""
     log_interval_ms: int = 60_000
@@ -149,6 +202,7 @@ class Supervisor:
         leader_term: int = 1,
         maintenance: bool = False,
         guards: Guards | None = None,
+        clock_base: ClockBase | None = None,
     ) -> None:
         self.opts = opts
         self.metrics = metrics
@@ -162,10 +216,14 @@ class Supervisor:
         self.outbox: list[Effect] = []
         self.changes: list[Change] = []  # for the state store, in order
         self._selecting: dict[int, SelectJob] = {}  # datanode -> job in PeerLookup/Selector
-        self._submitting: dict[int, MigrationTask] = {}  # task id -> task in SubmitRegionMigration
-        self._busy: set[int] = set()  # regions in either of the two calls above
-        self._inflight: dict[int, _InFlight] = {}  # region -> migration we know is running
+        self._subs: dict[str, _Submission] = {}  # submission id -> decision not ended
+        self._region_sub: dict[int, str] = {}  # region -> the submission holding it (in flight or maybe)
         self._procedures: dict[str, _Procedure] = {}
+        self._not_found: dict[int, deque[int]] = {}  # region -> times GetMigrationStatus said NOT_FOUND
+        self._resubmit_at: dict[int, int] = {}  # region -> no new submission before (after a NOT_FOUND)
+        # Durations that outlive this process are stored with a mark of this clock (see ClockBase).
+        self._clock = clock_base or ClockBase()
+        self._last_checkpoint_ms = 0
         self._prev_failed: dict[int, np.ndarray] = {}
         self._next_id = 1
         self._last_hold_log_ms: dict[str, int] = {}
@@ -276,6 +334,8 @@ class Supervisor:
         for region_id in region_ids.tolist():
             key = (datanode_id, region_id)
             self._count_touched.pop(key, None)
+            self._not_found.pop(region_id, None)
+            self._resubmit_at.pop(region_id, None)
             if self.failover_counts.pop(key, None) is not None:
                 dropped.append(key)
         if dropped:
@@ -283,10 +343,34 @@ class Supervisor:
         self.changes.append(RegistryRemove(datanode_id, region_ids))
         return self.table.deregister(datanode_id, region_ids)
 
-    def maintenance_state(self) -> MaintenanceSet:
+    def maintenance_state(self, now: int | None = None) -> MaintenanceSet:
+        """The maintenance switches; with `now`, marked with this clock so that a successor trusts only
+        the time each expiry had left (never a wall-clock difference)."""
         return MaintenanceSet(
-            self.maintenance, self.maintenance_until_ms, tuple(sorted(self.datanode_maintenance.items()))
+            self.maintenance, self.maintenance_until_ms, tuple(sorted(self.datanode_maintenance.items())),
+            None if now is None else self._mark(now),
         )
+
+    def _mark(self, now: int) -> ClockMark:
+        return ClockMark(self._clock.boot_id, self._clock.monotonic_ms(now), now)
+
+    def _elapsed_since(self, mark: ClockMark | None, now: int) -> int:
+        """Time since `mark` as measured by the machine's monotonic clock, when it was written on this
+        boot; 0 otherwise (another machine, a reboot: the elapsed time is unknowable, and assuming
+        none can only extend what runs, never end it early)."""
+        if mark is None or not mark.boot_id or mark.boot_id != self._clock.boot_id:
+            return 0
+        return max(0, self._clock.monotonic_ms(now) - mark.monotonic_ms)
+
+    def _recover_expiry(self, until: int, mark: ClockMark | None, now: int) -> int:
+        """A stored expiry (0: none) on this life's clock: the time it had left at its mark, less the
+        time since (on this boot). The first format had no mark: its absolute time is kept."""
+        if until <= 0:
+            return 0
+        if mark is None:
+            return until
+        left = until - mark.wall_ms - self._elapsed_since(mark, now)
+        return now + max(left, 1)
 
     def _set_maintenance(self, enabled: bool, datanode_ids: tuple[int, ...], ttl_ms: int, now: int) -> None:
         until = now + ttl_ms if enabled and ttl_ms > 0 else 0
@@ -308,7 +392,8 @@ class Supervisor:
             if was and not enabled:
                 self._end_maintenance(None, now)
         self._publish_maintenance()
-        self.changes.append(self.maintenance_state())
+        self._last_checkpoint_ms = now
+        self.changes.append(self.maintenance_state(now))
 
     def _end_maintenance(self, datanode_ids: list[int] | None, now: int) -> None:
         """Re-baseline what maintenance covered, so an upgrade window does not end in a burst of failovers."""
@@ -335,7 +420,15 @@ class Supervisor:
             changed = True
         if changed:
             self._publish_maintenance()
-            self.changes.append(self.maintenance_state())
+            self._last_checkpoint_ms = now
+            self.changes.append(self.maintenance_state(now))
+        elif (self.maintenance_until_ms or any(self.datanode_maintenance.values())) and (
+            now - self._last_checkpoint_ms >= self.policy.expiry_checkpoint_interval_ms
+        ):
+            # Checkpoint of the time left: a successor on another machine (or after a reboot) ends
+            # the window at most this interval plus the time without a leader late, never early.
+            self._last_checkpoint_ms = now
+            self.changes.append(self.maintenance_state(now))
 
     def _publish_maintenance(self) -> None:
         self.metrics.maintenance.set(int(self.maintenance))
@@ -350,39 +443,86 @@ class Supervisor:
 
         A datanode that died while no leader was running is then failed over
         one detection period later. Migrations in flight are reloaded, not
-        submitted again.
+        submitted again; a decision that may not have reached RegionMigration
+        (intent, ambiguous) is sent again at once, to the same target under the
+        same request_id. Stored durations are measured against this clock's
+        mark, never against the wall clock of another life.
         """
         self._forget_volatile_state()
+        self.set_leadership(True, term)
+        if self.guards is not None:
+            self.guards.reset_tick_baseline()  # the time without leading was not a stall of ours
         for datanode_id, region_ids in state.registry.items():
             self.table.register(datanode_id, region_ids, now)
         self.failover_counts = dict(state.failover_counts)
         self._count_touched = dict.fromkeys(self.failover_counts, now)  # decay counts from the recovery on
         self.maintenance = state.maintenance
-        self.maintenance_until_ms = state.maintenance_until_ms
-        self.datanode_maintenance = dict(state.datanode_maintenance)
-        self._publish_maintenance()
-        self._inflight = {
-            r: _InFlight(rec.datanode_id, rec.procedure_id, rec.deadline_ms) for r, rec in state.inflight.items()
+        mark = state.maintenance_mark
+        self.maintenance_until_ms = self._recover_expiry(state.maintenance_until_ms, mark, now)
+        self.datanode_maintenance = {
+            d: self._recover_expiry(until, mark, now) for d, until in state.datanode_maintenance.items()
         }
-        for region_id, flight in self._inflight.items():
-            if flight.procedure_id:
-                proc = self._procedures.setdefault(flight.procedure_id, _Procedure(next_poll_ms=now))
-                proc.regions.add(region_id)
+        self._last_checkpoint_ms = now
+        if mark is not None or self.maintenance_until_ms or any(self.datanode_maintenance.values()):
+            self.changes.append(self.maintenance_state(now))
+        self._publish_maintenance()
+        for sid, rec in state.inflight.items():
+            self._load_submission(sid, rec, now)
+        if state.legacy_inflight:
+            self._upgrade_legacy(state, now)
         self._warmup_until_ms = now + self.policy.warmup_grace_ms
         self._warmup_known = set(state.registry)
         self._warmup_heard = set()
-        self.set_leadership(True, term)
         self.metrics.detectors.set(len(self.table))
-        self.metrics.inflight.set(len(self._inflight))
+        self._publish_submissions()
         log_event(
             log, logging.WARNING, "leadership_started", term=term, datanodes=len(state.registry),
-            regions=len(self.table), in_flight=len(self._inflight), maintenance=state.maintenance,
+            regions=len(self.table), in_flight=len(self._region_sub), submissions=len(self._subs),
+            unresolved=sum(1 for sub in self._subs.values() if sub.state in (INTENT, AMBIGUOUS)),
+            maintenance=state.maintenance,
         )
+
+    def _load_submission(self, sid: str, rec: InFlightRecord, now: int) -> None:
+        task = MigrationTask(self._new_id(), rec.datanode_id, rec.from_peer, rec.to_peer, rec.region_ids,
+                             rec.timeout_ms, self.leader_term, rec.request_id)
+        sub = _Submission(sid, task, rec.state, rec.procedure_id, rec.attempts, mark=rec.mark)
+        if rec.state in (INTENT, AMBIGUOUS):
+            sub.retry_at_ms = now  # resolved at once: the same request to the same target
+        else:
+            # On this boot the monotonic clock says exactly how long it has run; elsewhere a full
+            # timeout from now (status polls learn the real end; at most one timeout longer).
+            sub.deadline_ms = now + max(rec.timeout_ms - self._elapsed_since(rec.mark, now), 1)
+            if rec.procedure_id:
+                self._procedures.setdefault(rec.procedure_id, _Procedure(next_poll_ms=now)).sids.add(sid)
+        self._subs[sid] = sub
+        for region_id in rec.region_ids:
+            self._region_sub[region_id] = sid
+
+    def _upgrade_legacy(self, state: StoredState, now: int) -> None:
+        """Records of the first format (one key per region, an absolute deadline) become one record per
+        (datanode, procedure), in flight for a full base timeout from now (polled at once when they
+        have a procedure): the stored deadline was on another life's wall clock."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for ident, old in sorted(state.legacy_inflight.items()):
+            self.changes.append(InFlightDrop(ident))
+            if old.region_id not in self._region_sub:
+                groups.setdefault((old.datanode_id, old.procedure_id), []).append(old.region_id)
+        for (datanode_id, procedure_id), regions in groups.items():
+            request_id = self._new_request_id()
+            rec = InFlightRecord(request_id, datanode_id, Peer(datanode_id), Peer(0), tuple(regions),
+                                 self.policy.base_timeout_ms, SUBMITTED if procedure_id else MIGRATING,
+                                 procedure_id, 0, self._mark(now))
+            self._load_submission(request_id, rec, now)
+            self.changes.append(InFlightSet(request_id, rec))
+        log_event(log, logging.WARNING, "inflight_records_upgraded", regions=len(state.legacy_inflight),
+                  submissions=len(groups))
 
     def _lose_leadership(self) -> None:
         """Forget the table: the next leader rebuilds it from the store and the datanodes."""
         self.set_leadership(False, self.leader_term)
         self._forget_volatile_state()
+        if self.guards is not None:
+            self.guards.reset_tick_baseline()
         log_event(log, logging.WARNING, "leadership_stopped", term=self.leader_term)
 
     def _forget_volatile_state(self) -> None:
@@ -390,10 +530,11 @@ class Supervisor:
         self.table.clear()
         self._prev_failed.clear()
         self._selecting.clear()
-        self._submitting.clear()
-        self._busy.clear()
-        self._inflight.clear()
+        self._subs.clear()
+        self._region_sub.clear()
         self._procedures.clear()
+        self._not_found.clear()
+        self._resubmit_at.clear()
         self._warmup_known = set()
 
     def _warming_up(self, now: int) -> bool:
@@ -425,7 +566,7 @@ class Supervisor:
             # doing (the heartbeats wait in its queue): it is not a mass failure, nor an alert.
             if pause is None:
                 # A datanode whose regions are all being migrated is dead and handled: not a new silence.
-                handled = self._inflight.keys() | self._busy
+                handled = self._region_sub.keys()
                 silent = [
                     d for d in self.table.silent_datanodes(now, guards.s.mass_failure_silence_ms)
                     if not handled or not set(self.table.regions_of(d).tolist()) <= handled
@@ -450,6 +591,7 @@ class Supervisor:
         # Oldest failure first: under a rate limit, the longest-waiting datanode goes first.
         order = sorted(failed, key=lambda d: (guards.failed_since(d, now) if guards else 0, d))
         exclude_targets = tuple(sorted(guards.excluded_targets(now))) if guards is not None else ()
+        region_holds: set[str] = set()
         for datanode_id in order:
             region_ids = failed[datanode_id]
             if datanode_id in self.datanode_maintenance:
@@ -458,9 +600,11 @@ class Supervisor:
             if datanode_id in self._selecting:
                 m.failover_skipped.labels(reason="in_flight").inc(region_ids.size)
                 continue
-            regions = [r for r in region_ids.tolist() if r not in self._busy and r not in self._inflight]
+            regions = [r for r in region_ids.tolist() if r not in self._region_sub]
             if len(regions) < region_ids.size:
                 m.failover_skipped.labels(reason="in_flight").inc(region_ids.size - len(regions))
+            if self._resubmit_at:
+                regions = self._after_resubmit_backoff(datanode_id, regions, now, region_holds)
             if not regions:
                 continue
             if guards is not None:
@@ -484,6 +628,31 @@ class Supervisor:
                 regions=len(regions),
                 sample=_sample(regions),
             )
+        if region_holds:  # regions held back one by one: shown with the holds (GetFailoverHolds, Dump)
+            self._publish_holds(holds + tuple(sorted(region_holds)))
+
+    def _after_resubmit_backoff(self, datanode_id: int, regions: list[int], now: int, holds: set[str]) -> list[int]:
+        """The regions whose resubmission after a NOT_FOUND status is due; the rest are counted and held."""
+        p = self.policy
+        ready, backoff, limited = [], 0, 0
+        for region_id in regions:
+            until = self._resubmit_at.get(region_id, 0)
+            if now >= until:
+                self._resubmit_at.pop(region_id, None)
+                ready.append(region_id)
+            elif len(self._not_found.get(region_id, ())) > p.max_resubmissions_per_window:
+                limited += 1
+            else:
+                backoff += 1
+        if backoff:
+            self.metrics.failover_skipped.labels(reason="resubmit_backoff").inc(backoff)
+            holds.add("resubmit_backoff")
+        if limited:
+            self.metrics.failover_skipped.labels(reason="resubmit_limit").inc(limited)
+            holds.add("resubmit_limit")
+            self._hold_log(now, "failover_resubmit_limited", datanode_id=datanode_id, regions=limited,
+                           limit=p.max_resubmissions_per_window, window_ms=p.resubmit_window_ms)
+        return ready
 
     def _holds(self, now: int, failed: dict[int, np.ndarray], pause: str | None) -> tuple[str, ...]:
         """Every reason to hold all failover right now, most fundamental first."""
@@ -545,44 +714,94 @@ class Supervisor:
             self.metrics.failures_detected.inc(new)
         self._prev_failed = failed
 
-    def _hold_log(self, now: int, event: str, **fields: object) -> None:
-        """Log a repeated condition at most once per log_interval_ms (per kind of line)."""
-        if now - self._last_hold_log_ms.get(event, -(10**18)) >= self.policy.log_interval_ms:
-            self._last_hold_log_ms[event] = now
+    def _hold_log(self, now: int, event: str, *, key: str | None = None, **fields: object) -> None:
+        """Log a repeated condition at most once per log_interval_ms (per kind of line, or per `key`)."""
+        key = key or event
+        if now - self._last_hold_log_ms.get(key, -(10**18)) >= self.policy.log_interval_ms:
+            self._last_hold_log_ms[key] = now
             log_event(log, logging.WARNING, event, **fields)
 
     def _expire_and_poll(self, now: int) -> None:
-        expired = [r for r, f in self._inflight.items() if now >= f.deadline_ms]
-        for region_id in expired:
-            flight = self._inflight.pop(region_id)
-            self.changes.append(InFlightDrop(region_id))
-            self._forget_procedure_region(flight.procedure_id, region_id)
+        """In-flight migrations past their deadline end; decisions not yet answered are sent again
+        (backed off); procedures due are polled."""
+        for sid in [sid for sid, sub in self._subs.items() if sub.deadline_ms and now >= sub.deadline_ms]:
+            sub = self._end_submission(sid)
             log_event(
-                log,
-                logging.WARNING,
-                "migration_timed_out",
-                datanode_id=flight.datanode_id,
-                region_id=region_id,
-                procedure_id=flight.procedure_id,
+                log, logging.WARNING, "migration_timed_out", datanode_id=sub.task.datanode_id,
+                regions=len(sub.regions), sample=_sample(list(sub.regions)), procedure_id=sub.procedure_id,
+                timeout_ms=sub.task.timeout_ms,
             )
+        for sub in self._subs.values():
+            if sub.state in (INTENT, AMBIGUOUS) and not sub.sending and now >= sub.retry_at_ms:
+                if self.maintenance or sub.task.datanode_id in self.datanode_maintenance:
+                    # An operator said "no migration now": even one that may have started waits.
+                    self._hold_log(now, "failover_retry_held_maintenance", datanode_id=sub.task.datanode_id,
+                                   request_id=sub.task.request_id)
+                    continue
+                self.metrics.submit_retries.inc()
+                log_event(log, logging.WARNING, "failover_submit_retried", datanode_id=sub.task.datanode_id,
+                          to_peer=sub.task.to_peer.id, request_id=sub.task.request_id, state=sub.state,
+                          attempts=sub.attempts, regions=len(sub.regions))
+                self._send(sub)
         for procedure_id, proc in self._procedures.items():
             if not proc.polling and now >= proc.next_poll_ms:
                 proc.polling = True
                 self.outbox.append(PollMigration(procedure_id))
-        self.metrics.inflight.set(len(self._inflight))
+        if self._not_found:
+            horizon = now - self.policy.resubmit_window_ms
+            for region_id in list(self._not_found):
+                times = self._not_found[region_id]
+                while times and times[0] <= horizon:
+                    times.popleft()
+                if not times and region_id not in self._resubmit_at:
+                    del self._not_found[region_id]
+        self._publish_submissions()
 
-    def _forget_procedure_region(self, procedure_id: str, region_id: int) -> None:
-        proc = self._procedures.get(procedure_id)
+    def _send(self, sub: _Submission) -> None:
+        """One call of the decision: a fresh attempt id, the current term, the same request_id."""
+        sub.task = dataclasses.replace(sub.task, task_id=self._new_id(), leader_term=self.leader_term)
+        sub.sending = True
+        if sub.rewrite:  # the runtime sends it once this is durable
+            sub.rewrite = False
+            self.changes.append(InFlightSet(sub.sid, sub.record()))
+        self.outbox.append(SubmitMigration(sub.task))
+
+    def _end_submission(self, sid: str) -> _Submission:
+        """Forget a submission (its regions are free again) and drop its record."""
+        sub = self._subs.pop(sid)
+        for region_id in sub.regions:
+            if self._region_sub.get(region_id) == sid:
+                del self._region_sub[region_id]
+        proc = self._procedures.get(sub.procedure_id) if sub.procedure_id else None
         if proc is not None:
-            proc.regions.discard(region_id)
-            if not proc.regions:
-                del self._procedures[procedure_id]
+            proc.sids.discard(sid)
+            if not proc.sids:
+                del self._procedures[sub.procedure_id]
+        self.changes.append(InFlightDrop(sid))
+        return sub
+
+    def _publish_submissions(self) -> None:
+        by_state = dict.fromkeys((INTENT, AMBIGUOUS, SUBMITTED, MIGRATING), 0)
+        in_flight = 0
+        for sub in self._subs.values():
+            by_state[sub.state] += 1
+            if sub.state in (SUBMITTED, MIGRATING):
+                in_flight += len(sub.regions)
+        for state, n in by_state.items():
+            self.metrics.submissions.labels(state=state).set(n)
+        self.metrics.inflight.set(in_flight)
+
+    def _new_request_id(self) -> str:
+        # Unique across leaders and lives (a term alone can repeat if a store is lost): an idempotency
+        # key that two decisions share would make RegionMigration answer one with the other.
+        return f"{self.leader_term}-{uuid.uuid4().hex}"
 
     # ------------------------------------------------------------ failover results
 
     def _on_selection(self, ev: SelectionDone, now: int) -> None:
         job = ev.job
-        if self._selecting.get(job.datanode_id) == job:
+        current = self._selecting.get(job.datanode_id)
+        if current is not None and current.job_id == job.job_id:
             del self._selecting[job.datanode_id]
         m = self.metrics
         if ev.error is not None:
@@ -602,22 +821,28 @@ class Supervisor:
                 wanted=wanted, got=len(ev.peers),
             )
             return
+        peers = ev.peers[:wanted]
+        invalid = self._invalid_answer(job, peers)
+        if invalid is not None:
+            reason, peer = invalid
+            m.failover_errors.labels(stage="invalid_selection").inc()
+            m.selector_invalid.labels(reason=reason).inc()
+            self._hold_log(now, "failover_selector_answer_invalid", key=f"selector_invalid/{reason}",
+                           datanode_id=job.datanode_id, reason=reason, peer_id=peer.id, peer_addr=peer.addr[:200],
+                           peers=len(peers), retry="next tick")
+            return
         from_peer = ev.from_peer or Peer(job.datanode_id)
         # Re-check at answer time: a region that heartbeat meanwhile, or was deregistered, is not moved.
         phis = self.table.phis(job.datanode_id, as_region_array(job.region_ids), now)
         by_target: dict[Peer, list[int]] = {}
-        recovered = same_peer = damped = 0
-        excluded = set(job.exclude_targets)
-        for region_id, to_peer in zip(job.region_ids, ev.peers):
+        recovered = same_peer = 0
+        for region_id, to_peer in zip(job.region_ids, peers):
             phi = phis.get(region_id)
-            if phi is None or phi < self.opts.threshold or region_id in self._inflight:
+            if phi is None or phi < self.opts.threshold or region_id in self._region_sub:
                 recovered += 1
                 continue
             if to_peer.id == from_peer.id:
                 same_peer += 1
-                continue
-            if to_peer.id in excluded:  # the Selector ignored exclude_peer_ids
-                damped += 1
                 continue
             by_target.setdefault(to_peer, []).append(region_id)
         if recovered:
@@ -626,46 +851,60 @@ class Supervisor:
             m.failover_skipped.labels(reason="same_peer").inc(same_peer)
             log_event(log, logging.WARNING, "failover_same_peer_skipped", datanode_id=job.datanode_id,
                       regions=same_peer)
-        if damped:
-            m.failover_skipped.labels(reason="damped_target").inc(damped)
-            log_event(log, logging.WARNING, "failover_damped_target_skipped", datanode_id=job.datanode_id,
-                      regions=damped)
         if self.guards is not None:
             by_target = self._limit_targets(by_target, now)
             if by_target:
                 self.guards.note_failover(job.datanode_id, now)
+        p = self.policy
         for to_peer, regions in by_target.items():
-            counts = []
-            for region_id in regions:
-                key = (job.datanode_id, region_id)
-                self.failover_counts[key] = self.failover_counts.get(key, 0) + 1
-                self._count_touched[key] = now
-                counts.append(self.failover_counts[key])
-            self.changes.append(
-                CountsSet(tuple(((job.datanode_id, r), c) for r, c in zip(regions, counts)))
-            )
+            # The count grows when a migration is accepted; this one is the next.
+            count = 1 + max(self.failover_counts.get((job.datanode_id, r), 0) for r in regions)
             task = MigrationTask(
                 task_id=self._new_id(),
                 datanode_id=job.datanode_id,
                 from_peer=from_peer,
                 to_peer=to_peer,
                 region_ids=tuple(regions),
-                timeout_ms=self.policy.base_timeout_ms * max(counts),
+                timeout_ms=min(p.base_timeout_ms * count, max(p.max_failover_timeout_ms, p.base_timeout_ms)),
                 leader_term=self.leader_term,
+                request_id=self._new_request_id(),
             )
-            self._submitting[task.task_id] = task
-            self._busy.update(regions)
+            sub = _Submission(task.request_id, task, INTENT, sending=True)
+            self._subs[sub.sid] = sub
+            for region_id in regions:
+                self._region_sub[region_id] = sub.sid
             # The intent is stored before the call leaves (the runtime sends it once this is
-            # durable): a successor that finds it treats the regions as in flight until the
-            # timeout, rather than failing them over a second time.
-            intent = InFlightRecord(job.datanode_id, "", now + task.timeout_ms)
-            self.changes.extend(InFlightSet(r, intent) for r in regions)
+            # durable): a successor that finds it sends the same request to the same target, so the
+            # regions go to one place whatever happens to this leader or to the call. One key per
+            # submission, whatever the number of regions: the step is one small write.
+            self.changes.append(InFlightSet(sub.sid, sub.record()))
             self.outbox.append(SubmitMigration(task))
             log_event(
                 log, logging.WARNING, "failover_submitting", datanode_id=job.datanode_id,
                 from_peer=from_peer.id, to_peer=to_peer.id, regions=len(regions),
-                timeout_ms=task.timeout_ms, sample=_sample(regions),
+                timeout_ms=task.timeout_ms, request_id=task.request_id, sample=_sample(regions),
             )
+        self._publish_submissions()
+
+    def _invalid_answer(self, job: SelectJob, peers: tuple[Peer, ...]) -> tuple[str, Peer] | None:
+        """Why the Selector's answer cannot be used (and the peer that shows it), or None.
+
+        A target equal to the failed datanode is not invalid: it is skipped (DESIGN.md section 4).
+        """
+        excluded = set(job.exclude_targets) - {job.datanode_id}
+        addrs: dict[int, str] = {}
+        for peer in peers:
+            if peer.id == 0:
+                return "zero_id", peer
+            if peer.id == job.datanode_id:
+                continue
+            if self.policy.require_target_addr and not peer.addr:
+                return "no_address", peer
+            if addrs.setdefault(peer.id, peer.addr) != peer.addr:
+                return "conflicting_address", peer
+            if peer.id in excluded:
+                return "excluded_peer", peer
+        return None
 
     def _limit_targets(self, by_target: dict[Peer, list[int]], now: int) -> dict[Peer, list[int]]:
         """Per-target budget: regions beyond it wait for a later tick (they are still failed then)."""
@@ -680,51 +919,138 @@ class Supervisor:
                 allowed[to_peer] = regions[:granted]
         return allowed
 
+    def _retry_delay(self, attempts: int) -> int:
+        p = self.policy
+        return min(p.submit_retry_backoff_ms * 2 ** min(max(attempts - 1, 0), 30), p.submit_retry_backoff_max_ms)
+
     def _on_submission(self, ev: SubmissionDone, now: int) -> None:
-        task = self._submitting.pop(ev.task.task_id, ev.task)
-        self._busy.difference_update(task.region_ids)
-        self.changes.extend(InFlightDrop(r) for r in task.region_ids)  # the intent; re-set below if in flight
+        task = ev.task
+        sub = self._subs.get(task.request_id)
+        if sub is None or not sub.sending or sub.task.task_id != task.task_id:
+            # An answer to an attempt no longer current (an earlier leadership of this replica):
+            # the decision, if still open, is resolved by its own next attempt (same request_id).
+            log_event(log, logging.INFO, "failover_submit_answer_ignored", datanode_id=task.datanode_id,
+                      request_id=task.request_id, task_id=task.task_id)
+            return
+        sub.sending = False
         m = self.metrics
+        d = task.datanode_id
         if ev.error is not None or ev.result is None:
-            m.failover_errors.labels(stage="submit").inc()
-            m.failover_regions.labels(result="call_failed").inc(len(task.region_ids))
-            log_event(log, logging.ERROR, "failover_submit_failed", datanode_id=task.datanode_id,
-                      to_peer=task.to_peer.id, regions=len(task.region_ids), error=ev.error)
+            self._on_submit_error(sub, ev, now)
+            self._publish_submissions()
             return
         result = ev.result
         asked = set(task.region_ids)
-        answered: set[int] = set()
-        d = task.datanode_id
+        categories: dict[int, list[str]] = {}
         for category in DONE_CATEGORIES + KEPT_CATEGORIES:
-            regions = [r for r in getattr(result, category) if r in asked and r not in answered]
+            for region_id in getattr(result, category):
+                if region_id in asked and category not in categories.setdefault(region_id, []):
+                    categories[region_id].append(category)
+        procedure_id = result.procedure_id
+        polled: list[int] = []  # in flight under the procedure
+        migrating: list[int] = []  # in flight until the timeout (nothing of ours to poll)
+        done: list[int] = []
+        contradictory: list[int] = []
+        for region_id in task.region_ids:
+            cats = categories.get(region_id)
+            if not cats:
+                continue
+            if len(cats) > 1:
+                # Two answers for one region: the service may be moving it; never drop it (or its
+                # procedure id) on the word of one category.
+                contradictory.append(region_id)
+                (polled if procedure_id else migrating).append(region_id)
+                continue
+            category = cats[0]
+            m.failover_regions.labels(result=category).inc()
+            if category in DONE_CATEGORIES:
+                done.append(region_id)
+            elif category == "submitted" and procedure_id:
+                polled.append(region_id)
+            elif category in ("submitted", "migrating"):
+                migrating.append(region_id)
+            # peer_conflict: not accepted; failed over again on a later tick (a new decision).
+        if contradictory:
+            m.failover_regions.labels(result="contradictory").inc(len(contradictory))
+            log_event(log, logging.ERROR, "failover_result_contradictory", datanode_id=d, regions=len(contradictory),
+                      sample=_sample(contradictory), procedure_id=procedure_id,
+                      categories=",".join(sorted({c for r in contradictory for c in categories[r]})),
+                      kept="polled under the procedure" if procedure_id else "in flight until the timeout")
+        if done:
+            self._deregister(d, as_region_array(done))
+        # The step's record: the submission becomes its in-flight part, or ends. Counts of the
+        # accepted regions go in the same write.
+        self._subs.pop(sub.sid)
+        for region_id in task.region_ids:
+            if self._region_sub.get(region_id) == sub.sid:
+                del self._region_sub[region_id]
+        parts = [(sub.sid, SUBMITTED, polled, procedure_id), (sub.sid + ".m", MIGRATING, migrating, "")]
+        if not polled:
+            parts = [(sub.sid, MIGRATING, migrating, "")]
+        kept_main = False
+        for sid, state, regions, pid in parts:
             if not regions:
                 continue
-            answered.update(regions)
-            m.failover_regions.labels(result=category).inc(len(regions))
-            if category in DONE_CATEGORIES:
-                self._deregister(d, as_region_array(regions))
-            elif category == "submitted" or category == "migrating":
-                procedure_id = result.procedure_id if category == "submitted" else ""
-                for region_id in regions:
-                    self._inflight[region_id] = _InFlight(d, procedure_id, now + task.timeout_ms)
-                    self.changes.append(
-                        InFlightSet(region_id, InFlightRecord(d, procedure_id, now + task.timeout_ms))
-                    )
-                if procedure_id:
-                    proc = self._procedures.setdefault(procedure_id, _Procedure())
-                    proc.regions.update(regions)
-                    proc.next_poll_ms = now + self.policy.status_poll_interval_ms
-        unanswered = asked - answered
+            kept_main |= sid == sub.sid
+            flight = _Submission(sid, dataclasses.replace(task, region_ids=tuple(regions)), state, pid,
+                                 sub.attempts, deadline_ms=now + task.timeout_ms, mark=self._mark(now))
+            self._subs[sid] = flight
+            for region_id in regions:
+                self._region_sub[region_id] = sid
+            self.changes.append(InFlightSet(sid, flight.record()))
+            if pid:
+                proc = self._procedures.setdefault(pid, _Procedure())
+                proc.sids.add(sid)
+                proc.next_poll_ms = now + self.policy.status_poll_interval_ms
+        if not kept_main:
+            self.changes.append(InFlightDrop(sub.sid))
+        accepted = polled + migrating
+        if accepted:
+            counts = []
+            for region_id in accepted:
+                key = (d, region_id)
+                self.failover_counts[key] = self.failover_counts.get(key, 0) + 1
+                self._count_touched[key] = now
+                counts.append((key, self.failover_counts[key]))
+            self.changes.append(CountsSet(tuple(counts)))
+        unanswered = asked - categories.keys()
         if unanswered:
             m.failover_regions.labels(result="unanswered").inc(len(unanswered))
             log_event(log, logging.ERROR, "failover_regions_unanswered", datanode_id=d,
                       regions=len(unanswered), sample=_sample(sorted(unanswered)))
         log_event(
             log, logging.WARNING, "failover_submitted", datanode_id=d, to_peer=task.to_peer.id,
-            procedure_id=result.procedure_id,
+            procedure_id=procedure_id, request_id=task.request_id,
             **{c: len(getattr(result, c)) for c in DONE_CATEGORIES + KEPT_CATEGORIES if getattr(result, c)},
         )
-        self.metrics.inflight.set(len(self._inflight))
+        self._publish_submissions()
+
+    def _on_submit_error(self, sub: _Submission, ev: SubmissionDone, now: int) -> None:
+        """A failed call. Refused: the decision ends (the regions may be failed over afresh). Not sent:
+        sent again later. Ambiguous: it may have been carried out, so the regions stay held and the
+        same request goes to the same target again, backed off, until a definite answer."""
+        task = sub.task
+        m = self.metrics
+        m.failover_errors.labels(stage="submit").inc()
+        fields = dict(datanode_id=task.datanode_id, to_peer=task.to_peer.id, regions=len(task.region_ids),
+                      request_id=task.request_id, error=ev.error)
+        if ev.error_kind == SUBMIT_REFUSED:
+            m.failover_regions.labels(result="call_refused").inc(len(task.region_ids))
+            self._end_submission(sub.sid)
+            log_event(log, logging.ERROR, "failover_submit_refused", **fields)
+            return
+        sub.attempts += 1
+        sub.retry_at_ms = now + self._retry_delay(sub.attempts)
+        if ev.error_kind == SUBMIT_NOT_SENT:
+            sub.rewrite = True  # its intent may not be durable: written again before the next call
+            log_event(log, logging.WARNING, "failover_submit_not_sent", retry_in_ms=sub.retry_at_ms - now, **fields)
+            return
+        m.failover_regions.labels(result="call_failed").inc(len(task.region_ids))
+        if sub.state == INTENT:
+            sub.state = AMBIGUOUS  # a successor then knows the call may have been carried out
+            self.changes.append(InFlightSet(sub.sid, sub.record()))
+        log_event(log, logging.ERROR, "failover_submit_ambiguous", attempts=sub.attempts,
+                  retry_in_ms=sub.retry_at_ms - now, **fields)
 
     def _on_status(self, ev: StatusPolled, now: int) -> None:
         proc = self._procedures.get(ev.procedure_id)
@@ -737,23 +1063,48 @@ class Supervisor:
             if ev.error is not None:
                 self.metrics.failover_errors.labels(stage="status").inc()
             return
-        del self._procedures[ev.procedure_id]
-        flights = {r: self._inflight.pop(r) for r in proc.regions if r in self._inflight}
-        self.changes.extend(InFlightDrop(r) for r in flights)
-        if state is MigrationState.SUCCEEDED:
-            # The regions live elsewhere now: the old detectors would only fire again.
-            for region_id, flight in flights.items():
-                self._deregister(flight.datanode_id, as_region_array([region_id]))
+        ended = [self._end_submission(sid) for sid in sorted(proc.sids)]
+        self._procedures.pop(ev.procedure_id, None)
+        regions = sum(len(sub.regions) for sub in ended)
+        for sub in ended:
+            d = sub.task.datanode_id
+            if state is MigrationState.SUCCEEDED:
+                # The regions live elsewhere now: the old detectors would only fire again.
+                self._deregister(d, as_region_array(list(sub.regions)))
+            elif state is MigrationState.NOT_FOUND:
+                self._note_not_found(sub, now)
         log_event(
             log,
             logging.INFO if state is MigrationState.SUCCEEDED else logging.WARNING,
             "migration_finished",
             procedure_id=ev.procedure_id,
             state=state.name,
-            regions=len(flights),
+            regions=regions,
             message=ev.message,
         )
-        self.metrics.inflight.set(len(self._inflight))
+        self._publish_submissions()
+
+    def _note_not_found(self, sub: _Submission, now: int) -> None:
+        """RegionMigration does not know the procedure: the regions are failed over again, but each no
+        sooner than a backoff that doubles per NOT_FOUND, and at most `max_resubmissions_per_window`
+        times per window (a service that loses procedures must not cause a storm of migrations)."""
+        p = self.policy
+        until_max = now
+        for region_id in sub.regions:
+            times = self._not_found.setdefault(region_id, deque())
+            while times and times[0] <= now - p.resubmit_window_ms:
+                times.popleft()
+            times.append(now)
+            if len(times) > p.max_resubmissions_per_window:
+                until = times[0] + p.resubmit_window_ms
+            else:
+                until = now + min(p.resubmit_backoff_ms * 2 ** (len(times) - 1), p.resubmit_backoff_max_ms)
+            self._resubmit_at[region_id] = until
+            until_max = max(until_max, until)
+        self.metrics.migration_not_found.inc(len(sub.regions))
+        log_event(log, logging.WARNING, "migration_not_found", datanode_id=sub.task.datanode_id,
+                  procedure_id=sub.procedure_id, regions=len(sub.regions), sample=_sample(list(sub.regions)),
+                  resubmit_after_ms=until_max - now)
 
     # ------------------------------------------------------------ dump
 
@@ -765,7 +1116,7 @@ class Supervisor:
         return DumpSnapshot(
             nodes=self.table.snapshot(wanted),
             failover_counts=counts,
-            migrating=frozenset(self._inflight) | frozenset(self._busy),
+            migrating=frozenset(self._region_sub),
             is_leader=self.is_leader,
             maintenance=self.maintenance,
             maintenance_datanodes=dict(self.datanode_maintenance),

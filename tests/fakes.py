@@ -10,8 +10,10 @@ Faults are injected per fake, for the next `times` calls (None: until
 cleared with `clear_faults()`):
 
 - `fail(code, times=..., details=...)`: answer with that gRPC status;
-- `hang(seconds, times=...)`: sleep that long before answering normally
-  (`stop()` wakes a hanging handler at once).
+- `hang(seconds, times=..., after=False)`: sleep that long before answering
+  normally (`stop()` wakes a hanging handler at once); with `after=True` the
+  call is carried out first and only its answer is late (the client may have
+  given up on a call that happened).
 
     with FakeRegionMigration() as rm:
         rm.fail(grpc.StatusCode.UNAVAILABLE, times=2)
@@ -85,6 +87,7 @@ class _Fault:
     details: str = ""
     seconds: float = 0.0
     methods: frozenset[str] | None = None  # None: every method
+    after: bool = False  # hang after carrying the call out, not before
 
 
 class _Aborted(Exception):
@@ -128,11 +131,14 @@ class _FakeServer:
             self._faults.append(_Fault("fail", times, code=code, details=details,
                                        methods=frozenset(methods) if methods else None))
 
-    def hang(self, seconds: float, *, times: int | None = None, methods: Iterable[str] | None = None) -> None:
-        """Sleep `seconds` before answering the next `times` calls (None: all, until `clear_faults`)."""
+    def hang(
+        self, seconds: float, *, times: int | None = None, methods: Iterable[str] | None = None, after: bool = False
+    ) -> None:
+        """Sleep `seconds` before answering the next `times` calls (None: all, until `clear_faults`);
+        `after`: the call is carried out before the sleep (its answer is what is late)."""
         with self._lock:
             self._faults.append(_Fault("hang", times, seconds=seconds,
-                                       methods=frozenset(methods) if methods else None))
+                                       methods=frozenset(methods) if methods else None, after=after))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -168,11 +174,13 @@ class _FakeServer:
             self.calls.append(call)
         try:
             fault = self._take_fault(method)
-            if fault is not None and fault.kind == "hang":
+            if fault is not None and fault.kind == "hang" and not fault.after:
                 self._stopping.wait(fault.seconds)
             if fault is not None and fault.kind == "fail":
                 raise _Aborted(fault.code, fault.details)
             response = answer(request)
+            if fault is not None and fault.kind == "hang" and fault.after:
+                self._stopping.wait(fault.seconds)
         except _Aborted as exc:
             call.outcome, call.done_at = exc.code.name, time.monotonic()
             context.abort(exc.code, exc.details)
@@ -211,6 +219,10 @@ class FakeRegionMigration(_FakeServer):
       change at any time), else `default_state` (RUNNING).
     - A leader_term lower than the highest seen is refused with
       FAILED_PRECONDITION "stale leader term ..." (the refusal is recorded).
+    - Idempotent on `request_id`, as the contract asks of the real service: a
+      request_id answered before gets the same answer and starts nothing new
+      (also when the first call's client gave up waiting: its migration
+      exists). `migrations` lists what was really started, one per request_id.
     """
 
     service_name = "RegionMigration"
@@ -228,6 +240,9 @@ class FakeRegionMigration(_FakeServer):
         self.default_state = default_state
         self.highest_term = 0
         self._ids = itertools.count(1)
+        self._idempotency = threading.Lock()
+        self._by_request: dict[str, pb.SubmitRegionMigrationResponse] = {}
+        self.migrations: list[tuple[str, pb.SubmitRegionMigrationRequest, pb.SubmitRegionMigrationResponse]] = []
         super().__init__(**kwargs)
 
     def _register(self, server: grpc.Server) -> None:
@@ -259,7 +274,14 @@ class FakeRegionMigration(_FakeServer):
                     f"stale leader term {request.leader_term}: {self.highest_term} has been seen",
                 )
             self.highest_term = request.leader_term
-        return self.respond(request)
+        with self._idempotency:
+            if request.request_id and request.request_id in self._by_request:
+                return self._by_request[request.request_id]
+            response = self.respond(request)
+            if request.request_id:
+                self._by_request[request.request_id] = response
+            self.migrations.append((request.request_id, request, response))
+            return response
 
     def _status(self, request: pb.GetMigrationStatusRequest) -> pb.GetMigrationStatusResponse:
         with self._lock:

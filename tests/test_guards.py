@@ -15,6 +15,7 @@ ask the detector table when a silent datanode crosses (`Sim.crossing`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import Future
 
@@ -786,18 +787,20 @@ class TestFlapDamping:
         assert g.backoff_until(7) == 50_000 + 25_000  # 10 s x 2^2 = 40 s, capped at 25 s
         assert g.backoff_until(8) == 0
 
-    def test_selector_answer_naming_an_excluded_target_is_skipped(self, logged):
+    def test_selector_answer_naming_an_excluded_target_is_refused(self, logged):
         sim = Sim(GuardSettings())
         warm(sim)
         sim.alive.difference_update({1, 2})
         sim.run_to(sim.crossing(1))
         [job] = [j for j in jobs(e for _, e in sim.timeline) if j.datanode_id == 1]
         assert 2 in job.exclude_targets
-        # A Selector that ignored exclude_peer_ids: one region to 2 (failed), one to 5.
-        submitted = sim.answer(job, 2, 5)
-        assert [(t.to_peer.id, len(t.region_ids)) for t in submitted] == [(5, 1)]
-        assert sim.skipped("damped_target") == 1
-        assert logged("failover_damped_target_skipped") == [{"datanode_id": 1, "regions": 1}]
+        # A Selector that ignored exclude_peer_ids: one region to 2 (failed), one to 5. An answer
+        # that ignores the request is not trusted in part: nothing is submitted, it is asked again.
+        assert sim.answer(job, 2, 5) == []
+        assert sim.value("supervisor_selector_invalid_answers_total", reason="excluded_peer") == 1
+        [line] = logged("failover_selector_answer_invalid")
+        assert (line["datanode_id"], line["reason"], line["peer_id"]) == (1, "excluded_peer", 2)
+        assert 1 in selected(sim.step())
 
     def test_guards_flapping_directly(self):
         g = Guards(GuardSettings(flap_threshold=3, flap_window_ms=60_000, target_holddown_ms=30_000))
@@ -821,13 +824,13 @@ class TestFailoverCountDecay:
     DECAY = 60_000
 
     def failed_over_once(self, policy: FailoverPolicy) -> tuple[Sim, int]:
-        """Datanode 1 fails, its regions are submitted (answer peer_conflict: detectors and counts kept)."""
+        """Datanode 1 fails, its regions are submitted (answer migrating: detectors and counts kept)."""
         sim = Sim(GuardSettings(), policy)
         warm(sim)
         sim.alive.discard(1)
         sim.run_to(sim.crossing(1))
         [job] = jobs(e for _, e in sim.timeline)
-        sim.failover(job, target=5, category="peer_conflict")
+        sim.failover(job, target=5, category="migrating")
         assert sim.sup.failover_counts == {(1, r): 1 for r in sim.regions[1]}
         sim.sup.drain_changes()
         return sim, sim.now
@@ -883,7 +886,9 @@ class TestScopedMaintenance:
         assert state == MaintenanceSet(False, 0, ((1, 0),))
         assert sim.value("supervisor_maintenance_datanodes") == 1
         assert logged("datanode_maintenance_changed")[0]["datanodes"] == "1"
-        assert state in sim.sup.drain_changes()
+        stored = [c for c in sim.sup.drain_changes() if isinstance(c, MaintenanceSet)]
+        assert [dataclasses.replace(c, mark=None) for c in stored] == [state]
+        assert stored[0].mark is not None and stored[0].mark.wall_ms == sim.now
         sim.alive.difference_update({1, 2})
         crossing = max(sim.crossing(1), sim.crossing(2))
         sim.run_to(crossing)

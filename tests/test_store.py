@@ -11,6 +11,7 @@ from supervisor_service.clock import FakeClock
 from supervisor_service.events import MigrationTask, Peer
 from supervisor_service.remotes import DryRunJournal, JournalEntry, StaleLeaderTerm
 from supervisor_service.store import (
+    ClockMark,
     CountsDrop,
     CountsSet,
     FencedOut,
@@ -57,24 +58,27 @@ def store():
 
 def test_every_change_round_trips(store):
     big = (1 << 64) - 1
+    flight = InFlightRecord("3-a", 1, Peer(1, "a:1"), Peer(2, "b:2"), (5, big), 240_000, "submitted", "p-1", 2,
+                            ClockMark("boot", 123, 4000))
     _apply(store, [
         RegistryAdd(1, _u64(5, 3, big)),
         RegistryAdd(2, _u64(7)),
         RegistryRemove(1, _u64(3)),
         CountsSet((((1, 5), 2), ((2, 7), 1))),
         CountsDrop(((2, 7),)),
-        InFlightSet(5, InFlightRecord(1, "p-1", 99_000)),
-        InFlightSet(6, InFlightRecord(1, "", 98_000)),
-        InFlightDrop(6),
-        MaintenanceSet(True, 5000, ((4, 0), (9, 7000))),
+        InFlightSet("3-a", flight),
+        InFlightSet("3-b", InFlightRecord("3-b", 1, Peer(1), Peer(2, "b:2"), (6,), 120_000, "intent")),
+        InFlightDrop("3-b"),
+        MaintenanceSet(True, 5000, ((4, 0), (9, 7000)), ClockMark("boot", 123, 4000)),
         JournalAppend(_entry(1, term=3), 3),
         TermSet(4),
     ])
     state = StateStore(store.kv, "/cluster-a").load()
     assert {d: r.tolist() for d, r in state.registry.items()} == {1: [5, big], 2: [7]}
     assert state.failover_counts == {(1, 5): 2}
-    assert state.inflight == {5: InFlightRecord(1, "p-1", 99_000)}
+    assert state.inflight == {"3-a": flight}
     assert (state.maintenance, state.maintenance_until_ms, state.datanode_maintenance) == (True, 5000, {4: 0, 9: 7000})
+    assert state.maintenance_mark == ClockMark("boot", 123, 4000)
     assert state.journal == [_entry(1, term=3)] and state.journal_term == 3
     assert state.term == 4
 
@@ -115,6 +119,22 @@ def test_changes_submitted_together_are_one_commit():
     assert kv.commits <= 2  # group commit, not one write per region
     assert StateStore(kv, "/c").load().region_count == 50
     store.stop(5)
+
+
+def test_first_formats_still_read():
+    """Maintenance without a mark, and in-flight records of one key per region (read for their upgrade)."""
+    import json
+
+    from supervisor_service.store import LegacyInFlight, decode_state
+
+    raw = {
+        "/c/maintenance": json.dumps({"enabled": True, "until_ms": 9, "datanodes": [[4, 7]]}).encode(),
+        f"/c/inflight/{5:020d}": json.dumps({"datanode_id": 1, "procedure_id": "p", "deadline_ms": 8}).encode(),
+    }
+    state = decode_state(raw, "/c/")
+    assert (state.maintenance, state.maintenance_until_ms, state.datanode_maintenance) == (True, 9, {4: 7})
+    assert state.maintenance_mark is None
+    assert state.inflight == {} and state.legacy_inflight == {f"{5:020d}": LegacyInFlight(5, 1, "p", 8)}
 
 
 def test_first_maintenance_format_still_reads():

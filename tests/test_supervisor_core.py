@@ -25,6 +25,7 @@ from supervisor_service.events import (
     Heartbeat,
     MigrationResult,
     MigrationState,
+    MigrationTask,
     Peer,
     Register,
     Reset,
@@ -291,7 +292,7 @@ def test_registered_region_that_never_heartbeats_fails_after_the_pause():
 def test_deregister_drops_the_detector_and_its_failover_count():
     sim = Sim()
     t, sub = submitted_task(sim, regions=(10, 11))
-    sim.submit_done(sub.task, t, error="unavailable")  # a failed call keeps the counts
+    sim.submit_done(sub.task, t, submitted=(10, 11), procedure_id="p")  # accepted: counted
     assert sim.sup.failover_counts == {(1, 10): 1, (1, 11): 1}
     removed = sim.handle(Deregister(((1, 10), (1, 99), (7, 1))), t + 1)
     assert removed == 1
@@ -355,6 +356,8 @@ def test_dump_snapshot_contents():
     effects = only(sim.tick(t_fail), SelectPeers)
     job1 = next(e.job for e in effects if e.job.datanode_id == 1)
     sub = one_submit(sim.select_done(job1, [P5, P5], t_fail))
+    assert sim.dump(t_fail + 1).migrating == frozenset({10, 11})  # submitting counts as migrating
+    sim.submit_done(sub.task, t_fail + 2, submitted=(10, 11), procedure_id="p-1")
     snap = sim.dump(t_fail + 5)
     assert snap.taken_at_ms == t_fail + 5
     assert snap.is_leader is True
@@ -362,12 +365,12 @@ def test_dump_snapshot_contents():
     assert snap.threshold == OPTS.threshold
     assert sorted(n.datanode_id for n in snap.nodes) == [1, 2]
     assert snap.failover_counts == {(1, 10): 1, (1, 11): 1}
-    assert snap.migrating == frozenset({10, 11})  # submitting counts as migrating
+    assert snap.migrating == frozenset({10, 11})
     node1 = next(n for n in snap.nodes if n.datanode_id == 1)
     assert node1.regions.tolist() == [10, 11]
     assert all(g.phi(t_fail) >= OPTS.threshold for g in node1.groups.values())
     # A consistent copy: later events do not change it.
-    sim.submit_done(sub.task, t_fail + 10, migrated=(10, 11))
+    sim.status("p-1", MigrationState.SUCCEEDED, t_fail + 10)
     sim.beat(2, [20, 21], t_fail + 20)
     assert snap.failover_counts == {(1, 10): 1, (1, 11): 1}
     assert node1.regions.tolist() == [10, 11]
@@ -380,7 +383,7 @@ def test_dump_snapshot_contents():
 def test_dump_filters_by_datanode():
     sim = Sim()
     t, sub = submitted_task(sim, regions=(10,))
-    sim.submit_done(sub.task, t, error="boom")
+    sim.submit_done(sub.task, t, submitted=(10,), procedure_id="p")
     sim.beats(2, [20], t, 1)
     sim.beats(3, [30], t, 1)
     snap = sim.dump(t, datanodes={2, 3})
@@ -572,6 +575,7 @@ def test_target_equal_to_source_is_skipped():
     sub = one_submit(sim.select_done(sel.job, [Peer(1, "dn1:4001"), P5], t))
     assert sub.task.region_ids == (11,)
     assert sim.skipped("same_peer") == 1
+    sim.submit_done(sub.task, t, submitted=(11,), procedure_id="p")
     assert sim.sup.failover_counts == {(1, 11): 1}
 
 
@@ -613,22 +617,33 @@ def test_tasks_grouped_by_target_with_counts_and_timeout():
         assert task.from_peer == SRC
         assert task.datanode_id == 1
     assert by_target[P5].task_id != by_target[P6].task_id
+    assert by_target[P5].request_id != by_target[P6].request_id
+    assert sim.sup.failover_counts == {}, "a failover is counted when its migration is accepted"
+    for task in by_target.values():
+        sim.submit_done(task, t, submitted=task.region_ids, procedure_id=f"p-{task.to_peer.id}")
     assert sim.sup.failover_counts == {(1, 10): 1, (1, 11): 1, (1, 12): 1}
 
 
 def test_timeout_is_base_times_the_largest_count_of_the_group():
     sim = Sim()
     t, sel = failed_datanode(sim, regions=(10, 11))
-    # Round 1: only region 11 is tried (10 drew its own datanode), and the call fails.
+    # Round 1: only region 11 is tried (10 drew its own datanode); it is accepted, and fails.
     sub = one_submit(sim.select_done(sel.job, [Peer(1), P5], t))
-    sim.submit_done(sub.task, t, error="unavailable")
+    sim.submit_done(sub.task, t, submitted=(11,), procedure_id="p-1")
+    poll_at = t + sim.policy.status_poll_interval_ms
+    effects = sim.tick(poll_at)
+    assert PollMigration("p-1") in effects
+    [again] = [e for e in effects if isinstance(e, SelectPeers)]  # region 10, still failed
+    assert sim.select_done(again.job, [Peer(1)], poll_at) == []
+    sim.status("p-1", MigrationState.FAILED, poll_at)
     assert sim.sup.failover_counts == {(1, 11): 1}
     # Round 2: both go to P5 in one task; region 11 (not the first of the task) is at its second try.
-    sel2 = one_select(sim.tick(t + 1000))
-    sub2 = one_submit(sim.select_done(sel2.job, [P5, P5], t + 1000))
+    sel2 = one_select(sim.tick(poll_at + 1000))
+    sub2 = one_submit(sim.select_done(sel2.job, [P5, P5], poll_at + 1000))
     assert sub2.task.region_ids == (10, 11)
-    assert sim.sup.failover_counts == {(1, 10): 1, (1, 11): 2}
     assert sub2.task.timeout_ms == 2 * BASE_TIMEOUT
+    sim.submit_done(sub2.task, poll_at + 1000, submitted=(10, 11), procedure_id="p-2")
+    assert sim.sup.failover_counts == {(1, 10): 1, (1, 11): 2}
 
 
 def test_timeout_follows_the_policy_base():
@@ -645,6 +660,7 @@ def test_regions_that_recovered_before_the_selection_answer_are_not_submitted():
     assert sub.task.region_ids == (11,)
     assert sub.task.to_peer == P6
     assert sim.skipped("recovered") == 1
+    sim.submit_done(sub.task, t + 20, submitted=(11,), procedure_id="p")
     assert sim.sup.failover_counts == {(1, 11): 1}
 
 
@@ -697,8 +713,10 @@ def test_kept_categories_keep_the_detector_and_the_count(category):
     sim.submit_done(sub.task, t, **{category: (10,)}, procedure_id="p-9")
     assert sim.regions(category) == 1
     assert sim.sup.table.contains(1, 10)
-    assert sim.sup.failover_counts == {(1, 10): 1}
-    assert sim.dump(t).failover_counts == {(1, 10): 1}
+    # A failover is counted when the migration is accepted: submitted, or already migrating.
+    counted = {(1, 10): 1} if category != "peer_conflict" else {}
+    assert sim.sup.failover_counts == counted
+    assert sim.dump(t).failover_counts == counted
 
 
 def test_peer_conflict_is_dispatched_again_on_the_next_tick():
@@ -708,7 +726,8 @@ def test_peer_conflict_is_dispatched_again_on_the_next_tick():
     sel = one_select(sim.tick(t + 1000))
     assert sel.job.region_ids == (10,)
     sub2 = one_submit(sim.select_done(sel.job, [P6], t + 1000))
-    assert sub2.task.timeout_ms == 2 * BASE_TIMEOUT
+    assert sub2.task.timeout_ms == BASE_TIMEOUT  # the conflict was not an accepted migration
+    assert sub2.task.request_id != sub.task.request_id
 
 
 def test_every_category_in_one_answer():
@@ -722,17 +741,31 @@ def test_every_category_in_one_answer():
     for c, r in zip(cats, regions):
         assert sim.regions(c) == 1
         assert sim.sup.table.contains(1, r) == (c in KEPT)
-        assert ((1, r) in sim.sup.failover_counts) == (c in KEPT)
+        assert ((1, r) in sim.sup.failover_counts) == (c in ("migrating", "submitted"))
 
 
-def test_failed_call_keeps_both_and_is_dispatched_again_later():
+def test_failed_call_keeps_the_regions_and_retries_the_same_request():
+    """A call that failed without a definite answer (here: a deadline) may have been carried out."""
     sim = Sim()
     t, sub = submitted_task(sim, regions=(10, 11))
     assert sim.submit_done(sub.task, t, error="deadline exceeded") == []
     assert sim.errors("submit") == 1
     assert sim.regions("call_failed") == 2
     assert sim.sup.table.contains(1, 10) and sim.sup.table.contains(1, 11)
-    assert sim.sup.failover_counts == {(1, 10): 1, (1, 11): 1}
+    assert sim.sup.failover_counts == {}
+    assert sim.dump(t).migrating == frozenset({10, 11})
+    retry = one_submit(sim.tick(t + sim.policy.submit_retry_backoff_ms))
+    assert (retry.task.request_id, retry.task.to_peer, retry.task.region_ids) == (
+        sub.task.request_id, sub.task.to_peer, sub.task.region_ids)
+    assert retry.task.task_id != sub.task.task_id
+
+
+def test_refused_call_frees_the_regions_for_the_next_tick():
+    sim = Sim()
+    t, sub = submitted_task(sim, regions=(10, 11))
+    sim.sup.handle(SubmissionDone(sub.task, error="INVALID_ARGUMENT: no", error_kind="refused"), t)
+    assert sim.errors("submit") == 1 and sim.regions("call_refused") == 2
+    assert sim.sup.failover_counts == {}
     assert sim.dump(t).migrating == frozenset()
     sel = one_select(sim.tick(t + 1000))
     assert sel.job.region_ids == (10, 11)
@@ -760,6 +793,7 @@ def test_second_failure_doubles_the_timeout():
     assert sel.job.region_ids == (10,)
     sub2 = one_submit(sim.select_done(sel.job, [P6], poll_at + 1000))
     assert sub2.task.timeout_ms == 2 * BASE_TIMEOUT
+    sim.submit_done(sub2.task, poll_at + 1000, submitted=(10,), procedure_id="proc-2")
     assert sim.sup.failover_counts == {(1, 10): 2}
 
 
@@ -767,11 +801,27 @@ def test_third_failure_triples_the_timeout():
     sim = Sim()
     t, sub = submitted_task(sim)
     for n in (2, 3):
-        sim.submit_done(sub.task, t, error="boom")
+        sim.submit_done(sub.task, t, submitted=(10,), procedure_id=f"p-{n}")
+        t += sim.policy.status_poll_interval_ms
+        assert sim.tick(t) == [PollMigration(f"p-{n}")]
+        sim.status(f"p-{n}", MigrationState.FAILED, t)
         t += 1000
         sel = one_select(sim.tick(t))
         sub = one_submit(sim.select_done(sel.job, [P5], t))
         assert sub.task.timeout_ms == n * BASE_TIMEOUT
+
+
+def test_timeout_is_capped_by_the_policy():
+    sim = Sim(FailoverPolicy(max_failover_timeout_ms=3 * BASE_TIMEOUT))
+    t, sub = submitted_task(sim)
+    for n in range(2, 7):
+        sim.submit_done(sub.task, t, submitted=(10,), procedure_id=f"p-{n}")
+        t += sim.policy.status_poll_interval_ms
+        sim.tick(t)
+        sim.status(f"p-{n}", MigrationState.FAILED, t)
+        t += 1000
+        sub = one_submit(sim.select_done(one_select(sim.tick(t)).job, [P5], t))
+        assert sub.task.timeout_ms == min(n, 3) * BASE_TIMEOUT
 
 
 def test_status_succeeded_deregisters():
@@ -801,6 +851,11 @@ def test_status_ended_without_success_keeps_the_detector(state):
     sim.status("p", state, poll_at)
     assert sim.sup.table.contains(1, 10)
     assert sim.sup.failover_counts == {(1, 10): 1}
+    if state is MigrationState.NOT_FOUND:  # failed over again, after a backoff
+        backoff = sim.policy.resubmit_backoff_ms
+        assert sim.tick(poll_at + backoff - 1) == []
+        assert sim.skipped("resubmit_backoff") == 1
+        poll_at += backoff - 1
     assert one_select(sim.tick(poll_at + 1)).job.region_ids == (10,)
 
 
@@ -906,8 +961,9 @@ _ANSWER_CATEGORIES = DONE + KEPT + ("submitted", "submitted", "submitted", "migr
 class SupervisorMachine(RuleBasedStateMachine):
     """Random heartbeats, ticks and remote answers; the rules of section 4 must hold throughout.
 
-    The model tracks what the supervisor was told (submissions pending, migrations in flight,
-    failover counts) only from the effects it emitted and the answers fed back.
+    The model tracks what the supervisor was told (submissions pending, calls that failed without
+    a definite answer, migrations in flight, failover counts) only from the effects it emitted and
+    the answers fed back.
     """
 
     def __init__(self) -> None:
@@ -916,6 +972,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.now = 0
         self.selects: dict[int, SelectPeers] = {}  # job id -> effect not answered yet
         self.submits: dict[int, SubmitMigration] = {}  # task id -> effect not answered yet
+        self.ambiguous: dict[str, MigrationTask] = {}  # request id -> task whose call failed (maybe done)
         self.polls: set[str] = set()
         self.inflight: dict[int, tuple[int, str, int]] = {}  # region -> (datanode, procedure, deadline)
         self.counts: dict[tuple[int, int], int] = {}
@@ -925,27 +982,38 @@ class SupervisorMachine(RuleBasedStateMachine):
 
     # -- helpers
 
+    def _busy(self) -> set[int]:
+        return {r for s in self.submits.values() for r in s.task.region_ids} | {
+            r for t in self.ambiguous.values() for r in t.region_ids}
+
     def _take(self, effects) -> None:
         for e in effects:
             if isinstance(e, SelectPeers):
                 job = e.job
                 assert all(s.job.datanode_id != job.datanode_id for s in self.selects.values())
-                busy = {r for s in self.submits.values() for r in s.task.region_ids}
+                busy = self._busy()
                 for r in job.region_ids:
-                    assert r not in busy, "selected a region whose submission is pending"
+                    assert r not in busy, "selected a region whose submission is pending or unresolved"
                     assert r not in self.inflight, "selected a region whose migration is in flight"
                     assert self.sim.sup.table.phi(job.datanode_id, r, self.now) >= OPTS.threshold
                 self.selects[job.job_id] = e
             elif isinstance(e, SubmitMigration):
                 task = e.task
                 assert task.to_peer.id != task.from_peer.id
-                busy = {r for s in self.submits.values() for r in s.task.region_ids}
+                assert task.request_id
+                first = self.ambiguous.pop(task.request_id, None)
+                if first is not None:  # a retry: the same request, to the same target
+                    assert (task.to_peer, task.region_ids, task.timeout_ms) == (
+                        first.to_peer, first.region_ids, first.timeout_ms)
+                    self.submits[task.task_id] = e
+                    continue
+                busy = self._busy()
                 for r in task.region_ids:
                     assert r not in busy and r not in self.inflight
                     assert self.sim.sup.table.phi(task.datanode_id, r, self.now) >= OPTS.threshold
-                    key = (task.datanode_id, r)
-                    self.counts[key] = self.counts.get(key, 0) + 1
-                assert task.timeout_ms == BASE_TIMEOUT * max(self.counts[(task.datanode_id, r)] for r in task.region_ids)
+                # Counted when accepted: this decision is the next failover of the group.
+                assert task.timeout_ms == BASE_TIMEOUT * (
+                    1 + max(self.counts.get((task.datanode_id, r), 0) for r in task.region_ids))
                 self.submits[task.task_id] = e
             elif isinstance(e, PollMigration):
                 assert e.procedure_id not in self.polls, "a second poll while one is out"
@@ -990,6 +1058,7 @@ class SupervisorMachine(RuleBasedStateMachine):
     def _answer_submit(self, task, categories: dict[str, list[int]] | None) -> None:
         if categories is None:
             assert self.sim.submit_done(task, self.now, error="unavailable") == []
+            self.ambiguous[task.request_id] = task  # retried later, to the same target
             return
         categories = {c: rs for c, rs in categories.items() if c != "unanswered"}
         self.next_proc += 1
@@ -1005,6 +1074,7 @@ class SupervisorMachine(RuleBasedStateMachine):
                     self._drop(key)
                     assert not self.sim.sup.table.contains(*key)
                 elif cat in ("submitted", "migrating"):
+                    self.counts[key] = self.counts.get(key, 0) + 1
                     self.inflight[r] = (task.datanode_id, proc if cat == "submitted" else "", self.now + task.timeout_ms)
 
     @precondition(lambda self: self.selects)
