@@ -194,7 +194,7 @@ class Metrics:
         )
         self.selector_invalid = Counter(
             "supervisor_selector_invalid_answers",
-            "Selector answers refused, by reason (zero_id, no_address, conflicting_address, excluded_peer).",
+            "Selector answers refused, by reason (zero_id, address_too_long, no_address, conflicting_address, excluded_peer).",
             ["reason"],
             registry=r,
         )

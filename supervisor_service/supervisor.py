@@ -70,6 +70,9 @@ from supervisor_service.table import DetectorTable, NodeSnapshot, as_region_arra
 
 log = logging.getLogger("supervisor_service.supervisor")
 
+# Longest peer address taken from a remote answer (host:port is far shorter; a longer one is garbage).
+MAX_PEER_ADDR_LEN = 512
+
 
 # ---------------------------------------------------------------- effects
 
@@ -822,6 +825,12 @@ class Supervisor:
             )
             return
         peers = ev.peers[:wanted]
+        lookup = ev.from_peer
+        if lookup is not None and (lookup.id != job.datanode_id or len(lookup.addr) > MAX_PEER_ADDR_LEN):
+            m.failover_errors.labels(stage="invalid_lookup").inc()
+            self._hold_log(now, "failover_lookup_answer_invalid", datanode_id=job.datanode_id, peer_id=lookup.id,
+                           addr_len=len(lookup.addr), retry="next tick")
+            return
         invalid = self._invalid_answer(job, peers)
         if invalid is not None:
             reason, peer = invalid
@@ -896,6 +905,8 @@ class Supervisor:
         for peer in peers:
             if peer.id == 0:
                 return "zero_id", peer
+            if len(peer.addr) > MAX_PEER_ADDR_LEN:  # it would be stored in the decision's record
+                return "address_too_long", peer
             if peer.id == job.datanode_id:
                 continue
             if self.policy.require_target_addr and not peer.addr:

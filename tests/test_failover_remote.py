@@ -388,3 +388,56 @@ def test_restart_with_the_wall_clock_an_hour_ahead_keeps_the_migration_and_the_m
             beaters.close()
         first.stop()
         rm.stop()
+
+
+def test_decision_caught_in_an_etcd_stall_is_sent_as_soon_as_leadership_returns(tmp_path):
+    """etcd stops at the moment of a decision: the lease is lost with the intent's write under way.
+    When etcd is back and the replica leads again, the decision is carried out within seconds (it
+    used to wait for the 60 s timeout of its own orphaned intent), exactly once."""
+    from supervisor_service.proto import pb
+
+    etcd = EtcdServer(str(tmp_path))
+    stalled: list[float] = []
+
+    def select(request):
+        if not stalled:  # the decision is being made: stop etcd before its intent can be written
+            etcd.proc.send_signal(signal.SIGSTOP)
+            stalled.append(time.monotonic())
+        return pb.SelectResponse(peers=[peer(1, dn_addr(1))] * request.min_required_items)
+
+    sel = FakeSelector(respond=select)
+    rm = FakeRegionMigration()
+    env = {**FAST_ENV, "SUPERVISOR_STORE": f"etcd://{etcd.endpoint}", "SUPERVISOR_STORE_PREFIX": "/rs/stall",
+           "SUPERVISOR_LEADER_LEASE_TTL_MS": "2000", "SUPERVISOR_WARMUP_GRACE_MS": "1500",
+           "SUPERVISOR_WARMUP_FRACTION": "0.6", "SUPERVISOR_REGION_MIGRATION_ENDPOINT": rm.endpoint,
+           "SUPERVISOR_SELECTOR_ENDPOINT": sel.endpoint}
+    replica = ServiceProcess(env, str(tmp_path / "replica.log"))
+    beaters = None
+    try:
+        replica.wait_serving()
+        with SupervisorClient(replica.addr, timeout=5) as client:
+            wait_for(lambda: client.maintenance_status().is_leader, 10, interval=0.05)
+        beaters = Beaters(replica.addr)
+        beaters.wait(5)
+        beaters.stop(3)
+        wait_for(lambda: stalled, 15, message="datanode 3 was never sent to the Selector")
+        time.sleep(4)  # twice the lease: the replica has stepped down
+        etcd.proc.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        wait_for(lambda: rm.submissions, 30, interval=0.05, message="datanode 3 was not failed over")
+        took = rm.submissions[0].at - resumed
+        # The new leadership: a campaign (lease ttl / 3), the state load, a tick; or, if the intent
+        # never became durable, the detection period and warm-up of the new leadership.
+        assert took < 6.0, took
+        assert len({c.request.request_id for c in rm.attempts}) == 1
+        assert len(rm.migrations) == 1
+        assert {r for c in rm.submissions for r in c.request.region_ids} == {300, 301, 302}
+    finally:
+        if beaters is not None:
+            beaters.close()
+        if etcd.proc.poll() is None:
+            etcd.proc.send_signal(signal.SIGCONT)
+        replica.stop()
+        etcd.stop()
+        rm.stop()
+        sel.stop()

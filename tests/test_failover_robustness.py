@@ -480,6 +480,7 @@ def test_grpc_not_found_from_get_migration_status_is_not_found():
     ((Peer(5, ""), PEERS[1]), (), "no_address"),
     ((Peer(5, "a:4001"), Peer(5, "b:4001")), (), "conflicting_address"),
     ((Peer(9, "dn9:4001"), PEERS[0]), (9,), "excluded_peer"),
+    ((Peer(5, "h" * 5_000_000 + ":1"), PEERS[1]), (), "address_too_long"),
 ])
 def test_invalid_selector_answer_is_an_error_for_that_datanode(sims, logged, peers, exclude, reason):
     sim = sims(FailoverPolicy(require_target_addr=True), guards=None)
@@ -496,6 +497,21 @@ def test_invalid_selector_answer_is_an_error_for_that_datanode(sims, logged, pee
     assert sim.sup.failover_counts == {}
     sim.advance(TICK)
     assert [e.job.region_ids for e in sim.tick() if isinstance(e, SelectPeers)] == [(10, 11)]
+
+
+@pytest.mark.parametrize("lookup", [Peer(2, "dn2:4001"), Peer(1, "x" * 100_000)])
+def test_invalid_peer_lookup_answer_is_an_error_for_that_datanode(sims, lookup):
+    sim = sims(guards=None)
+    heartbeat_then_die(sim, 1, (10,))
+    while not sim.of(SelectPeers):
+        sim.advance(TICK)
+        sim.tick()
+    [select] = sim.of(SelectPeers)
+    sim.handle(SelectionDone(select.job, from_peer=lookup, peers=(PEERS[0],)))
+    assert sim.tasks() == []
+    assert sim.value("supervisor_failover_errors_total", stage="invalid_lookup") == 1
+    sim.advance(TICK)
+    assert [e.job.region_ids for e in sim.tick() if isinstance(e, SelectPeers)] == [(10,)]
 
 
 def test_the_embedded_selector_offers_only_datanodes_with_an_address():
