@@ -1055,7 +1055,11 @@ class SupervisorMachine(RuleBasedStateMachine):
             assert set(e.task.region_ids) <= set(job.region_ids)
         self._take(effects)
 
-    def _answer_submit(self, task, categories: dict[str, list[int]] | None) -> None:
+    def _answer_submit(self, task, categories: dict[str, list[int]] | None, refused: bool = False) -> None:
+        if refused:  # a definite no: the decision ends, the regions may be decided afresh
+            self.sim.sup.handle(SubmissionDone(task, error="INVALID_ARGUMENT: no", error_kind="refused"), self.now)
+            assert self.sim.sup.drain_outbox() == []
+            return
         if categories is None:
             assert self.sim.submit_done(task, self.now, error="unavailable") == []
             self.ambiguous[task.request_id] = task  # retried later, to the same target
@@ -1091,12 +1095,12 @@ class SupervisorMachine(RuleBasedStateMachine):
         self._answer_select(job, peers)
 
     @precondition(lambda self: self.submits)
-    @rule(data=st.data(), failed_call=st.booleans())
+    @rule(data=st.data(), failed_call=st.sampled_from(["no", "no", "ambiguous", "refused"]))
     def answer_submit(self, data, failed_call):
         task_id = data.draw(st.sampled_from(sorted(self.submits)))
         task = self.submits.pop(task_id).task
-        if failed_call:
-            self._answer_submit(task, None)
+        if failed_call != "no":
+            self._answer_submit(task, None, refused=failed_call == "refused")
             return
         categories: dict[str, list[int]] = {}
         for r in task.region_ids:
