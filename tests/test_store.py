@@ -144,29 +144,35 @@ def test_dry_run_journal_fences_a_lower_term():
 
 
 @pytest.mark.realtime
-def test_etcd_kv_commits_reads_chunks_and_fences(tmp_path):
+def test_etcd_kv_commits_reads_and_fences_every_write(tmp_path):
     from supervisor_service.etcd import EtcdKV
 
     etcd = EtcdServer(str(tmp_path))
     kv = EtcdKV(parse_endpoints(f"etcd://{etcd.endpoint}"))
     try:
-        puts = {f"/p/k{i:04d}": str(i).encode() for i in range(300)}  # more ops than one etcd transaction takes
-        kv.commit(puts, set())
-        assert kv.read_prefix("/p/") == puts
-        kv.commit({}, {"/p/k0000"})
+        term = kv.conn.run(_put_leader(kv, b"/p/leader"))
+        fence = ("/p/leader", term)
+        puts = {f"/p/k{i:04d}": str(i).encode() for i in range(kv.max_ops)}  # the most one transaction takes
+        kv.commit(puts, set(), fence)
+        assert {k: v for k, v in kv.read_prefix("/p/k").items()} == puts
+        kv.commit({}, {"/p/k0000"}, fence)
         assert "/p/k0000" not in kv.read_prefix("/p/")
-        # Fencing: writes carry "the leader key still has my create revision".
-        kv.commit({"/p/leader": b"me"}, set())
-        leader = kv.conn.run(_get_revision(kv, b"/p/leader"))
-        kv.fence = (b"/p/leader", leader)
-        kv.commit({"/p/x": b"1"}, set())
-        kv.fence = (b"/p/leader", leader + 1000)
+        # A write without a term, or under a term that is not the leader key's create revision, never lands.
         with pytest.raises(FencedOut):
-            kv.commit({"/p/y": b"1"}, set())
-        assert "/p/y" not in kv.read_prefix("/p/")
+            kv.commit({"/p/x": b"1"}, set())
+        with pytest.raises(FencedOut):
+            kv.commit({"/p/y": b"1"}, set(), ("/p/leader", term + 1000))
+        assert "/p/x" not in kv.read_prefix("/p/") and "/p/y" not in kv.read_prefix("/p/")
     finally:
         kv.close()
         etcd.stop()
+
+
+async def _put_leader(kv, key: bytes) -> int:
+    """Create `key` as an election would; its create revision is the term."""
+    client = await kv.conn.client()
+    await client.put(key, b"test")
+    return (await client.get(key)).create_revision
 
 
 async def _get_revision(kv, key: bytes) -> int:
