@@ -760,6 +760,7 @@ class StateStore:
 
     def _run(self) -> None:
         backoff = _BACKOFF_MIN_S
+        backlog = False  # the last transaction left writes behind (a backend limit): no group-commit wait
         while True:
             with self._cond:
                 if not self._pending:
@@ -770,12 +771,15 @@ class StateStore:
             if idle:
                 self._probe()
                 continue
-            if self._failing_since is None and self._flush_interval:
+            if self._failing_since is None and self._flush_interval and not backlog:
                 # Group commit: give concurrent writers a moment to join this batch.
                 time.sleep(self._flush_interval)
             if self._write_once():
                 backoff = _BACKOFF_MIN_S
+                with self._cond:
+                    backlog = bool(self._pending)
                 continue
+            backlog = False
             if self._gone is not None:
                 continue  # everything was answered; the loop ends once nothing is pending
             with self._cond:
