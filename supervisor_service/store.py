@@ -748,8 +748,11 @@ class StateStore:
         """Answer at once the writes whose term has ended, even one the writer is sending now (any thread)."""
         ended: list[_Pending] = []
         with self._cond:
+            held: dict[int, bool] = {}
             for item in self._pending:
-                if not item.answered and item.term is not None and not self._holds_term(item.term):
+                if item.answered or item.term is None:
+                    continue
+                if not held.setdefault(item.term, self._holds_term(item.term)):
                     item.answered = True
                     ended.append(item)
             self._cond.notify()
@@ -801,11 +804,12 @@ class StateStore:
     def _write_once(self) -> bool:
         """One transaction's worth of the queue, attempted once. False if the store failed."""
         ended: list[_Pending] = []
+        held: dict[int, bool] = {}  # asked once per term per pass, not once per queued write
         with self._cond:
             # Writes of a term that has ended are never sent again (nor for the first time).
             keep: deque[_Pending] = deque()
             for item in self._pending:
-                if item.term is not None and not self._holds_term(item.term):
+                if item.term is not None and not held.setdefault(item.term, self._holds_term(item.term)):
                     if not item.answered:
                         item.answered = True
                         ended.append(item)

@@ -424,3 +424,30 @@ def test_read_only_disk_is_answered_loudly_and_shutdown_exits_non_zero(tmp_path,
         assert proc.proc.wait(15) == 75  # EXIT_STORE_UNCOMMITTED
     finally:
         proc.stop()
+
+
+def test_single_replica_refused_for_a_stale_term_is_not_serving(service):
+    """A single replica whose term RegionMigration refuses steps down for good: it must not say SERVING."""
+    from supervisor_service.clock import SystemClock
+    from supervisor_service.events import Peer
+    from supervisor_service.remotes import EmbeddedPeerLookup, PeerDirectory, Remotes, StaleLeaderTerm
+
+    class _Selector:
+        def select(self, n, exclude, from_peer_id, region_ids):
+            return [Peer(2, "127.0.0.1:2")] * n
+
+    class _Refusing:
+        def submit(self, task):
+            raise StaleLeaderTerm("RegionMigration", "SubmitRegionMigration", "FAILED_PRECONDITION",
+                                  f"leader term {task.leader_term} is older than 99")
+
+        def status(self, procedure_id):
+            raise AssertionError("not reached")
+
+    svc = service(remotes=Remotes(EmbeddedPeerLookup(PeerDirectory(SystemClock())), _Selector(), _Refusing()),
+                  tick_interval_ms=50, acceptable_heartbeat_pause_ms=200, first_heartbeat_estimate_ms=100,
+                  warmup_grace_ms=0, guards_enabled=False)
+    assert _health(svc.addresses.grpc) == SERVING
+    with SupervisorClient(svc.addresses.grpc, follow_leader=False) as client:
+        client.register([(1, 10)])
+    wait_for(lambda: _health(svc.addresses.grpc) == NOT_SERVING, 10, message="a replica that will not lead again says SERVING")
