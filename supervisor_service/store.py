@@ -752,12 +752,17 @@ class StateStore:
             for item in self._pending:
                 if item.answered or item.term is None:
                     continue
-                if not held.setdefault(item.term, self._holds_term(item.term)):
+                if not self._held(held, item.term):
                     item.answered = True
                     ended.append(item)
             self._cond.notify()
         self._interrupt.set()
         self._drop(ended)
+
+    def _held(self, cache: dict[int, bool], term: int) -> bool:
+        if term not in cache:
+            cache[term] = self._holds_term(term)
+        return cache[term]
 
     # ------------------------------------------------------------ writer thread
 
@@ -809,7 +814,7 @@ class StateStore:
             # Writes of a term that has ended are never sent again (nor for the first time).
             keep: deque[_Pending] = deque()
             for item in self._pending:
-                if item.term is not None and not held.setdefault(item.term, self._holds_term(item.term)):
+                if item.term is not None and not self._held(held, item.term):
                     if not item.answered:
                         item.answered = True
                         ended.append(item)
