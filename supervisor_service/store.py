@@ -616,7 +616,7 @@ class StateStore:
         self.commits = 0
         self.failures = 0
         if metrics is not None:
-            metrics.bind_store(lambda: len(self._pending))
+            metrics.bind_store(lambda: sum(not item.answered for item in tuple(self._pending)))
 
     # ------------------------------------------------------------ lifecycle
 
