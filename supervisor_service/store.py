@@ -874,7 +874,7 @@ class StateStore:
     def _select(self, run: list[_Pending]) -> tuple[list[_Pending], dict[str, bytes], set[str]]:
         """The longest head of `run` that fits one transaction, and its keys. Whole calls only: a
         call is split across transactions only when it alone is too big (`_commit` splits it)."""
-        max_ops, max_bytes = self.kv.max_ops, self.kv.max_bytes
+        max_ops = self.kv.max_ops
         if max_ops is not None:
             # Every call with changes writes at least one key: no more of them fit.
             nonempty, limit = 0, len(run)
