@@ -62,9 +62,10 @@ def _replica(tmp_path, name: str, endpoint: str, **extra: str) -> ServiceProcess
 
 
 def _is_leader(replica: ServiceProcess) -> bool:
+    """Leads and has loaded its state (Dump is answered by the supervisor thread)."""
     try:
         with SupervisorClient(replica.addr, timeout=1, follow_leader=False) as client:
-            return client.maintenance_status().is_leader
+            return client.dump(datanode_ids=[0])[0].is_leader
     except grpc.RpcError:
         return False
 
@@ -111,8 +112,9 @@ def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, etcd, pr
         wait_for(lambda: _is_leader(a), 10, message="A did not become leader")
         b = _replica(tmp_path, "b", etcd.endpoint)
         b.wait_serving()
-        with SupervisorClient(a.addr, timeout=5, follow_leader=False) as client:
+        with SupervisorClient(a.addr, timeout=5) as client:
             assert client.register([(9, 9001)]) == 1
+            assert client.addr == a.addr
 
         proxy.pause()  # A's link to etcd is cut; A still believes it leads for a moment
         error, took = _register_error(a.addr, [(9, 9003)], timeout=3 * ANSWER_BOUND_S)
@@ -121,8 +123,9 @@ def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, etcd, pr
         assert took <= ANSWER_BOUND_S, f"the cut-off leader answered after {took:.1f} s"
 
         wait_for(lambda: _is_leader(b), TTL_MS / 1000 + 5, message="B did not take over")
-        with SupervisorClient(b.addr, timeout=5, follow_leader=False) as client:
+        with SupervisorClient(b.addr, timeout=5) as client:  # retries while B loads its state
             assert client.register([(9, 9002)]) == 1  # acknowledged by the new leader
+            assert client.addr == b.addr
 
         proxy.resume()  # whatever A sent or retries now reaches etcd, late
         with SupervisorClient(a.addr, timeout=2, follow_leader=False) as client:
@@ -181,8 +184,9 @@ def test_sigstopped_leader_past_its_lease_cannot_overwrite_new_leaders_registry(
         wait_for(lambda: _is_leader(a), 10, message="A did not become leader")
         b = _replica(tmp_path, "b", etcd.endpoint)
         b.wait_serving()
-        with SupervisorClient(a.addr, timeout=5, follow_leader=False) as client:
+        with SupervisorClient(a.addr, timeout=5) as client:
             assert client.register([(9, 9001)]) == 1
+            assert client.addr == a.addr
 
         result: list = []
         caller = threading.Thread(target=lambda: result.append(_register_error(a.addr, [(9, 9003)], timeout=30)))
@@ -191,8 +195,9 @@ def test_sigstopped_leader_past_its_lease_cannot_overwrite_new_leaders_registry(
         a.kill(signal.SIGSTOP)
         try:
             wait_for(lambda: _is_leader(b), TTL_MS / 1000 + 5, message="B did not take over")
-            with SupervisorClient(b.addr, timeout=5, follow_leader=False) as client:
+            with SupervisorClient(b.addr, timeout=5) as client:  # retries while B loads its state
                 assert client.register([(9, 9002)]) == 1
+                assert client.addr == b.addr
         finally:
             a.kill(signal.SIGCONT)
         continued = time.monotonic()

@@ -245,8 +245,9 @@ class _HealthWatch:
 
 
 def _register_result(addr: str, pairs, timeout: float = 10) -> grpc.RpcError | None:
+    """None if acknowledged, else the error (retried only while the replica is still loading its state)."""
     try:
-        with SupervisorClient(addr, timeout=timeout, follow_leader=False) as client:
+        with SupervisorClient(addr, timeout=timeout) as client:
             client.register(pairs)
     except grpc.RpcError as exc:
         return exc
