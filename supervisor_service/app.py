@@ -28,12 +28,23 @@ from supervisor_service.remotes import PeerDirectory, Remotes, build_remotes
 from supervisor_service.runtime import SupervisorRuntime, Ticker
 from supervisor_service.server import RegionSupervisorServicer, build_server, set_health
 from supervisor_service.settings import Settings
-from supervisor_service.store import KV, JournalAppend, StateStore, StoredState, StoreError, TermSet, open_kv
+from supervisor_service.store import (
+    KV,
+    JournalAppend,
+    StateStore,
+    StoredState,
+    StoreError,
+    StoreGone,
+    TermSet,
+    open_kv,
+)
 from supervisor_service.supervisor import Supervisor
 
 log = logging.getLogger("supervisor_service.app")
 
 EXIT_SUPERVISOR_DIED = 70  # EX_SOFTWARE
+EXIT_STORE_GONE = 74  # EX_IOERR: the state store was deleted or replaced while the service ran
+EXIT_STORE_UNCOMMITTED = 75  # EX_TEMPFAIL: shutdown could not commit pending state (the store kept failing)
 
 
 @dataclass
@@ -59,13 +70,17 @@ class Service:
         self.queue = EventQueue(s.event_queue_size)
         self.metrics.bind_queue(lambda: len(self.queue), self.queue.oldest_age)
         self.directory = PeerDirectory(self.clock)
-        self.kv = kv if kv is not None else open_kv(s.store, s.data_dir)
+        self.kv = kv if kv is not None else open_kv(s.store, s.data_dir, allow_new_store=s.allow_new_store)
         self.store = StateStore(
             self.kv,
             s.store_prefix,
             flush_interval_s=s.store_flush_interval_ms / 1000,
             journal_capacity=s.journal_capacity,
             on_fenced=lambda: self._step_down("a store write was fenced: another replica leads"),
+            holds_term=lambda term: self.leadership is not None and self.leadership.holds(term),
+            on_health=self._on_store_health,
+            on_gone=self._on_store_gone,
+            metrics=self.metrics,
         )
         self.remotes = remotes or build_remotes(
             clock=self.clock,
@@ -78,7 +93,9 @@ class Service:
             journal_capacity=s.journal_capacity,
         )
         if self.remotes.journal is not None:
-            self.remotes.journal.set_persist(lambda entry, term: self.store.submit([JournalAppend(entry, term)]))
+            self.remotes.journal.set_persist(
+                lambda entry, term: self.store.submit([JournalAppend(entry, term)], term=term)
+            )
         self.leadership: Leadership | None = None  # built in start, once the address is known
         self.supervisor = Supervisor(
             s.detector_options(),
@@ -117,6 +134,11 @@ class Service:
         # Leadership transitions run here, one at a time, off the election's and the gRPC loop's threads.
         self._transitions = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leadership")
         self.leader_since: float | None = None
+        # Health: SERVING from start until stop, except while something in `_unhealthy` says otherwise.
+        self._unhealthy: dict[str, str] = {}
+        self._serving = False
+        self._started = False
+        self._health_lock: asyncio.Lock | None = None
 
     # ------------------------------------------------------------ start
 
@@ -163,7 +185,8 @@ class Service:
         await self.server.start()
         self.leadership.advertise_addr = self._advertise  # the bound port, when grpc_addr asked for port 0
         self.leadership.start()
-        await set_health(self.health, True)
+        self._started = True
+        await self._apply_health()
         log_event(
             log,
             logging.INFO,
@@ -196,8 +219,11 @@ class Service:
         )
 
     def _next_single_term(self) -> int:
-        """Bump the stored term before anything is submitted under it."""
-        term = self._load_state().term + 1
+        """Bump the stored term before anything is submitted under it. It never goes back: it is
+        above the store's own and above the highest the data directory remembers (a store that
+        was deleted and begun again, or restored from a backup, still gets a higher term)."""
+        term = max(self._load_state().term, self.kv.term_floor()) + 1
+        self.kv.note_term(term)
         self.store.submit([TermSet(term)])
         self.store.flush()
         return term
@@ -217,12 +243,15 @@ class Service:
     # ------------------------------------------------------------ leadership
 
     def _on_elected(self, term: int) -> None:
+        self.store.leadership_changed()
         self._transitions.submit(self._become_leader, term)
 
     def _on_lost(self) -> None:
         # Stop ticking at once, on the caller's thread; the rest follows in order.
         self.ticker.stop()
         self.leader_since = None
+        # Writes of the term that ended are answered now, not when etcd answers (or never).
+        self.store.leadership_changed()
         self._transitions.submit(self._lose_leadership)
 
     def _become_leader(self, term: int) -> None:
@@ -246,6 +275,49 @@ class Service:
     def _step_down(self, reason: str = "") -> None:
         if self.leadership is not None:
             self.leadership.step_down(reason or "fenced")
+            if isinstance(self.leadership, SingleLeadership):
+                # The only replica will not lead again in this life: it must not look healthy.
+                self._set_unhealthy("leadership", reason or "fenced")
+
+    # ------------------------------------------------------------ health
+
+    def _on_store_health(self, healthy: bool, error: str) -> None:
+        """From the store's writer: NOT_SERVING while the store cannot commit, SERVING once it does."""
+        self._set_unhealthy("store", "" if healthy else error)
+
+    def _on_store_gone(self, exc: StoreGone) -> None:
+        """The store's file was deleted or replaced: nothing more can be made durable; exit non-zero."""
+        self._set_unhealthy("store", str(exc))
+        if self.exit_code == 0:
+            self.exit_code = EXIT_STORE_GONE
+        self.ticker.stop()
+        self.request_stop()
+
+    def _set_unhealthy(self, key: str, reason: str) -> None:
+        """Any thread: record (or clear, with '') a reason for NOT_SERVING and update the health service."""
+        if reason:
+            self._unhealthy[key] = reason
+        else:
+            self._unhealthy.pop(key, None)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(lambda: loop.create_task(self._apply_health()))
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    async def _apply_health(self) -> None:
+        """Set the health service to what the state says now; one change at a time."""
+        if self._health_lock is None:
+            self._health_lock = asyncio.Lock()
+        async with self._health_lock:
+            serving = self._started and self._stopped is None and not self._unhealthy
+            if self.health is None or serving == self._serving:
+                return
+            self._serving = serving
+            await set_health(self.health, serving)
+            if not serving and self._unhealthy:
+                log_event(log, logging.ERROR, "not_serving", **{k: v for k, v in self._unhealthy.items()})
 
     def _on_supervisor_death(self, exc: BaseException) -> None:
         """Called on the dying supervisor thread: get the event loop to shut down with an error."""
@@ -268,8 +340,9 @@ class Service:
 
     async def stop(self) -> None:
         """Idempotent; the steps run in this order and within shutdown_timeout_ms overall:
-        health NOT_SERVING, stop accepting RPCs, step down (ticker stops, lease revoked),
-        drain the supervisor thread, commit pending state, close remotes, stop metrics."""
+        health NOT_SERVING, stop accepting RPCs, stop the ticker, commit what was handled under
+        the current term, step down (lease revoked), drain the supervisor thread, commit pending
+        state (exit EXIT_STORE_UNCOMMITTED if it cannot be), close remotes, stop metrics."""
         if self._stopped is not None:
             await asyncio.shield(self._stopped)  # a second caller waits for the first to finish
             return
@@ -287,14 +360,20 @@ class Service:
             return max(0.1, budget - (self.clock.monotonic() - started))
 
         if self.server is not None:
-            await set_health(self.health, False)
+            await self._apply_health()  # NOT_SERVING: _stopped is set
             await self.server.stop(grace=budget / 2)
         self.ticker.stop()
+        loop = asyncio.get_running_loop()
+        # Commit what was handled while this replica's term still holds (etcd: before the lease goes).
+        await loop.run_in_executor(None, self._flush_quietly, min(remaining(), 2.0))
         if self.leadership is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.leadership.resign)
+            await loop.run_in_executor(None, self.leadership.resign)
         self._transitions.shutdown(wait=False, cancel_futures=True)
         drained = self.runtime.stop(timeout=remaining())
         committed = self.store.stop(timeout=remaining())
+        if not committed and self.exit_code == 0:
+            self.exit_code = EXIT_STORE_UNCOMMITTED
+            log_event(log, logging.ERROR, "store_uncommitted_at_shutdown", error=self.store.unavailable() or "unknown")
         self.store.close()
         self.remotes.close()
         if self._metrics_server is not None:
@@ -302,6 +381,12 @@ class Service:
             self._metrics_server.server_close()
         log_event(log, logging.INFO, "service_stopped", drained=drained, committed=committed,
                   exit_code=self.exit_code)
+
+    def _flush_quietly(self, timeout: float) -> None:
+        try:
+            self.store.flush(timeout)
+        except StoreError:
+            pass  # not committed now: store.stop tries again and reports it
 
 
 _EMBEDDED_MEANING = {

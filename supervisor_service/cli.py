@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML file of settings (names as in the README, lower case)")
     for flag, (_, typ, help_text) in _SERVE_FLAGS.items():
         serve.add_argument(flag, type=typ, help=help_text)
+    serve.add_argument(
+        "--new-store", dest="allow_new_store", action="store_const", const=True, default=None,
+        help="begin from an empty state although data_dir held a store whose database is missing (setting allow_new_store)",
+    )
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)
@@ -208,6 +212,7 @@ def _serve(args) -> int:
     from supervisor_service.settings import ConfigError, load_settings
 
     overrides = {setting: getattr(args, flag[2:].replace("-", "_")) for flag, (setting, _, _) in _SERVE_FLAGS.items()}
+    overrides["allow_new_store"] = args.allow_new_store
     try:
         settings = load_settings(args.config, **overrides)
     except ConfigError as exc:

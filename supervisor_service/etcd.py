@@ -10,9 +10,10 @@ key does not exist. The leader term is the revision of that write, so it
 grows with every new leadership. The leader renews the lease every ttl/3 and
 considers itself leader only until `last renewal sent + ttl - margin`: it
 steps down before the lease can expire at the server, so two leaders never
-act at once. Every store write of a leader is a transaction that also checks
-the leader key's create revision: a deposed leader's write is refused
-(`FencedOut`).
+act at once. Every store write carries the term it was made under and is a
+transaction that also checks that the leader key's create revision is still
+that term: a deposed leader's write is refused (`FencedOut`), however late
+it arrives. There is no unfenced write to etcd.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from typing import Any
 import aetcd
 
 from supervisor_service._log import log_event
-from supervisor_service.store import FencedOut, StoreError
+from supervisor_service.store import Fence, FencedOut, StoreError
 
 log = logging.getLogger("supervisor_service.etcd")
 
-# etcd refuses transactions of more than 128 operations and requests above 1.5 MiB by default.
-_MAX_TXN_OPS = 120
+# etcd refuses transactions of more than 128 operations (--max-txn-ops) and requests above
+# 1.5 MiB (--max-request-bytes) by default; the byte budget leaves room for the request's framing.
+_MAX_TXN_OPS = 128
 _MAX_TXN_BYTES = 1_000_000
 
 
@@ -72,7 +74,7 @@ class EtcdConnection:
             return future.result(timeout if timeout is not None else self.timeout_s * 2)
         except TimeoutError:
             future.cancel()
-            raise StoreError(f"etcd did not answer within {timeout or self.timeout_s * 2} s") from None
+            raise StoreError(f"etcd did not answer within {timeout or self.timeout_s * 2} s", reason="etcd") from None
 
     def close(self) -> None:
         if self._client is not None:
@@ -85,11 +87,14 @@ class EtcdConnection:
 
 
 class EtcdKV:
-    """The store backend on etcd; writes are fenced by the leader key when a fence is set."""
+    """The store backend on etcd: one transaction per commit, fenced by the leader key's create revision."""
+
+    max_ops: int | None = _MAX_TXN_OPS
+    max_bytes: int | None = _MAX_TXN_BYTES
+    fence_key = "leader"
 
     def __init__(self, endpoints: list[tuple[str, int]], timeout_s: float = 5.0) -> None:
         self.conn = EtcdConnection(endpoints, timeout_s)
-        self.fence: tuple[bytes, int] | None = None  # (leader key, its create revision)
 
     def read_prefix(self, prefix: str) -> dict[str, bytes]:
         async def read() -> dict[str, bytes]:
@@ -98,47 +103,40 @@ class EtcdKV:
                 result = await client.get_prefix(prefix.encode())
             except Exception as exc:
                 await self.conn.reset()
-                raise StoreError(f"etcd read of {prefix!r} failed: {exc}") from exc
+                raise StoreError(f"etcd read of {prefix!r} failed: {exc}", reason="etcd") from exc
             return {kv.key.decode(): kv.value for kv in result}
 
         return self.conn.run(read())
 
-    def commit(self, puts: dict[str, bytes], deletes: set[str]) -> None:
-        ops: list[tuple[str, bytes | None]] = [(k, None) for k in deletes] + list(puts.items())
-        if not ops:
+    def commit(self, puts: dict[str, bytes], deletes: set[str], fence: Fence | None = None) -> None:
+        if not puts and not deletes:
             return
-        chunks: list[list[tuple[str, bytes | None]]] = [[]]
-        size = 0
-        for op in ops:
-            op_size = len(op[0]) + (len(op[1]) if op[1] is not None else 0)
-            if chunks[-1] and (len(chunks[-1]) >= _MAX_TXN_OPS or size + op_size > _MAX_TXN_BYTES):
-                chunks.append([])
-                size = 0
-            chunks[-1].append(op)
-            size += op_size
-        fence = self.fence
+        if fence is None:
+            raise FencedOut("not committed: a write to etcd must carry the leader term it was made under")
+        key, term = fence[0].encode(), fence[1]
 
         async def write() -> None:
             try:
                 client = await self.conn.client()
                 txn = client.transactions
-                for chunk in chunks:
-                    success = [
-                        txn.delete(k.encode()) if v is None else txn.put(k.encode(), v) for k, v in chunk
-                    ]
-                    compare = [] if fence is None else [txn.create(fence[0]) == fence[1]]
-                    ok, _ = await client.transaction(compare=compare, success=success, failure=[])
-                    if not ok:
-                        raise FencedOut(
-                            f"etcd refused the write: leader key create revision is no longer {fence[1]}"
-                        )
-            except FencedOut:
-                raise
+                success = [txn.delete(k.encode()) for k in deletes] + [txn.put(k.encode(), v) for k, v in puts.items()]
+                ok, _ = await client.transaction(compare=[txn.create(key) == term], success=success, failure=[])
             except Exception as exc:
                 await self.conn.reset()
-                raise StoreError(f"etcd write failed: {exc}") from exc
+                raise StoreError(f"etcd write failed: {exc}", reason="etcd") from exc
+            if not ok:
+                raise FencedOut(f"etcd refused the write: the leader key's create revision is no longer {term}")
 
         self.conn.run(write())
+
+    def check(self) -> None:
+        pass
+
+    def term_floor(self) -> int:
+        return 0  # terms are revisions of the leader key: etcd only ever raises them
+
+    def note_term(self, term: int) -> None:
+        pass
 
     def close(self) -> None:
         self.conn.close()
@@ -169,7 +167,7 @@ class EtcdElection:
         self._lock = threading.Lock()
         self._deadline = 0.0  # monotonic time until which this replica may act as leader
         self._term = 0
-        self._leader_addr = ""
+        self._leader_addr = ""  # another replica seen holding the leader key; never this one's own address
         self._stopping = False
         self._resign = asyncio.Event()
         self._task: asyncio.Future | None = None
@@ -185,7 +183,13 @@ class EtcdElection:
     def term(self) -> int:
         return self._term
 
+    def holds(self, term: int) -> bool:
+        """True while this replica may still act (and write) under `term`."""
+        with self._lock:
+            return term == self._term and time.monotonic() < self._deadline
+
     def leader_addr(self) -> str:
+        """This replica's address while it leads; the other leader's when one was seen; '' when unknown."""
         with self._lock:
             if time.monotonic() < self._deadline:
                 return self.advertise_addr
@@ -220,7 +224,6 @@ class EtcdElection:
         with self._lock:
             was = self._deadline > 0
             self._deadline = 0.0
-            self._kv.fence = None
             return was
 
     # ------------------------------------------------------------ campaign
@@ -232,6 +235,8 @@ class EtcdElection:
                 await self._campaign_once()
                 backoff = 0.2
             except Exception as exc:  # etcd unreachable or erroring: not leader, try again
+                with self._lock:
+                    self._leader_addr = ""  # cut off: who leads now is not known here
                 if self._drop_leadership():
                     log_event(log, logging.ERROR, "leadership_lost", reason=str(exc))
                     self._on_lost()
@@ -264,8 +269,10 @@ class EtcdElection:
         if not ok:
             await lease.revoke()
             current = await client.get(self.key)
+            holder = current.value.decode() if current is not None else ""
             with self._lock:
-                self._leader_addr = current.value.decode() if current is not None else ""
+                # Our own address there is a lease of an earlier leadership not yet expired: not a leader.
+                self._leader_addr = "" if holder == self.advertise_addr else holder
             await self._sleep(self._ttl_s / 3)
             return
         current = await client.get(self.key)
@@ -274,8 +281,7 @@ class EtcdElection:
         with self._lock:
             self._term = term
             self._deadline = sent + self._ttl_s - self._margin_s
-            self._leader_addr = self.advertise_addr
-            self._kv.fence = (self.key, term)
+            self._leader_addr = ""
         log_event(log, logging.WARNING, "leadership_acquired", term=term, addr=self.advertise_addr, ttl_s=self._ttl_s)
         self._on_elected(term)
         await self._keep_alive(lease)

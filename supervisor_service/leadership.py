@@ -17,7 +17,12 @@ class Leadership(Protocol):
 
     def is_leader(self) -> bool: ...
 
-    def leader_addr(self) -> str: ...
+    def holds(self, term: int) -> bool:
+        """True while writes made under `term` may still be committed (the store drops the others)."""
+
+    def leader_addr(self) -> str:
+        """This replica's address while it leads, the leader's when known, else '' (never this replica's own
+        address when it does not lead)."""
 
     @property
     def term(self) -> int: ...
@@ -52,9 +57,15 @@ class SingleLeadership:
         self._on_lost = on_lost
         self._leader = threading.Event()
         self._term = 0
+        self._fenced = False
 
     def is_leader(self) -> bool:
         return self._leader.is_set()
+
+    def holds(self, term: int) -> bool:
+        # After `resign` (shutdown) the term still holds: no other process can use this data
+        # directory while this one holds its lock, so what was handled is still committed.
+        return term == self._term and term > 0 and not self._fenced
 
     def leader_addr(self) -> str:
         return self.advertise_addr if self._leader.is_set() else ""
@@ -69,9 +80,12 @@ class SingleLeadership:
         self._on_elected(self._term)
 
     def resign(self) -> None:
-        self.step_down("shutdown")
+        if self._leader.is_set():
+            self._leader.clear()
+            self._on_lost()
 
     def step_down(self, reason: str) -> None:
+        self._fenced = True
         if self._leader.is_set():
             self._leader.clear()
             self._on_lost()

@@ -232,7 +232,36 @@ class Metrics:
         self.thread_alive = Gauge(
             "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r
         )
+        self.store_healthy = Gauge(
+            "supervisor_store_healthy",
+            "1 while the state store commits; 0 from a failed commit until the next one succeeds.",
+            registry=r,
+        )
+        self.store_healthy.set(1)
+        self.store_errors = Counter(
+            "supervisor_store_errors",
+            "State store failures, by reason (disk_full, read_only, io_error, busy, sqlite, etcd, gone, "
+            "fenced, term_ended, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.store_transactions = Counter(
+            "supervisor_store_transactions", "Transactions the state store committed.", registry=r
+        )
+        self.store_batch_splits = Counter(
+            "supervisor_store_batch_splits",
+            "Writes too large for one backend transaction, committed in several.",
+            registry=r,
+        )
+        self.store_pending = Gauge(
+            "supervisor_store_pending_writes",
+            "Writes handed to the state store and neither committed nor answered with an error.",
+            registry=r,
+        )
 
     def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
         self.queue_oldest_age.set_function(oldest_age)
+
+    def bind_store(self, pending: Callable[[], float]) -> None:
+        self.store_pending.set_function(pending)

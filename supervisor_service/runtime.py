@@ -182,7 +182,7 @@ class SupervisorRuntime:
         if changes and self.store is not None:
             # Nothing leaves before the state that justifies it is durable: replies are
             # acknowledged, and migrations submitted, from the writer's callback.
-            self.store.submit(changes, self._after_commit(reply, value, effects))
+            self.store.submit(changes, self._after_commit(reply, value, effects), term=self.supervisor.leader_term)
         else:
             if reply is not None and not reply.done():
                 reply.set_result(value)

@@ -40,7 +40,7 @@ from supervisor_service.metrics import Metrics
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes import DryRunJournal, PeerDirectory, peer_to_pb
 from supervisor_service.settings import Settings, check_host_port
-from supervisor_service.store import MaintenanceSet, StateStore, StoreError
+from supervisor_service.store import FencedOut, MaintenanceSet, StateStore, StoreError, StoreGone
 from supervisor_service.supervisor import DumpSnapshot, Supervisor
 from supervisor_service.table import as_region_array
 
@@ -52,6 +52,11 @@ DEFAULT_DUMP_PAGE = 1000
 LEADER_METADATA_KEY = "x-supervisor-leader"  # trailing metadata of a follower's FAILED_PRECONDITION
 _VALID_PEER_ADDRS_KEPT = 100_000  # validated peer_addr values remembered (cleared when full)
 DEFAULT_JOURNAL_LIMIT = 100
+# Calls answered only once their change is committed: while the store is failing they are told so.
+_DURABLE_EVENTS = (Register, Deregister, Reset, SetMaintenance)
+_STORE_FAILING_GRACE_S = 0.5  # a store failing this long makes waiting writes answer UNAVAILABLE
+_STORE_POLL_S = 0.1
+_NOT_COMMITTED_HINT = "the change may not have been committed: retry (Register, Deregister and Reset are idempotent)"
 
 
 class Overloaded(Exception):
@@ -161,25 +166,46 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         )
 
     async def _ask(self, context: grpc.aio.ServicerContext, make: Callable[[Future], Event]) -> object:
-        """Enqueue an event with a reply future and wait for the supervisor thread's answer."""
+        """Enqueue an event with a reply future and wait for the supervisor thread's answer.
+
+        A call whose answer waits for the state store is answered UNAVAILABLE as soon as the
+        store has been failing for `_STORE_FAILING_GRACE_S` (the writer keeps retrying the change
+        in the background: it may still be committed), not after the 30 s bound."""
         reply: Future = Future()
+        event = make(reply)
         try:
-            await self._enqueue(make(reply))
+            await self._enqueue(event)
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except QueueClosed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the supervisor is shutting down")
+        waiter = asyncio.wrap_future(reply)
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even after we gave up
+        store = self._store if isinstance(event, _DURABLE_EVENTS) else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not waiter.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the supervisor thread did not answer within 30 s")
+            await asyncio.wait((waiter,), timeout=min(left, _STORE_POLL_S) if store is not None else left)
+            if store is not None and not waiter.done() and (error := store.unavailable(_STORE_FAILING_GRACE_S)):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {error}; {_NOT_COMMITTED_HINT}")
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(reply), timeout=30)
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the supervisor thread did not answer within 30 s"
-            )
+            return waiter.result()
         except QueueClosed as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry against a healthy replica")
+        except FencedOut as exc:
+            if not exc.definite:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            leader = self._leadership.leader_addr()
+            if leader:
+                context.set_trailing_metadata(((LEADER_METADATA_KEY, leader),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StoreGone as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not committed: {exc}")
         except StoreError as exc:
-            # Not committed: the change may or may not survive, so the caller must retry.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the change could not be made durable: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}; {_NOT_COMMITTED_HINT}")
 
     # ------------------------------------------------------------ heartbeats
 
@@ -230,9 +256,11 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 outcome="rejected_invalid",
             )
         if not leader:
+            where = self._leadership.leader_addr()
             return self._answer(
                 stream,
-                reason=f"not the leader; send heartbeats to {self._leadership.leader_addr()}",
+                reason=f"not the leader; send heartbeats to {where}" if where
+                else "not the leader, and no leader is known right now; try another replica",
                 outcome="rejected_not_leader",
             )
         if not self._supervisor.is_leader:
@@ -347,7 +375,8 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     async def _require_leader(self, context: grpc.aio.ServicerContext) -> None:
         if not self._leadership.is_leader():
             leader = self._leadership.leader_addr()
-            context.set_trailing_metadata(((LEADER_METADATA_KEY, leader),))
+            if leader:
+                context.set_trailing_metadata(((LEADER_METADATA_KEY, leader),))
             where = f"the leader is {leader}" if leader else "no leader is known right now; retry shortly"
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this replica is not the leader; {where}")
         if not self._supervisor.is_leader:

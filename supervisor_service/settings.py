@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     """Key prefix in the store (etcd: one per cluster sharing the etcd)."""
     store_flush_interval_ms: int = Field(10, ge=0, le=10_000)
     """Group-commit window: state changes are written together at most this late."""
+    allow_new_store: bool = False
+    """Start although data_dir shows it held a SQLite store that is now missing or another one (deleted, replaced): begin from an empty state (or that other file). Leader terms still continue above the highest used before. Also `serve --new-store`."""
     leader_lease_ttl_ms: int = Field(5000, ge=2000, le=600_000)
     """Leader lease time to live (etcd store); a leader steps down before it can expire."""
     initialization_delay_ms: int = Field(0, ge=0, le=600_000)

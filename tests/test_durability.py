@@ -107,11 +107,11 @@ def test_store_retries_failed_commit_and_loses_nothing():
             super().__init__()
             self.failures_left = 3
 
-        def commit(self, puts, deletes):
+        def commit(self, puts, deletes, fence=None):
             if self.failures_left:
                 self.failures_left -= 1
                 raise StoreError("disk full")
-            super().commit(puts, deletes)
+            super().commit(puts, deletes, fence)
 
     import numpy as np
 

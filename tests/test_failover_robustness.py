@@ -69,9 +69,9 @@ class RecordingKV(MemoryKV):
         super().__init__()
         self.log: list[tuple[set[str], set[str]]] = []
 
-    def commit(self, puts, deletes) -> None:
+    def commit(self, puts, deletes, fence=None) -> None:
         self.log.append((set(puts), set(deletes)))
-        super().commit(puts, deletes)
+        super().commit(puts, deletes, fence)
 
 
 def _ambiguous(task, code: str = "DEADLINE_EXCEEDED") -> SubmissionDone:
