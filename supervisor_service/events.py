@@ -231,13 +231,14 @@ class Queued:
     """One queued event. The gRPC edge keeps its stream's last queued heartbeat, so that a newer
     heartbeat of the same stream can supersede it while it still waits (`EventQueue.offer_heartbeat`)."""
 
-    __slots__ = ("event", "external", "at", "cost", "waiting")
+    __slots__ = ("event", "external", "at", "cost", "barrier", "waiting")
 
-    def __init__(self, event: Event, external: bool, at: float, cost: int) -> None:
+    def __init__(self, event: Event, external: bool, at: float, cost: int, barrier: int) -> None:
         self.event = event
         self.external = external
         self.at = at
         self.cost = cost  # bytes, heartbeats only (0 for other events)
+        self.barrier = barrier  # other events queued before it (see EventQueue.offer_heartbeat)
         self.waiting = True  # False once the consumer has taken it
 
 
@@ -274,6 +275,7 @@ class EventQueue:
         self._external = 0
         self._heartbeat_bytes = 0
         self._by_datanode: dict[int, list[int]] = {}  # datanode -> [queued heartbeats, their bytes]
+        self._barrier = 0  # events other than heartbeats queued so far: no heartbeat is folded across one
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -325,14 +327,16 @@ class EventQueue:
         """Enqueue a heartbeat without waiting; None if there is no room for it.
 
         When `previous` (the last heartbeat its stream queued) still waits, for the same datanode
-        and regions, it is superseded instead: it becomes one heartbeat at the newer of the two
-        timestamps (a detector ignores an older one after a newer; the two intervals become one),
-        keeping the earlier receipt time (its apply latency counts the whole wait), and `previous`
-        is returned. Otherwise the returned entry is the new one."""
+        and regions, with no other event than heartbeats queued after it, it is superseded instead:
+        it becomes one heartbeat at the newer of the two timestamps (a detector ignores an older one
+        after a newer; the two intervals become one), keeping the earlier receipt time (its apply
+        latency counts the whole wait), and `previous` is returned. Otherwise the returned entry is
+        the new one. (Heartbeats of other datanodes commute with it; a Deregister, a Tick or a Dump
+        queued between the two must see the first one applied and the second not yet.)"""
         with self._lock:
             if self._closed:
                 raise QueueClosed("the supervisor is shutting down")
-            if previous is not None and previous.waiting:
+            if previous is not None and previous.waiting and previous.barrier == self._barrier:
                 old = previous.event
                 if (
                     old.datanode_id == event.datanode_id
@@ -344,9 +348,30 @@ class EventQueue:
                             old.datanode_id, old.region_ids, event.ts_millis, old.received_monotonic, old.known_only
                         )
                     return previous
-            if self._refusal(event) is not None:
+            # _refusal and _push, inline: this is the path of every heartbeat.
+            if self._external >= self.capacity:
                 return None
-            return self._push(event, external=True)
+            cost = event.region_ids.nbytes + HEARTBEAT_OVERHEAD_BYTES
+            total, limit = self._heartbeat_bytes, self.max_heartbeat_bytes
+            if limit is not None and total and total + cost > limit:
+                return None
+            queued = self._by_datanode.get(event.datanode_id)
+            if queued is None:
+                self._by_datanode[event.datanode_id] = [1, cost]
+            elif queued[0] >= self._datanode_events or (
+                self._datanode_bytes is not None and queued[1] + cost > self._datanode_bytes
+            ):
+                return None
+            else:
+                queued[0] += 1
+                queued[1] += cost
+            self._heartbeat_bytes = total + cost
+            entry = Queued(event, True, _monotonic(), cost, self._barrier)
+            self._items.append(entry)
+            self._external += 1
+            if self._getters:
+                self._not_empty.notify()
+            return entry
 
     def refusal(self, event: Event) -> str | None:
         """Why `event` would not be admitted now (`queue_full`, `queue_bytes`, `datanode_share`), or None."""
@@ -391,7 +416,9 @@ class EventQueue:
 
     def _push(self, event: Event, external: bool) -> Queued:
         cost = 0
-        if event.__class__ is Heartbeat and external:
+        if event.__class__ is not Heartbeat:
+            self._barrier += 1
+        elif external:
             cost = event.region_ids.nbytes + HEARTBEAT_OVERHEAD_BYTES
             self._heartbeat_bytes += cost
             queued = self._by_datanode.get(event.datanode_id)
@@ -400,7 +427,7 @@ class EventQueue:
             else:
                 queued[0] += 1
                 queued[1] += cost
-        entry = Queued(event, external, _monotonic(), cost)
+        entry = Queued(event, external, _monotonic(), cost, self._barrier)
         self._items.append(entry)
         if external:
             self._external += 1
@@ -409,17 +436,15 @@ class EventQueue:
         return entry
 
     def _taken(self, entry: Queued) -> None:
-        """Under the lock: `entry` left the queue; give back the heartbeat room it held."""
-        entry.waiting = False
-        if entry.cost:
-            self._heartbeat_bytes -= entry.cost
-            datanode_id = entry.event.datanode_id
-            queued = self._by_datanode[datanode_id]
-            if queued[0] == 1:
-                del self._by_datanode[datanode_id]
-            else:
-                queued[0] -= 1
-                queued[1] -= entry.cost
+        """Under the lock: the heartbeat `entry` left the queue; give back the room it held."""
+        self._heartbeat_bytes -= entry.cost
+        datanode_id = entry.event.datanode_id
+        queued = self._by_datanode[datanode_id]
+        if queued[0] == 1:
+            del self._by_datanode[datanode_id]
+        else:
+            queued[0] -= 1
+            queued[1] -= entry.cost
 
     def drain(self) -> list[Event]:
         """Remove and return everything queued."""
@@ -450,16 +475,20 @@ class EventQueue:
         with self._lock:
             if not self._wait_for_items(timeout):
                 return []
-            items = self._items
+            items, taken = self._items, self._taken
             entry = items.popleft()
-            self._taken(entry)
+            if entry.cost:
+                taken(entry)
+            entry.waiting = False
             event = entry.event
             batch = [event]
             released = int(entry.external)
             if event.__class__ is Heartbeat:
                 while items and len(batch) < limit and items[0].event.__class__ is Heartbeat:
                     entry = items.popleft()
-                    self._taken(entry)
+                    if entry.cost:
+                        taken(entry)
+                    entry.waiting = False
                     batch.append(entry.event)
                     released += entry.external
             if released:

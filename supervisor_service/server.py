@@ -356,11 +356,11 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         regions = stream.regions
         if regions is None:
             regions = stream.regions_of(stream.request.region_ids, cache=not stream.known_only)
+            stream.request = None  # not needed again: a thousand streams' worth of messages is MiBs
             if stream.known_only:
                 stream.raw = None  # too big to keep for the next compare: the next message is parsed again
             else:
                 stream.regions = regions
-                stream.request = None  # not needed again: a thousand streams' worth of messages is MiBs
         event = Heartbeat(datanode_id, regions, ts, received_monotonic, stream.known_only)
         try:
             entry = self._queue.offer_heartbeat(event, stream.queued)

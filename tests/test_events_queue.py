@@ -427,6 +427,22 @@ def test_a_heartbeat_is_not_folded_into_one_already_taken_or_with_other_regions(
     assert len(q) == 3
 
 
+@pytest.mark.parametrize("between", [ev(0), Clear()], ids=["external", "control"])
+def test_a_heartbeat_is_never_folded_across_another_event(between):
+    """A Deregister, Tick or Dump queued between two heartbeats must see the first applied and not the second."""
+    q = EventQueue(8)
+    same = regions(3)
+    first = q.offer_heartbeat(beat(1, same, 1000), None)
+    assert q.offer_heartbeat(beat(2, regions(2), 1500), None)  # another datanode's heartbeat is no barrier
+    assert q.offer_heartbeat(beat(1, same, 1800), first) is first
+    q.offer(between) if between.__class__ is Tick else q.put_control(between)
+    second = q.offer_heartbeat(beat(1, same, 2000), first)
+    assert second is not first
+    assert q.offer_heartbeat(beat(1, same, 3000), second) is second
+    got = [(e.datanode_id, e.ts_millis) if isinstance(e, Heartbeat) else e for e in q.drain()]
+    assert got == [(1, 1800), (2, 1500), between, (1, 3000)]
+
+
 def test_one_datanode_cannot_take_more_than_its_share_of_the_queue():
     q = EventQueue(20, max_heartbeat_bytes=1 << 20, datanode_fraction=0.1)  # 2 events per datanode
     flooder = [q.offer_heartbeat(beat(1, regions(10, first=i * 10), i), None) for i in range(5)]
