@@ -181,6 +181,8 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self._time_ms: int | None = None  # the server_time_millis of the last accepted answer...
         self._time_bytes = b""  # ...serialized
         self._log_problem = _ProblemLog(clock)
+        for reason in (*REJECTING_PROBLEMS, *IGNORED_PROBLEMS):  # every reason is exported, at 0 until seen
+            metrics.heartbeat_problems.labels(reason=reason)
 
     def _outcome_counters(self, outcome: str) -> tuple:
         """(messages, regions) counter children of `outcome`: `labels()` costs microseconds per call."""
@@ -255,7 +257,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def undecodable(self, context: grpc.aio.ServicerContext, method: str, type_name: str, exc: Exception) -> None:
         """A request that does not parse: INVALID_ARGUMENT, counted, one log line per method per interval."""
-        error = short_repr(str(exc), 160)
+        error = str(exc)[:160]  # the parser's words, never the input
         self._log_problem(("undecodable", method), logging.WARNING, "request_undecodable",
                           method=method, message_type=type_name, error=error)
         await self._invalid(context, method, "undecodable", f"not a valid {type_name}: {error}")
@@ -310,8 +312,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 stream.raw = None
                 stream.datanode_id, stream.n = stream.owner or 0, 0
                 return self._answer(
-                    stream, f"not a valid HeartbeatRequest: {short_repr(str(exc), 160)}", "rejected_invalid",
-                    "undecodable",
+                    stream, f"not a valid HeartbeatRequest: {str(exc)[:160]}", "rejected_invalid", "undecodable"
                 )
         datanode_id, owner = stream.datanode_id, stream.owner
         leader = stream.leader = self._leadership.is_leader()
@@ -627,7 +628,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         if shown != until or dropped or any(not _INT64_MIN <= u <= _INT64_MAX for u in datanodes.values()):
             self._log_problem("maintenance_state_out_of_range", logging.WARNING, "maintenance_state_out_of_range",
                               expires_at_millis=short_repr(str(until)), datanode_ids_dropped=short_repr(str(dropped)),
-                              meaning="expiries shown as the int64 maximum; switch maintenance off and on to clean it")
+                              hint="switch maintenance off and on to store a clean state")
         return pb.MaintenanceModeResponse(
             enabled=enabled,
             is_leader=leader,
