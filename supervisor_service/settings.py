@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,8 @@ from supervisor_service.supervisor import FailoverPolicy
 
 ENV_PREFIX = "SUPERVISOR_"
 _PORT = re.compile(r"[0-9]{1,5}")
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")  # an ASCII label (an IDN label is checked in its punycode form)
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_ZONE = re.compile(r"[A-Za-z0-9_.~-]{1,64}")  # an ASCII label (an IDN label is checked in its punycode form)
 _MAX_HOST_CHARS = 253  # DNS: a name is at most 253 characters (in its ASCII form)
 
 
@@ -41,17 +43,24 @@ def short_repr(value: str, limit: int = 64) -> str:
 
 def _check_host(host: str) -> None:
     if host.startswith("[") and host.endswith("]"):
+        address, _, zone = host[1:-1].partition("%")
         try:
-            ipaddress.IPv6Address(host[1:-1])  # a zone (`%eth0`) is allowed
+            ipaddress.IPv6Address(address)
         except ValueError:
             raise ValueError(f"{short_repr(host)} is not an IPv6 address") from None
+        if "%" in host and not _ZONE.fullmatch(zone):  # an interface name or index, e.g. [fe80::1%eth0]
+            raise ValueError(f"{short_repr(host)} has an invalid zone")
         return
     if ":" in host:
         raise ValueError("an IPv6 host goes in brackets, e.g. [fe80::1%eth0]:4001")
     ascii_host = host
     if not host.isascii():
+        # An internationalized name, e.g. bücher.example: checked in its punycode form, and without
+        # the invisible characters (format, control, spaces) that the IDNA mapping would drop.
         try:
-            ascii_host = host.encode("idna").decode("ascii")  # an internationalized name, e.g. bücher.example
+            if any(unicodedata.category(ch)[0] in "CZ" for ch in host):
+                raise UnicodeError
+            ascii_host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise ValueError(f"{short_repr(host)} is not a valid host name") from None
     labels = ascii_host[:-1].split(".") if ascii_host.endswith(".") else ascii_host.split(".")

@@ -167,8 +167,11 @@ def fake_time(service):
 
 
 @pytest.mark.parametrize(
-    "peer_addr", ["10.0.0.7", "10.0.0.7:0", "10.0.0.7:70000", "a b:4001", "10.0.0.7:4001\n", "::1:4001", "host:٤٠٠١"],
-    ids=["no-port", "port-0", "port-too-big", "space-inside", "trailing-newline", "unbracketed-ipv6", "arabic-digits"],
+    "peer_addr",
+    ["10.0.0.7", "10.0.0.7:0", "10.0.0.7:70000", "a b:4001", "10.0.0.7:4001\n", "::1:4001", "host:٤٠٠١",
+     "[fe80::1%eth0\n]:4001", "bü\u200bcher.example:4001"],
+    ids=["no-port", "port-0", "port-too-big", "space-inside", "trailing-newline", "unbracketed-ipv6", "arabic-digits",
+         "newline-in-zone", "zero-width-space"],
 )
 def test_a_malformed_peer_addr_is_ignored_and_the_datanode_is_not_failed_over(fake_time, peer_addr):
     ft = fake_time()
