@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from supervisor_service._log import log_event
 from supervisor_service.clock import Clock
@@ -53,6 +53,7 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["RegionSupervisor"]
 SERVICE_NAME = _SERVICE.full_name
 _HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 _HEALTH_NAME = _HEALTH.full_name
+_REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 DEFAULT_DUMP_PAGE = 1000
 LEADER_METADATA_KEY = "x-supervisor-leader"  # trailing metadata of a follower's FAILED_PRECONDITION
 DEFAULT_JOURNAL_LIMIT = 100
@@ -205,9 +206,11 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         Overloaded, saying which bound of the queue refused `event`."""
         if result := offer():
             return result
-        deadline = self._clock.monotonic() + self._s.enqueue_timeout_ms / 1000
+        # A real wait, on the event loop's clock (an injected test clock does not move by itself).
+        now = asyncio.get_running_loop().time
+        deadline = now() + self._s.enqueue_timeout_ms / 1000
         delay = 0.001
-        while self._clock.monotonic() < deadline:
+        while now() < deadline:
             await asyncio.sleep(delay)
             if result := offer():
                 return result
@@ -859,10 +862,10 @@ class _HealthServicer(health.aio.HealthServicer):
 def _bytes_in(
     handler: grpc.RpcMethodHandler, method: str, type_name: str, undecodable: Callable
 ) -> grpc.RpcMethodHandler:
-    """`handler` (unary request) registered bytes in: the request is parsed inside, so a message
-    that does not parse is answered INVALID_ARGUMENT by `undecodable` (grpc would answer UNKNOWN
-    and log a traceback per message from its own deserializer)."""
-    parse = handler.request_deserializer
+    """`handler` registered bytes in: each request is parsed inside, so a message that does not
+    parse is answered INVALID_ARGUMENT by `undecodable` (grpc would answer UNKNOWN and log a
+    traceback per message from its own deserializer)."""
+    parse, serialize = handler.request_deserializer, handler.response_serializer
 
     async def request_of(raw: bytes, context):
         try:
@@ -870,29 +873,49 @@ def _bytes_in(
         except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a parser raises on garbage
             await undecodable(context, method, type_name, exc)
 
+    def requests_of(raws, context):
+        async def requests():
+            async for raw in raws:
+                yield await request_of(raw, context)
+
+        return requests()
+
     if handler.unary_unary is not None:
         behavior = handler.unary_unary
 
         async def unary(raw: bytes, context):
             return await behavior(await request_of(raw, context), context)
 
-        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
-    behavior = handler.unary_stream
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+    if handler.stream_unary is not None:
+        behavior = handler.stream_unary
+
+        async def stream_in(raws, context):
+            return await behavior(requests_of(raws, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_in, response_serializer=serialize)
+    streaming_in = handler.stream_stream is not None
+    behavior = handler.stream_stream if streaming_in else handler.unary_stream
+
+    async def request_arg(raw, context):
+        return requests_of(raw, context) if streaming_in else await request_of(raw, context)
+
     if inspect.isasyncgenfunction(behavior):
-        async def streaming(raw: bytes, context):
-            async for response in behavior(await request_of(raw, context), context):
+        async def streaming(raw, context):
+            async for response in behavior(await request_arg(raw, context), context):
                 yield response
     else:  # writes its answers with context.write
-        async def streaming(raw: bytes, context):
-            return await behavior(await request_of(raw, context), context)
+        async def streaming(raw, context):
+            return await behavior(await request_arg(raw, context), context)
 
-    return grpc.unary_stream_rpc_method_handler(streaming, response_serializer=handler.response_serializer)
+    make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
+    return make(streaming, response_serializer=serialize)
 
 
 def _register(server: grpc.aio.Server, service, handlers: dict[str, grpc.RpcMethodHandler], undecodable) -> None:
-    """Register `handlers` of `service` (a descriptor), every unary-request one bytes in."""
+    """Register `handlers` of `service` (a descriptor), each that parses its requests bytes in."""
     wrapped = {
-        name: handler if handler.request_streaming
+        name: handler if handler.request_deserializer is None
         else _bytes_in(handler, name, service.methods_by_name[name].input_type.name, undecodable)
         for name, handler in handlers.items()
     }
@@ -920,7 +943,11 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
     generated = _HandlerCapture(_HEALTH_NAME)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generated)
     _register(server, _HEALTH, generated.handlers, servicer.undecodable)
-    reflection.enable_server_reflection((SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server)
+    generated = _HandlerCapture(reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer((SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME)), generated
+    )
+    _register(server, _REFLECTION, generated.handlers, servicer.undecodable)
     return server, health_servicer
 
 
