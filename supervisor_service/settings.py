@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     heartbeat_clock: Literal["server", "client"] = "server"
     """Whose clock stamps heartbeats: `server` (receipt time) or `client` (the request's timestamp_millis)."""
     max_client_clock_skew_ms: int = Field(1000, ge=0, le=3_600_000)
-    """With heartbeat_clock=client: a timestamp_millis further than this from the server's receipt time (or missing) is applied at the receipt time, and the answer says so; 0: no bound (only to replay recorded timestamps: one stamp far ahead then keeps a datanode alive until that time)."""
+    """With heartbeat_clock=client: a timestamp_millis further than this from the server's receipt time (or missing) is applied at the receipt time, and the answer says so. Keep it well below acceptable_heartbeat_pause_ms: a clock this far behind costs a datanode as much of its pause. 0: no bound (only to replay recorded timestamps: one stamp far ahead then keeps a datanode alive until that time)."""
 
     # -- queue and limits
     event_queue_size: int = Field(1024, ge=1, le=1_000_000)
