@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from supervisor_service.events import (
     HEARTBEAT_OVERHEAD_BYTES,
@@ -481,3 +483,43 @@ def test_offer_of_a_heartbeat_counts_against_the_same_bounds():
     q.put_control(hb(1))  # control events are never refused, and hold no share
     assert q.external_depth == 4 and len(q) == 5
     assert [type(e).__name__ for e in q.get_batch(timeout=0, limit=10)] == ["Heartbeat"] * 3
+
+
+def _liveness(events) -> dict:
+    """What the detector table keeps of a sequence of events, as far as liveness goes: the last
+    heartbeat time of each (datanode, region), created by a heartbeat, removed by a Deregister."""
+    last: dict = {}
+    for event in events:
+        if isinstance(event, Heartbeat):
+            for region in event.region_ids.tolist():
+                key = (event.datanode_id, region)
+                last[key] = max(last.get(key, event.ts_millis), event.ts_millis)
+        else:
+            datanode_id = int(event.due_monotonic)  # the stand-in Deregister of a whole datanode
+            last = {k: v for k, v in last.items() if k[0] != datanode_id}
+    return last
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 50), st.booleans()), max_size=40))
+def test_coalescing_keeps_the_liveness_every_heartbeat_carried(steps):
+    """Streams 0-2 (datanodes 1-3) send heartbeats naming one of three region sets, at times that
+    may go back (a client clock), interleaved with other events (stream 3: a Deregister stand-in)
+    and with the consumer taking what is queued: applying what the queue gives must leave every
+    (datanode, region) with the same last heartbeat as applying every heartbeat sent, in order."""
+    sets = [np.arange(3, dtype=np.uint64), np.arange(2, 5, dtype=np.uint64), np.arange(3, dtype=np.uint64)]
+    q = EventQueue(1000)
+    previous: dict = {}
+    sent, applied = [], []
+    for stream, which, ts, take in steps:
+        if stream == 3:
+            event = Tick(due_monotonic=float(which + 1))
+            q.offer(event)
+        else:
+            event = Heartbeat(stream + 1, sets[which], ts)
+            previous[stream] = q.offer_heartbeat(event, previous.get(stream))
+        sent.append(event)
+        if take:
+            applied.extend(q.get_batch(timeout=0, limit=3))
+    applied.extend(q.drain())
+    assert _liveness(applied) == _liveness(sent)
