@@ -20,7 +20,6 @@ import json
 import logging
 import queue
 import random
-import time
 from concurrent.futures import Future
 
 import grpc
