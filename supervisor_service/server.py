@@ -3,8 +3,12 @@
 Handlers convert protobuf to domain values, validate, enqueue and convert the
 answer back. They never touch the detector table: what needs the table
 travels through the event queue with a reply future. Errors leave through
-`context.abort(code, details)` with a message an operator can act on; a bad
-heartbeat is answered with `rejected=true` and a reason, and the stream goes on.
+`context.abort(code, details)` with a message an operator can act on; every
+request is parsed inside its handler, so one that does not parse is
+INVALID_ARGUMENT. A heartbeat is evidence that its datanode is alive: one that
+cannot be trusted or applied is answered `rejected=true` with a reason, one
+with a bad secondary field is applied with that field ignored and the reason
+saying so (DESIGN.md section 12), and the stream goes on either way.
 """
 
 from __future__ import annotations
