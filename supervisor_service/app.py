@@ -67,9 +67,15 @@ class Service:
         self.clock = clock or SystemClock()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.queue = EventQueue(s.event_queue_size)
+        self.queue = EventQueue(
+            s.event_queue_size,
+            max_heartbeat_bytes=s.max_queued_heartbeat_bytes,
+            datanode_fraction=s.max_queue_fraction_per_datanode,
+        )
         self.metrics.bind_queue(lambda: len(self.queue), self.queue.oldest_age)
-        self.directory = PeerDirectory(self.clock)
+        self.metrics.queue_heartbeat_bytes.set_function(lambda: self.queue.heartbeat_bytes)
+        # A lower node_epoch is a new life once the newest has been silent as long as a detector tolerates.
+        self.directory = PeerDirectory(self.clock, new_life_after_ms=s.acceptable_heartbeat_pause_ms)
         self.kv = kv if kv is not None else open_kv(s.store, s.data_dir, allow_new_store=s.allow_new_store)
         self.store = StateStore(
             self.kv,

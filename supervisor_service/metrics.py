@@ -113,6 +113,23 @@ class Metrics:
         self.heartbeat_streams = Gauge(
             "supervisor_heartbeat_streams", "Open SendHeartbeat streams.", registry=r
         )
+        self.heartbeat_problems = Counter(
+            "supervisor_heartbeat_problems",
+            "Problems found in heartbeat messages, by reason (a field ignored or clamped, or the message rejected).",
+            ["reason"],
+            registry=r,
+        )
+        self.heartbeats_coalesced = Counter(
+            "supervisor_heartbeats_coalesced",
+            "Heartbeats folded into an earlier one of their stream that was still queued.",
+            registry=r,
+        )
+        self.requests_invalid = Counter(
+            "supervisor_requests_invalid",
+            "Requests answered INVALID_ARGUMENT, by method and reason (undecodable, out_of_range, too_many).",
+            ["method", "reason"],
+            registry=r,
+        )
         self.detectors = Gauge("supervisor_detectors", "Detectors in the table.", registry=r)
         self.detector_groups = Gauge(
             "supervisor_detector_groups", "Distinct detector states (shared histories) in the table.", registry=r
@@ -129,6 +146,11 @@ class Metrics:
         self.queue_depth = Gauge("supervisor_event_queue_depth", "Events waiting in the queue.", registry=r)
         self.queue_oldest_age = Gauge(
             "supervisor_event_queue_oldest_age_seconds", "Age of the oldest queued event.", registry=r
+        )
+        self.queue_heartbeat_bytes = Gauge(
+            "supervisor_event_queue_heartbeat_bytes",
+            "Bytes of queued heartbeats (their region ids), as bounded by max_queued_heartbeat_bytes.",
+            registry=r,
         )
         self.tick_duration = Histogram(
             "supervisor_tick_duration_seconds",

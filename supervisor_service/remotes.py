@@ -62,6 +62,7 @@ class _Seen:
     addr: str
     last_seen_ms: int
     epoch: int
+    epoch_heard_ms: int  # when a heartbeat of `epoch` was last accepted
 
 
 class PeerDirectory:
@@ -69,24 +70,33 @@ class PeerDirectory:
 
     Written by the gRPC edge on every heartbeat message, read by the embedded
     PeerLookup and Selector; a lock guards it because both sides are threads.
+
+    Epochs fence a datanode's earlier life: a heartbeat with an epoch below the
+    newest seen is stale, unless the newest has been silent for longer than
+    `new_life_after_ms`. Then the lower epoch is a new life (a datanode whose
+    restart counter went back), so that no single epoch, not even 2**64-1, can
+    fence a datanode for good.
     """
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, new_life_after_ms: float = 10_000) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._seen: dict[int, _Seen] = {}
+        self.new_life_after_ms = new_life_after_ms
 
     def observe(self, datanode_id: int, addr: str, epoch: int = 0) -> None:
+        """An accepted heartbeat (`addr` empty: keep the address known; `epoch` 0: unknown)."""
         now = self._clock.now_ms()
         with self._lock:
             seen = self._seen.get(datanode_id)
             if seen is None:
-                self._seen[datanode_id] = _Seen(addr, now, epoch)
-            else:
-                seen.last_seen_ms = now
-                if addr:
-                    seen.addr = addr
-                seen.epoch = max(seen.epoch, epoch)
+                self._seen[datanode_id] = _Seen(addr, now, epoch, now)
+                return
+            seen.last_seen_ms = now
+            if addr:
+                seen.addr = addr
+            if epoch and (epoch >= seen.epoch or now - seen.epoch_heard_ms > self.new_life_after_ms):
+                seen.epoch, seen.epoch_heard_ms = epoch, now
 
     def epoch(self, datanode_id: int) -> int:
         with self._lock:
@@ -94,8 +104,21 @@ class PeerDirectory:
             return 0 if seen is None else seen.epoch
 
     def epoch_current(self, datanode_id: int, epoch: int) -> bool:
-        """False for a heartbeat from an older life of the datanode than the newest seen (0: unknown, allowed)."""
-        return epoch == 0 or epoch >= self.epoch(datanode_id)
+        """False for a heartbeat from an older life of the datanode than the newest seen while that
+        one is still heard from (0: unknown, allowed)."""
+        silence = self.epoch_silence(datanode_id, epoch)
+        return silence is None or silence > self.new_life_after_ms
+
+    def epoch_silence(self, datanode_id: int, epoch: int) -> int | None:
+        """None when `epoch` is not below the newest seen (or unknown); otherwise for how long, in ms,
+        the newest has been silent (the heartbeat is stale while that is at most `new_life_after_ms`)."""
+        if epoch == 0:
+            return None
+        with self._lock:
+            seen = self._seen.get(datanode_id)
+            if seen is None or epoch >= seen.epoch:
+                return None
+            return self._clock.now_ms() - seen.epoch_heard_ms
 
     def peer(self, datanode_id: int) -> Peer | None:
         with self._lock:

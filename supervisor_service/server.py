@@ -3,21 +3,27 @@
 Handlers convert protobuf to domain values, validate, enqueue and convert the
 answer back. They never touch the detector table: what needs the table
 travels through the event queue with a reply future. Errors leave through
-`context.abort(code, details)` with a message an operator can act on; a bad
-heartbeat is answered with `rejected=true` and a reason, and the stream goes on.
+`context.abort(code, details)` with a message an operator can act on; every
+request is parsed inside its handler, so one that does not parse is
+INVALID_ARGUMENT. A heartbeat is evidence that its datanode is alive: one that
+cannot be trusted or applied is answered `rejected=true` with a reason, one
+with a bad secondary field is applied with that field ignored and the reason
+saying so (DESIGN.md section 12), and the stream goes on either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from supervisor_service._log import log_event
 from supervisor_service.clock import Clock
@@ -29,6 +35,7 @@ from supervisor_service.events import (
     Event,
     EventQueue,
     Heartbeat,
+    Queued,
     QueueClosed,
     Register,
     ReleaseHold,
@@ -39,18 +46,20 @@ from supervisor_service.leadership import Leadership
 from supervisor_service.metrics import Metrics
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes import DryRunJournal, PeerDirectory, peer_to_pb
-from supervisor_service.settings import Settings, check_host_port
+from supervisor_service.settings import Settings, check_host_port, short_repr
 from supervisor_service.store import FencedOut, MaintenanceSet, StateStore, StoreError, StoreGone
 from supervisor_service.supervisor import DumpSnapshot, Supervisor
 from supervisor_service.table import as_region_array
 
 log = logging.getLogger("supervisor_service.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name
-_HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["RegionSupervisor"]
+SERVICE_NAME = _SERVICE.full_name
+_HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+_HEALTH_NAME = _HEALTH.full_name
+_REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 DEFAULT_DUMP_PAGE = 1000
 LEADER_METADATA_KEY = "x-supervisor-leader"  # trailing metadata of a follower's FAILED_PRECONDITION
-_VALID_PEER_ADDRS_KEPT = 100_000  # validated peer_addr values remembered (cleared when full)
 DEFAULT_JOURNAL_LIMIT = 100
 # Calls answered only once their change is committed: while the store is failing they are told so.
 _DURABLE_EVENTS = (Register, Deregister, Reset, SetMaintenance)
@@ -58,23 +67,64 @@ _STORE_FAILING_GRACE_S = 0.5  # a store failing this long makes waiting writes a
 _STORE_POLL_S = 0.1
 _NOT_COMMITTED_HINT = "the change may not have been committed: retry (Register, Deregister and Reset are idempotent)"
 
+# A peer_addr is a DNS name (253 characters) or a bracketed IPv6 address with a zone, then a colon
+# and a port: 300 characters hold any of them, an internationalized name in its own script too.
+MAX_PEER_ADDR_CHARS = 300
+# The longest maintenance a ttl_millis may ask for: far beyond any real window, and far inside
+# what every representation of an expiry holds (int64 milliseconds, a float of seconds).
+MAX_MAINTENANCE_TTL_MS = 100 * 365 * 86_400_000
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+PROBLEM_LOG_INTERVAL_S = 10.0  # one log line per problem (reason) per interval; the rest are counted
+
+# Problems of a heartbeat, by the reason counted in supervisor_heartbeat_problems_total. A rejected
+# heartbeat is untrustworthy or cannot be applied; for the others the liveness is applied and the
+# field is ignored (or the timestamp replaced by the receipt time), and the answer says so.
+REJECTING_PROBLEMS = ("undecodable", "wrong_datanode", "stale_epoch")
+IGNORED_PROBLEMS = (
+    "peer_addr_invalid", "peer_addr_too_long", "too_many_regions",
+    "timestamp_missing", "timestamp_ahead", "timestamp_behind", "epoch_new_life",
+)
+
 
 class Overloaded(Exception):
     pass
 
 
+class _ProblemLog:
+    """Log lines rate limited per key: the first in each interval is written, with how many were
+    suppressed since the last one; a flood of bad input costs one line per interval, not one per message."""
+
+    def __init__(self, clock: Clock, interval_s: float = PROBLEM_LOG_INTERVAL_S) -> None:
+        self._clock = clock
+        self._interval = interval_s
+        self._next: dict[object, float] = {}
+        self._suppressed: dict[object, int] = {}
+
+    def __call__(self, key: object, level: int, event: str, **fields: object) -> None:
+        now = self._clock.monotonic()
+        if now < self._next.get(key, float("-inf")):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._next[key] = now + self._interval
+        log_event(log, level, event, **fields, suppressed=self._suppressed.pop(key, 0))
+
+
 class _Stream:
-    """One SendHeartbeat stream: its datanode once accepted, its last request (raw and parsed),
-    the answer's serialized fields that rarely change, and the message being answered."""
+    """One SendHeartbeat stream: its datanode once accepted, its last request (raw and parsed, with
+    what is wrong with its fields), the answer's serialized fields that rarely change, the message
+    being answered, and its last queued heartbeat (a newer one supersedes it while it waits)."""
 
     __slots__ = (
         "owner", "raw", "request", "datanode_id", "n", "peer_addr", "node_epoch", "timestamp_millis",
         "regions", "last_ids", "last_regions", "answer_key", "answer_head", "received", "leader",
+        "problems", "addr", "checked_addr", "known_only", "queued",
     )
 
     def __init__(self) -> None:
         self.owner: int | None = None
         self.raw: bytes | None = None
+        self.datanode_id = 0
+        self.n = 0
         self.regions: np.ndarray | None = None  # of `raw`, once validated
         self.last_ids = b""  # the region ids of the last request whose array was built...
         self.last_regions: np.ndarray | None = None  # ...and that array
@@ -82,8 +132,13 @@ class _Stream:
         self.answer_head = b""
         self.received = 0
         self.leader = False
+        self.problems: tuple[tuple[str, str], ...] = ()  # (reason, text) for the fields of `raw`
+        self.addr = ""  # the address `raw` gives, normalized; "" when it gives none or a bad one
+        self.checked_addr = ("", "")  # the last peer_addr found valid on this stream, and its normal form
+        self.known_only = False  # more regions than one heartbeat may add: refresh the known ones only
+        self.queued: Queued | None = None
 
-    def regions_of(self, region_ids) -> np.ndarray:
+    def regions_of(self, region_ids, cache: bool = True) -> np.ndarray:
         """The request's region ids as a sorted unique array. A datanode names the same regions
         in heartbeat after heartbeat (whatever else changes, as the client clock's timestamp):
         those reuse the array built last time, after a byte compare."""
@@ -92,6 +147,8 @@ class _Stream:
         if key != self.last_ids or self.last_regions is None:
             regions = as_region_array(raw)
             regions.flags.writeable = False  # shared by the events of later heartbeats
+            if not cache:
+                return regions
             self.last_ids, self.last_regions = key, regions
         return self.last_regions
 
@@ -129,12 +186,14 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self._leadership = leadership
         self._store = store
         self._streams = 0
-        # Hot-path caches: labelled counter children per heartbeat outcome, and peer
-        # addresses already validated (a datanode sends the same one every time).
+        # Hot-path cache: labelled counter children per heartbeat outcome. (A validated peer_addr is
+        # remembered per stream, so what is kept is bounded by the streams and MAX_PEER_ADDR_CHARS.)
         self._outcomes: dict[str, tuple] = {}
-        self._valid_peer_addrs: set[str] = set()
         self._time_ms: int | None = None  # the server_time_millis of the last accepted answer...
         self._time_bytes = b""  # ...serialized
+        self._log_problem = _ProblemLog(clock)
+        for reason in (*REJECTING_PROBLEMS, *IGNORED_PROBLEMS):  # every reason is exported, at 0 until seen
+            metrics.heartbeat_problems.labels(reason=reason)
 
     def _outcome_counters(self, outcome: str) -> tuple:
         """(messages, regions) counter children of `outcome`: `labels()` costs microseconds per call."""
@@ -150,19 +209,37 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def _enqueue(self, event: Event) -> None:
         """Enqueue without blocking the event loop; waits for room up to enqueue_timeout_ms."""
-        if self._queue.offer(event):
-            return
-        deadline = self._clock.monotonic() + self._s.enqueue_timeout_ms / 1000
+        await self._when_room(event, lambda: self._queue.offer(event))
+
+    async def _when_room(self, event: Event, offer: Callable[[], object]) -> object:
+        """`offer()` until it gives something truthy (returned), for up to enqueue_timeout_ms; then
+        Overloaded, saying which bound of the queue refused `event`."""
+        if result := offer():
+            return result
+        # A real wait, on the event loop's clock (an injected test clock does not move by itself).
+        now = asyncio.get_running_loop().time
+        deadline = now() + self._s.enqueue_timeout_ms / 1000
         delay = 0.001
-        while self._clock.monotonic() < deadline:
+        while now() < deadline:
             await asyncio.sleep(delay)
-            if self._queue.offer(event):
-                return
+            if result := offer():
+                return result
             delay = min(delay * 2, 0.05)
-        self._metrics.events_rejected.labels(type=type(event).__name__, reason="queue_full").inc()
+        why = self._queue.refusal(event) or "queue_full"
+        self._metrics.events_rejected.labels(type=type(event).__name__, reason=why).inc()
+        waited = f"for {self._s.enqueue_timeout_ms} ms"
+        if why == "datanode_share":
+            raise Overloaded(
+                f"this datanode's queued heartbeats hold their share of the supervisor's event queue {waited} "
+                "(setting max_queue_fraction_per_datanode): send them less often or with fewer regions"
+            )
+        if why == "queue_bytes":
+            raise Overloaded(
+                f"the supervisor's event queue holds {self._queue.max_heartbeat_bytes} bytes of heartbeats "
+                f"{waited} (setting max_queued_heartbeat_bytes); retry with backoff"
+            )
         raise Overloaded(
-            f"the supervisor's event queue is full ({self._queue.capacity} events) for "
-            f"{self._s.enqueue_timeout_ms} ms; retry with backoff"
+            f"the supervisor's event queue is full ({self._queue.capacity} events) {waited}; retry with backoff"
         )
 
     async def _ask(self, context: grpc.aio.ServicerContext, make: Callable[[Future], Event]) -> object:
@@ -207,6 +284,18 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {exc}; {_NOT_COMMITTED_HINT}")
 
+    async def _invalid(self, context: grpc.aio.ServicerContext, method: str, reason: str, details: str) -> None:
+        """INVALID_ARGUMENT, counted under (method, reason)."""
+        self._metrics.requests_invalid.labels(method=method, reason=reason).inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+    async def undecodable(self, context: grpc.aio.ServicerContext, method: str, type_name: str, exc: Exception) -> None:
+        """A request that does not parse: INVALID_ARGUMENT, counted, one log line per method per interval."""
+        error = str(exc)[:160]  # the parser's words, never the input
+        self._log_problem(("undecodable", method), logging.WARNING, "request_undecodable",
+                          method=method, message_type=type_name, error=error)
+        await self._invalid(context, method, "undecodable", f"not a valid {type_name}: {error}")
+
     # ------------------------------------------------------------ heartbeats
 
     async def SendHeartbeat(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
@@ -236,103 +325,161 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             self._streams -= 1
             self._metrics.heartbeat_streams.dec()
 
-    def _heartbeat(self, raw: bytes, stream: _Stream) -> bytes | Heartbeat:
-        """The serialized answer to one serialized heartbeat, or its event when the queue is full
-        (`_heartbeat_when_room` then waits for room). Runs to the end without awaiting: a
-        coroutine per message costs more than the rest of the accepted path."""
+    def _heartbeat(self, raw: bytes, stream: _Stream) -> bytes | tuple[Heartbeat, tuple]:
+        """The serialized answer to one serialized heartbeat, or (its event, its problems) when the
+        queue has no room for it (`_heartbeat_when_room` then waits for room). Runs to the end
+        without awaiting: a coroutine per message costs more than the rest of the accepted path.
+
+        Only what makes the heartbeat untrustworthy (another datanode's id on the stream, an earlier
+        life's epoch) or impossible to apply (it does not parse, this replica does not lead) rejects
+        it. A problem with another field is in `problems`: the liveness is applied, the field
+        ignored, and the answer's reason says so (DESIGN.md section 12)."""
         # Stamp at receipt, before any queueing (the server clock is the default).
         received = stream.received = self._clock.now_ms()
         received_monotonic = self._clock.monotonic()
         if raw != stream.raw:
             # Identical bytes parse to an identical message (the server stamps its own time,
             # so a datanode's heartbeats are usually byte for byte the same).
-            stream.parse(raw)
-        datanode_id, n, owner = stream.datanode_id, stream.n, stream.owner
+            try:
+                self._parse(raw, stream)
+            except DecodeError as exc:
+                stream.raw = None
+                stream.datanode_id, stream.n = stream.owner or 0, 0
+                return self._answer(
+                    stream, f"not a valid HeartbeatRequest: {str(exc)[:160]}", "rejected_invalid", "undecodable"
+                )
+        datanode_id, owner = stream.datanode_id, stream.owner
         leader = stream.leader = self._leadership.is_leader()
         if owner is not None and datanode_id != owner:
             return self._answer(
                 stream,
-                reason=f"this stream belongs to datanode {owner}; open one stream per datanode",
-                outcome="rejected_invalid",
+                f"this stream belongs to datanode {owner}; open one stream per datanode",
+                "rejected_invalid",
+                "wrong_datanode",
             )
         if not leader:
             where = self._leadership.leader_addr()
             return self._answer(
                 stream,
-                reason=f"not the leader; send heartbeats to {where}" if where
+                f"not the leader; send heartbeats to {where}" if where
                 else "not the leader, and no leader is known right now; try another replica",
-                outcome="rejected_not_leader",
+                "rejected_not_leader",
             )
         if not self._supervisor.is_leader:
-            return self._answer(
-                stream, reason="becoming leader: loading the state; retry shortly", outcome="rejected_not_ready"
-            )
-        if n > self._s.max_regions_per_heartbeat:
-            return self._answer(
-                stream,
-                reason=f"{n} regions in one heartbeat; the limit is {self._s.max_regions_per_heartbeat} "
-                "(setting max_regions_per_heartbeat)",
-                outcome="rejected_invalid",
-            )
-        peer_addr = stream.peer_addr
-        if peer_addr and peer_addr not in self._valid_peer_addrs:
-            try:
-                check_host_port(peer_addr, allow_empty=False, allow_port_zero=False)
-            except ValueError as exc:
-                return self._answer(stream, reason=f"peer_addr: {exc}", outcome="rejected_invalid")
-            if len(self._valid_peer_addrs) >= _VALID_PEER_ADDRS_KEPT:
-                self._valid_peer_addrs.clear()
-            self._valid_peer_addrs.add(peer_addr)
+            return self._answer(stream, "becoming leader: loading the state; retry shortly", "rejected_not_ready")
+        problems = stream.problems
+        ts = received
         if self._s.heartbeat_clock == "client":
-            if stream.timestamp_millis <= 0:
-                return self._answer(
-                    stream,
-                    reason="timestamp_millis must be > 0 when the service uses the client clock "
-                    "(setting heartbeat_clock=client)",
-                    outcome="rejected_invalid",
-                )
             ts = stream.timestamp_millis
-        else:
-            ts = received
-        if self._s.reject_stale_epochs and not self._directory.epoch_current(datanode_id, stream.node_epoch):
-            return self._answer(
-                stream,
-                reason=f"node_epoch {stream.node_epoch} is older than {self._directory.epoch(datanode_id)}, "
-                "the newest seen for this datanode: a heartbeat from an earlier life of the datanode",
-                outcome="rejected_stale_epoch",
-            )
+            skew = self._s.max_client_clock_skew_ms
+            if ts <= 0 or (skew and not received - skew <= ts <= received + skew):
+                problems += (self._timestamp_problem(ts, received, skew),)
+                ts = received
+        epoch = stream.node_epoch
+        if epoch and self._s.reject_stale_epochs:
+            silence = self._directory.epoch_silence(datanode_id, epoch)
+            if silence is not None:
+                newest, window = self._directory.epoch(datanode_id), self._directory.new_life_after_ms
+                if silence <= window:
+                    return self._answer(
+                        stream,
+                        f"node_epoch {epoch} is older than {newest}, the newest seen for this datanode: a heartbeat "
+                        f"from an earlier life of the datanode (a lower epoch is taken as a new life once the "
+                        f"newest has been silent for {window:g} ms)",
+                        "rejected_stale_epoch",
+                        "stale_epoch",
+                    )
+                problems += (("epoch_new_life", (
+                    f"node_epoch {epoch} is lower than {newest}, which has been silent for {silence} ms (longer "
+                    "than acceptable_heartbeat_pause_ms): taken as a new life of the datanode")),)
         regions = stream.regions
         if regions is None:
-            regions = stream.regions = stream.regions_of(stream.request.region_ids)
-            stream.request = None  # the parsed message is not needed again: a thousand streams' worth is MiBs
-        event = Heartbeat(datanode_id, regions, ts, received_monotonic)
+            regions = stream.regions_of(stream.request.region_ids, cache=not stream.known_only)
+            stream.request = None  # not needed again: a thousand streams' worth of messages is MiBs
+            if stream.known_only:
+                stream.raw = None  # too big to keep for the next compare: the next message is parsed again
+            else:
+                stream.regions = regions
+        event = Heartbeat(datanode_id, regions, ts, received_monotonic, stream.known_only)
         try:
-            if not self._queue.offer(event):
-                return event
+            entry = self._queue.offer_heartbeat(event, stream.queued)
         except QueueClosed:
-            return self._answer(stream, reason="the supervisor is shutting down", outcome="rejected_shutdown")
-        return self._accepted(stream)
+            return self._answer(stream, "the supervisor is shutting down", "rejected_shutdown")
+        if entry is None:
+            return event, problems
+        return self._accepted(stream, entry, regions.size, problems)
 
-    async def _heartbeat_when_room(self, event: Heartbeat, stream: _Stream) -> bytes:
+    def _parse(self, raw: bytes, stream: _Stream) -> None:
+        """Parse a message that differs from the stream's last, and find what is wrong with its
+        secondary fields: those problems hold for every message with the same bytes."""
+        stream.parse(raw)
+        problems = []
+        limit = self._s.max_regions_per_heartbeat
+        stream.known_only = stream.n > limit
+        if stream.known_only:
+            problems.append(("too_many_regions", (
+                f"{stream.n} regions in one heartbeat, above the limit of {limit} (setting "
+                "max_regions_per_heartbeat): the regions already watched among them were refreshed, none was added")))
+        addr = stream.peer_addr
+        stream.addr = ""
+        if addr:
+            checked_in, checked = stream.checked_addr
+            if addr == checked_in:
+                stream.addr = checked
+            elif len(addr) > MAX_PEER_ADDR_CHARS:
+                stream.raw = None  # not kept for the next compare: it can be megabytes
+                problems.append(("peer_addr_too_long", (
+                    f"peer_addr ignored: too long ({len(addr)} characters, at most {MAX_PEER_ADDR_CHARS}); "
+                    "the last valid address is kept")))
+            else:
+                normal = addr.strip(" ")  # a space around it is harmless (a config file); a newline is not
+                try:
+                    check_host_port(normal, allow_empty=False, allow_port_zero=False)
+                except ValueError as exc:
+                    problems.append(("peer_addr_invalid", f"peer_addr ignored: {exc}; the last valid address is kept"))
+                else:
+                    stream.addr = normal
+                    stream.checked_addr = (addr, normal)
+        stream.problems = tuple(problems)
+
+    @staticmethod
+    def _timestamp_problem(ts: int, received: int, skew: int) -> tuple[str, str]:
+        then = "applied at the server's receipt time"
+        if ts <= 0:
+            return "timestamp_missing", (
+                f"timestamp_millis {ts} is not a time (setting heartbeat_clock=client): {then}")
+        ahead = ts > received
+        return ("timestamp_ahead" if ahead else "timestamp_behind"), (
+            f"timestamp_millis is {abs(ts - received)} ms {'ahead of' if ahead else 'behind'} the server's clock, "
+            f"beyond max_client_clock_skew_ms={skew}: {then}")
+
+    async def _heartbeat_when_room(self, pending: tuple[Heartbeat, tuple], stream: _Stream) -> bytes:
+        event, problems = pending
         try:
-            await self._enqueue(event)
+            entry = await self._when_room(event, lambda: self._queue.offer_heartbeat(event, stream.queued))
         except Overloaded as exc:
-            return self._answer(stream, reason=str(exc), outcome="rejected_overloaded")
+            return self._answer(stream, str(exc), "rejected_overloaded")
         except QueueClosed:
-            return self._answer(stream, reason="the supervisor is shutting down", outcome="rejected_shutdown")
-        return self._accepted(stream)
+            return self._answer(stream, "the supervisor is shutting down", "rejected_shutdown")
+        return self._accepted(stream, entry, event.region_ids.size, problems)
 
-    def _accepted(self, stream: _Stream) -> bytes:
+    def _accepted(self, stream: _Stream, entry: Queued, accepted: int, problems: tuple) -> bytes:
         """The answer to a queued heartbeat: the stream's cached serialized fields 1-4 (they change
         only with the accepted count or the leadership), then server_time_millis, the last field
-        set, cached for the current millisecond: together the bytes SerializeToString gives."""
+        set, cached for the current millisecond: together the bytes SerializeToString gives.
+        With problems, the answer is built whole, with their texts as the reason."""
         datanode_id, n = stream.datanode_id, stream.n
-        self._directory.observe(datanode_id, stream.peer_addr, stream.node_epoch)
+        if entry is stream.queued:
+            self._metrics.heartbeats_coalesced.inc()
+        stream.queued = entry
+        self._directory.observe(datanode_id, stream.addr, stream.node_epoch)
         stream.owner = datanode_id
+        if problems:
+            return self._warned(stream, 0 if stream.known_only else accepted, problems)
         messages, regions_counter = self._outcome_counters("accepted")
         messages.inc()
         regions_counter.inc(n)
-        key = (datanode_id, stream.regions.size, stream.leader, self._leadership.leader_addr())
+        key = (datanode_id, accepted, stream.leader, self._leadership.leader_addr())
         if key != stream.answer_key:
             stream.answer_key = key
             stream.answer_head = pb.HeartbeatResponse(
@@ -344,11 +491,35 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             self._time_bytes = pb.HeartbeatResponse(server_time_millis=received).SerializeToString()
         return stream.answer_head + self._time_bytes
 
-    def _answer(self, stream: _Stream, reason: str, outcome: str) -> bytes:
-        """A rejection, counted under `outcome`."""
+    def _warned(self, stream: _Stream, accepted: int, problems: tuple) -> bytes:
+        """An applied heartbeat with fields ignored: counted, logged (rate limited), said in the reason."""
+        messages, regions_counter = self._outcome_counters("accepted_with_warning")
+        messages.inc()
+        regions_counter.inc(stream.n)
+        for reason, text in problems:
+            self._metrics.heartbeat_problems.labels(reason=reason).inc()
+            self._log_problem(reason, logging.WARNING, "heartbeat_field_ignored",
+                              reason=reason, datanode_id=stream.datanode_id, detail=text)
+        return pb.HeartbeatResponse(
+            datanode_id=stream.datanode_id,
+            accepted_regions=accepted,
+            is_leader=stream.leader,
+            leader_addr=self._leadership.leader_addr(),
+            server_time_millis=stream.received,
+            reason="; ".join(text for _, text in problems),
+        ).SerializeToString()
+
+    def _answer(self, stream: _Stream, reason: str, outcome: str, problem: str | None = None) -> bytes:
+        """A rejection, counted under `outcome` (and `problem`, when the input is at fault) and logged,
+        rate limited per reason."""
         messages, regions_counter = self._outcome_counters(outcome)
         messages.inc()
         regions_counter.inc(stream.n)
+        if problem is not None:
+            self._metrics.heartbeat_problems.labels(reason=problem).inc()
+        operational = outcome in ("rejected_not_leader", "rejected_not_ready", "rejected_shutdown")
+        self._log_problem(problem or outcome, logging.INFO if operational else logging.WARNING, "heartbeat_rejected",
+                          reason=problem or outcome, datanode_id=stream.datanode_id, detail=reason)
         return pb.HeartbeatResponse(
             datanode_id=stream.datanode_id,
             accepted_regions=0,
@@ -361,10 +532,10 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     # ------------------------------------------------------------ registry
 
-    async def _pairs(self, context: grpc.aio.ServicerContext, regions) -> tuple[DetectingRegion, ...]:
+    async def _pairs(self, context: grpc.aio.ServicerContext, regions, method: str) -> tuple[DetectingRegion, ...]:
         if len(regions) > self._s.max_regions_per_request:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await self._invalid(
+                context, method, "too_many",
                 f"{len(regions)} regions in one request; the limit is {self._s.max_regions_per_request} "
                 "(setting max_regions_per_request): split the request",
             )
@@ -386,17 +557,17 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             )
 
     async def RegisterDetectors(self, request, context):
-        pairs = await self._pairs(context, request.regions)
+        pairs = await self._pairs(context, request.regions, "RegisterDetectors")
         affected = await self._ask(context, lambda reply: Register(pairs, reply))
         return pb.RegisterDetectorsResponse(affected=affected)
 
     async def DeregisterDetectors(self, request, context):
-        pairs = await self._pairs(context, request.regions)
+        pairs = await self._pairs(context, request.regions, "DeregisterDetectors")
         affected = await self._ask(context, lambda reply: Deregister(pairs, reply))
         return pb.DeregisterDetectorsResponse(affected=affected)
 
     async def ResetDetectors(self, request, context):
-        pairs = await self._pairs(context, request.regions)
+        pairs = await self._pairs(context, request.regions, "ResetDetectors")
         affected = await self._ask(context, lambda reply: Reset(pairs, reply))
         return pb.ResetDetectorsResponse(affected=affected)
 
@@ -404,12 +575,18 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def Dump(self, request: pb.DumpRequest, context) -> AsyncIterator[pb.DumpResponse]:
         if request.at_millis < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at_millis must be >= 0, got {request.at_millis}")
+            await self._invalid(context, "Dump", "out_of_range", f"at_millis must be >= 0, got {request.at_millis}")
         if request.page_size > self._s.max_dump_page_size:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await self._invalid(
+                context, "Dump", "out_of_range",
                 f"page_size {request.page_size} is above the limit {self._s.max_dump_page_size} "
                 "(setting max_dump_page_size)",
+            )
+        if len(request.datanode_ids) > self._s.max_regions_per_request:
+            await self._invalid(
+                context, "Dump", "too_many",
+                f"{len(request.datanode_ids)} datanode_ids in one request; the limit is "
+                f"{self._s.max_regions_per_request} (setting max_regions_per_request)",
             )
         page_size = request.page_size or min(DEFAULT_DUMP_PAGE, self._s.max_dump_page_size)
         datanodes = frozenset(request.datanode_ids) if request.datanode_ids else None
@@ -438,13 +615,19 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     async def SetMaintenanceMode(self, request, context):
         await self._require_leader(context)
         if len(request.datanode_ids) > self._s.max_regions_per_request:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await self._invalid(
+                context, "SetMaintenanceMode", "too_many",
                 f"{len(request.datanode_ids)} datanode_ids in one request; the limit is "
                 f"{self._s.max_regions_per_request} (setting max_regions_per_request)",
             )
         if request.ttl_millis and not request.enabled:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl_millis only applies when enabling")
+            await self._invalid(context, "SetMaintenanceMode", "out_of_range", "ttl_millis only applies when enabling")
+        if request.ttl_millis > MAX_MAINTENANCE_TTL_MS:
+            await self._invalid(
+                context, "SetMaintenanceMode", "out_of_range",
+                f"ttl_millis {request.ttl_millis} is above the limit {MAX_MAINTENANCE_TTL_MS} (100 years); "
+                "0 means no expiry",
+            )
         event = lambda reply: SetMaintenance(  # noqa: E731
             request.enabled, reply, tuple(sorted(set(request.datanode_ids))), int(request.ttl_millis)
         )
@@ -462,17 +645,35 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 enabled, until, datanodes = await loop.run_in_executor(None, self._store.read_maintenance)
             except StoreError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the state store: {exc}")
+            except (ValueError, KeyError, TypeError) as exc:
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"the stored maintenance state cannot be read: {short_repr(str(exc))}"
+                )
         return self._maintenance_response(enabled, until, datanodes, leader)
 
     def _maintenance_response(
         self, enabled: bool, until: int, datanodes: dict[int, int], leader: bool
     ) -> pb.MaintenanceModeResponse:
+        """The answer, whatever the stored state holds: an expiry past int64 (written by a version that
+        took any ttl_millis) is shown as the int64 maximum, a datanode id past uint64 is left out; both
+        are logged (once per interval), so that such a state never makes the answer fail."""
+        shown = min(max(until, _INT64_MIN), _INT64_MAX)
+        rows, dropped = [], []
+        for d, u in sorted(datanodes.items()):
+            if 0 <= d <= _UINT64_MAX:
+                rows.append(pb.DatanodeMaintenance(datanode_id=d, expires_at_millis=min(max(u, _INT64_MIN), _INT64_MAX)))
+            else:
+                dropped.append(d)
+        if shown != until or dropped or any(not _INT64_MIN <= u <= _INT64_MAX for u in datanodes.values()):
+            self._log_problem("maintenance_state_out_of_range", logging.WARNING, "maintenance_state_out_of_range",
+                              expires_at_millis=short_repr(str(until)), datanode_ids_dropped=short_repr(str(dropped)),
+                              hint="switch maintenance off and on to store a clean state")
         return pb.MaintenanceModeResponse(
             enabled=enabled,
             is_leader=leader,
             leader_addr=self._leadership.leader_addr(),
-            expires_at_millis=until,
-            datanodes=[pb.DatanodeMaintenance(datanode_id=d, expires_at_millis=u) for d, u in sorted(datanodes.items())],
+            expires_at_millis=shown,
+            datanodes=rows,
         )
 
     async def GetFailoverHolds(self, request, context):
@@ -669,18 +870,93 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _HandlerCapture:
-    """Stands in for the server to `add_RegionSupervisorServicer_to_server`: keeps its method handlers."""
+    """Stands in for the server to a generated `add_*Servicer_to_server`: keeps its method handlers."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: str) -> None:
+        self.service = service
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         pass  # the same handlers come again below, by method name
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        if service != SERVICE_NAME:
+        if service != self.service:
             raise ValueError(f"unexpected service {service!r}")
         self.handlers.update(handlers)
+
+
+class _HealthServicer(health.aio.HealthServicer):
+    """grpc_health's asyncio servicer, with List: it inherits the generated one, which raises
+    NotImplementedError (a traceback in the log per call)."""
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()}
+        )
+
+
+def _bytes_in(
+    handler: grpc.RpcMethodHandler, method: str, type_name: str, undecodable: Callable
+) -> grpc.RpcMethodHandler:
+    """`handler` registered bytes in: each request is parsed inside, so a message that does not
+    parse is answered INVALID_ARGUMENT by `undecodable` (grpc would answer UNKNOWN and log a
+    traceback per message from its own deserializer)."""
+    parse, serialize = handler.request_deserializer, handler.response_serializer
+
+    async def request_of(raw: bytes, context):
+        try:
+            return parse(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a parser raises on garbage
+            await undecodable(context, method, type_name, exc)
+
+    def requests_of(raws, context):
+        async def requests():
+            async for raw in raws:
+                yield await request_of(raw, context)
+
+        return requests()
+
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
+
+        async def unary(raw: bytes, context):
+            return await behavior(await request_of(raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+    if handler.stream_unary is not None:
+        behavior = handler.stream_unary
+
+        async def stream_in(raws, context):
+            return await behavior(requests_of(raws, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_in, response_serializer=serialize)
+    streaming_in = handler.stream_stream is not None
+    behavior = handler.stream_stream if streaming_in else handler.unary_stream
+
+    async def request_arg(raw, context):
+        return requests_of(raw, context) if streaming_in else await request_of(raw, context)
+
+    if inspect.isasyncgenfunction(behavior):
+        async def streaming(raw, context):
+            async for response in behavior(await request_arg(raw, context), context):
+                yield response
+    else:  # writes its answers with context.write
+        async def streaming(raw, context):
+            return await behavior(await request_arg(raw, context), context)
+
+    make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
+    return make(streaming, response_serializer=serialize)
+
+
+def _register(server: grpc.aio.Server, service, handlers: dict[str, grpc.RpcMethodHandler], undecodable) -> None:
+    """Register `handlers` of `service` (a descriptor), each that parses its requests bytes in."""
+    wrapped = {
+        name: handler if handler.request_deserializer is None
+        else _bytes_in(handler, name, service.methods_by_name[name].input_type.name, undecodable)
+        for name, handler in handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, wrapped),))
+    server.add_registered_method_handlers(service.full_name, wrapped)
 
 
 def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -694,15 +970,20 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
     ]
     interceptors = [_AuthInterceptor(settings.auth_token)] if settings.auth_token else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    # The generated handlers, except SendHeartbeat: it takes and returns serialized messages.
-    generated = _HandlerCapture()
+    # The generated handlers, bytes in; SendHeartbeat takes and returns serialized messages.
+    generated = _HandlerCapture(SERVICE_NAME)
     pb_grpc.add_RegionSupervisorServicer_to_server(servicer, generated)
     handlers = {**generated.handlers, "SendHeartbeat": grpc.stream_stream_rpc_method_handler(servicer.SendHeartbeat)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server)
+    _register(server, _SERVICE, handlers, servicer.undecodable)
+    health_servicer = _HealthServicer()
+    generated = _HandlerCapture(_HEALTH_NAME)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generated)
+    _register(server, _HEALTH, generated.handlers, servicer.undecodable)
+    generated = _HandlerCapture(reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer((SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME)), generated
+    )
+    _register(server, _REFLECTION, generated.handlers, servicer.undecodable)
     return server, health_servicer
 
 

@@ -8,8 +8,10 @@ settings --markdown`), so the two cannot drift apart.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,19 +28,58 @@ from supervisor_service.guards import GuardSettings
 from supervisor_service.supervisor import FailoverPolicy
 
 ENV_PREFIX = "SUPERVISOR_"
-_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_ZONE = re.compile(r"[A-Za-z0-9_.~-]{1,64}")  # an ASCII label (an IDN label is checked in its punycode form)
+_MAX_HOST_CHARS = 253  # DNS: a name is at most 253 characters (in its ASCII form)
+
+
+def short_repr(value: str, limit: int = 64) -> str:
+    """`value` for an error message: its repr, cut to a short prefix (input can be megabytes)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _check_host(host: str) -> None:
+    if host.startswith("[") and host.endswith("]"):
+        address, _, zone = host[1:-1].partition("%")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ValueError(f"{short_repr(host)} is not an IPv6 address") from None
+        if "%" in host and not _ZONE.fullmatch(zone):  # an interface name or index, e.g. [fe80::1%eth0]
+            raise ValueError(f"{short_repr(host)} has an invalid zone")
+        return
+    if ":" in host:
+        raise ValueError("an IPv6 host goes in brackets, e.g. [fe80::1%eth0]:4001")
+    ascii_host = host
+    if not host.isascii():
+        # An internationalized name, e.g. bücher.example: checked in its punycode form, and without
+        # the invisible characters (format, control, spaces) that the IDNA mapping would drop.
+        try:
+            if any(unicodedata.category(ch)[0] in "CZ" for ch in host):
+                raise UnicodeError
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{short_repr(host)} is not a valid host name") from None
+    labels = ascii_host[:-1].split(".") if ascii_host.endswith(".") else ascii_host.split(".")
+    if len(ascii_host) > _MAX_HOST_CHARS or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{short_repr(host)} is not a valid host name")
 
 
 def check_host_port(value: str, *, allow_empty: bool, allow_port_zero: bool = True) -> str:
-    """`host:port` (IPv6 hosts in brackets); raises ValueError with what is wrong."""
+    """`host:port`: a host name (internationalized ones too), an IPv4 address, or an IPv6 address
+    in brackets (a zone too: `[fe80::1%eth0]:4001`); raises ValueError with what is wrong."""
     if value == "" and allow_empty:
         return value
-    match = _HOST_PORT.match(value)
-    if not match:
-        raise ValueError(f"expected host:port (e.g. 127.0.0.1:50051), got {value!r}")
-    port = int(match.group(2))
-    if port > 65535 or (port == 0 and not allow_port_zero):
-        raise ValueError(f"port must be in 1..65535, got {port}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not _PORT.fullmatch(port):
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:50051), got {short_repr(value)}")
+    _check_host(host)
+    number = int(port)
+    if number > 65535 or (number == 0 and not allow_port_zero):
+        raise ValueError(f"port must be in 1..65535, got {number}")
     return value
 
 
@@ -112,6 +153,8 @@ class Settings(BaseSettings):
     """Interval assumed before one is seen (seeds the history with est -/+ est/4)."""
     heartbeat_clock: Literal["server", "client"] = "server"
     """Whose clock stamps heartbeats: `server` (receipt time) or `client` (the request's timestamp_millis)."""
+    max_client_clock_skew_ms: int = Field(1000, ge=0, le=3_600_000)
+    """With heartbeat_clock=client: a timestamp_millis further than this from the server's receipt time (or missing) is applied at the receipt time, and the answer says so. Keep it well below acceptable_heartbeat_pause_ms: a clock this far behind costs a datanode as much of its pause. 0: no bound (only to replay recorded timestamps: one stamp far ahead then keeps a datanode alive until that time)."""
 
     # -- queue and limits
     event_queue_size: int = Field(1024, ge=1, le=1_000_000)
@@ -119,7 +162,7 @@ class Settings(BaseSettings):
     enqueue_timeout_ms: int = Field(1000, ge=0, le=60_000)
     """How long a request waits for room in a full queue before RESOURCE_EXHAUSTED."""
     max_regions_per_heartbeat: int = Field(100_000, ge=1)
-    """Regions one heartbeat may carry."""
+    """Regions one heartbeat may carry; one naming more refreshes only the regions already watched (and adds none), and its answer says so."""
     max_regions_per_request: int = Field(100_000, ge=1)
     """Regions one Register/Deregister/Reset call may carry."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -128,6 +171,10 @@ class Settings(BaseSettings):
     """Largest Dump page (the default page is 1000 or this, whichever is smaller)."""
     max_concurrent_streams: int = Field(10_000, ge=1)
     """Heartbeat streams served at once (RESOURCE_EXHAUSTED past it)."""
+    max_queued_heartbeat_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    """Region ids of queued heartbeats the event queue holds at most, in bytes (8 per region); a heartbeat beyond it waits for room like one beyond event_queue_size."""
+    max_queue_fraction_per_datanode: float = Field(0.1, gt=0, le=1)
+    """Fraction of the event queue (events, and heartbeat bytes) one datanode's queued heartbeats may take: a flooding datanode waits, the others do not (its first queued heartbeat is always admitted)."""
 
     # -- state and leadership
     store: str = "sqlite"
@@ -187,7 +234,7 @@ class Settings(BaseSettings):
     failover_count_decay_ms: int = Field(1_800_000, ge=0)
     """A region healthy this long after its last failover forgets its failover count [0]."""
     reject_stale_epochs: bool = True
-    """Reject heartbeats whose node_epoch is older than the newest seen for that datanode."""
+    """Reject heartbeats whose node_epoch is older than the newest seen for that datanode, while that one was heard within acceptable_heartbeat_pause_ms (after that, a lower epoch is a new life)."""
     rebaseline_after_maintenance: bool = True
     """When maintenance ends, give the detectors it covered a fresh heartbeat at now."""
 

@@ -247,7 +247,7 @@ class Supervisor:
         """Apply one event at `now` (ms). Returns the reply value for events that carry one."""
         match event:
             case Heartbeat(datanode_id, region_ids, ts):
-                created = self.table.heartbeat(datanode_id, region_ids, ts)
+                created = self.table.heartbeat(datanode_id, region_ids, ts, create=not event.known_only)
                 if created.size:
                     self.changes.append(RegistryAdd(datanode_id, created))
                 if self._warmup_known:

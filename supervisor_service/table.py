@@ -232,14 +232,17 @@ class DetectorTable:
 
     # ------------------------------------------------------------ updates
 
-    def heartbeat(self, datanode_id: int, region_ids: np.ndarray, ts: int) -> np.ndarray:
+    def heartbeat(self, datanode_id: int, region_ids: np.ndarray, ts: int, create: bool = True) -> np.ndarray:
         """Apply one heartbeat of `datanode_id` naming the sorted unique `region_ids` at `ts`.
 
-        Creates missing detectors. Returns the region ids created (usually none).
+        Creates missing detectors (unless `create` is false: then only the existing ones are
+        refreshed). Returns the region ids created (usually none).
         """
         ts = int(ts)
         node = self._nodes.get(datanode_id)
         if node is None:
+            if not create:
+                return _EMPTY_U64
             node = self._nodes[datanode_id] = _Node()
         # Steady state: one group, the same region set as last time.
         if len(node.groups) == 1 and _same_regions(node.regions, region_ids):
@@ -263,7 +266,7 @@ class DetectorTable:
                     node.gids[hit[hit_gids == gid]] = node.add_group(split)
                     grp = split
                 grp.heartbeat(ts, self.opts)
-        created = region_ids[~present]
+        created = region_ids[~present] if create else _EMPTY_U64
         if created.size:
             node.insert_fresh(pos[~present], created, ts, self.opts)
             self._count += created.size

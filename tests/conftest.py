@@ -73,14 +73,15 @@ class _ServiceThread:
 
 @pytest.fixture
 def service():
-    """Factory: `service(tick_interval_ms=100, ..., remotes=..., kv=...)` -> a started, leading `Service`."""
+    """Factory: `service(tick_interval_ms=100, ..., remotes=..., kv=..., clock=...)` -> a started, leading `Service`."""
     running: list[_ServiceThread] = []
 
     def start(
-        *, wait_leader: bool = True, start_timeout: float = 15.0, remotes=None, kv=None, **settings
+        *, wait_leader: bool = True, start_timeout: float = 15.0, remotes=None, kv=None, clock=None, **settings
     ) -> Service:
         svc = Service(
-            load_settings(**{**SERVICE_DEFAULTS, **settings}), registry=CollectorRegistry(), remotes=remotes, kv=kv
+            load_settings(**{**SERVICE_DEFAULTS, **settings}),
+            registry=CollectorRegistry(), remotes=remotes, kv=kv, clock=clock,
         )
         runner = _ServiceThread(svc)
         running.append(runner)

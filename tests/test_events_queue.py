@@ -7,8 +7,19 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from supervisor_service.events import Clear, EventQueue, Heartbeat, QueueClosed, QueueFull, Stop, Tick
+from supervisor_service.events import (
+    HEARTBEAT_OVERHEAD_BYTES,
+    Clear,
+    EventQueue,
+    Heartbeat,
+    QueueClosed,
+    QueueFull,
+    Stop,
+    Tick,
+)
 
 # Generous bound for anything a helper thread must finish: the tests wait on events, not on sleeps.
 JOIN_S = 5.0
@@ -375,3 +386,140 @@ def test_get_batch_times_out_empty_and_wakes_on_offer():
     assert [e.datanode_id for e in result["value"]] == [1]
     q.close()
     assert q.get_batch(timeout=JOIN_S, limit=10) == []  # closed and empty: no waiting
+
+
+# ---------------------------------------------------------------- heartbeat bounds and coalescing
+
+
+def regions(n: int, first: int = 0) -> np.ndarray:
+    return np.arange(first, first + n, dtype=np.uint64)
+
+
+def beat(datanode_id: int, region_ids: np.ndarray, ts: int, received: float = 0.0) -> Heartbeat:
+    return Heartbeat(datanode_id, region_ids, ts, received)
+
+
+def test_a_newer_heartbeat_of_a_stream_supersedes_its_queued_one_at_the_newest_time():
+    q = EventQueue(8)
+    same = regions(3)
+    first = q.offer_heartbeat(beat(1, same, 1000, received=5.0), None)
+    assert first is not None and q.external_depth == 1
+    # The same regions (the stream's cached array, or an equal one): folded in, no new slot.
+    assert q.offer_heartbeat(beat(1, same, 2000, received=6.0), first) is first
+    assert q.offer_heartbeat(beat(1, regions(3), 3000, received=7.0), first) is first
+    # An older timestamp after a newer one changes nothing: the detector would ignore it.
+    assert q.offer_heartbeat(beat(1, same, 1500), first) is first
+    assert q.external_depth == 1 and len(q) == 1
+    (event,) = q.get_batch(timeout=0, limit=10)
+    assert (event.datanode_id, event.ts_millis) == (1, 3000)
+    assert event.received_monotonic == 5.0  # its apply latency counts the whole wait
+    assert q.heartbeat_bytes == 0 and q.external_depth == 0
+
+
+def test_a_heartbeat_is_not_folded_into_one_already_taken_or_with_other_regions():
+    q = EventQueue(8)
+    first = q.offer_heartbeat(beat(1, regions(3), 1000), None)
+    other = q.offer_heartbeat(beat(1, regions(4), 2000), first)
+    assert other is not first and len(q) == 2  # other regions: both are applied, in order
+    assert [e.ts_millis for e in q.get_batch(timeout=0, limit=10)] == [1000, 2000]
+    again = q.offer_heartbeat(beat(1, regions(4), 3000), other)
+    assert again is not other and len(q) == 1  # `other` was taken by the consumer meanwhile
+    assert q.offer_heartbeat(beat(2, regions(4), 3000), again) is not again  # another datanode
+    assert q.offer_heartbeat(Heartbeat(1, regions(4), 4000, 0.0, True), again) is not again  # known-only
+    assert len(q) == 3
+
+
+@pytest.mark.parametrize("between", [ev(0), Clear()], ids=["external", "control"])
+def test_a_heartbeat_is_never_folded_across_another_event(between):
+    """A Deregister, Tick or Dump queued between two heartbeats must see the first applied and not the second."""
+    q = EventQueue(8)
+    same = regions(3)
+    first = q.offer_heartbeat(beat(1, same, 1000), None)
+    assert q.offer_heartbeat(beat(2, regions(2), 1500), None)  # another datanode's heartbeat is no barrier
+    assert q.offer_heartbeat(beat(1, same, 1800), first) is first
+    q.offer(between) if between.__class__ is Tick else q.put_control(between)
+    second = q.offer_heartbeat(beat(1, same, 2000), first)
+    assert second is not first
+    assert q.offer_heartbeat(beat(1, same, 3000), second) is second
+    got = [(e.datanode_id, e.ts_millis) if isinstance(e, Heartbeat) else e for e in q.drain()]
+    assert got == [(1, 1800), (2, 1500), between, (1, 3000)]
+
+
+def test_one_datanode_cannot_take_more_than_its_share_of_the_queue():
+    q = EventQueue(20, max_heartbeat_bytes=1 << 20, datanode_fraction=0.1)  # 2 events per datanode
+    flooder = [q.offer_heartbeat(beat(1, regions(10, first=i * 10), i), None) for i in range(5)]
+    assert [e is not None for e in flooder] == [True, True, False, False, False]
+    assert q.refusal(beat(1, regions(10, first=99), 9)) == "datanode_share"
+    # Everyone else still gets in.
+    assert all(q.offer_heartbeat(beat(d, regions(10), 1), None) for d in range(2, 12))
+    # Once the flooder's heartbeats are applied, it gets its share again.
+    while q.get_batch(timeout=0, limit=100):
+        pass
+    assert q.offer_heartbeat(beat(1, regions(10, first=500), 9), None) is not None
+
+
+def test_heartbeat_bytes_are_bounded_per_datanode_and_in_all():
+    mib = 1 << 20
+    q = EventQueue(1000, max_heartbeat_bytes=8 * mib, datanode_fraction=0.25)  # 2 MiB per datanode
+    big = regions(mib // 8 * 3)  # 3 MiB of region ids: more than a datanode's share...
+    assert q.offer_heartbeat(beat(1, big, 1), None) is not None  # ...but a datanode's first is always admitted
+    assert q.offer_heartbeat(beat(1, regions(10), 2), None) is None
+    assert q.refusal(beat(1, regions(10), 2)) == "datanode_share"
+    half = regions(mib // 16)  # 0.5 MiB
+    assert all(q.offer_heartbeat(beat(d, half, 1), None) for d in range(2, 11))  # 3 + 9 x 0.5 MiB
+    assert q.offer_heartbeat(beat(11, half, 1), None) is None  # (each with a little overhead) > 8 MiB
+    assert q.refusal(beat(11, half, 1)) == "queue_bytes"
+    assert q.heartbeat_bytes == 3 * mib + 9 * mib // 2 + 10 * HEARTBEAT_OVERHEAD_BYTES
+    q.get_batch(timeout=0, limit=1)  # the 3 MiB one
+    assert q.offer_heartbeat(beat(11, half, 1), None) is not None
+    q.drain()
+    assert q.heartbeat_bytes == 0 and q.offer_heartbeat(beat(1, big, 3), None) is not None
+
+
+def test_offer_of_a_heartbeat_counts_against_the_same_bounds():
+    q = EventQueue(10, datanode_fraction=0.2)  # 2 events per datanode
+    assert [q.offer(hb(1)), q.offer(hb(1)), q.offer(hb(1))] == [True, True, False]
+    assert q.offer(hb(2)) and q.offer(ev(0))
+    q.put_control(hb(1))  # control events are never refused, and hold no share
+    assert q.external_depth == 4 and len(q) == 5
+    assert [type(e).__name__ for e in q.get_batch(timeout=0, limit=10)] == ["Heartbeat"] * 3
+
+
+def _liveness(events) -> dict:
+    """What the detector table keeps of a sequence of events, as far as liveness goes: the last
+    heartbeat time of each (datanode, region), created by a heartbeat, removed by a Deregister."""
+    last: dict = {}
+    for event in events:
+        if isinstance(event, Heartbeat):
+            for region in event.region_ids.tolist():
+                key = (event.datanode_id, region)
+                last[key] = max(last.get(key, event.ts_millis), event.ts_millis)
+        else:
+            datanode_id = int(event.due_monotonic)  # the stand-in Deregister of a whole datanode
+            last = {k: v for k, v in last.items() if k[0] != datanode_id}
+    return last
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 50), st.booleans()), max_size=40))
+def test_coalescing_keeps_the_liveness_every_heartbeat_carried(steps):
+    """Streams 0-2 (datanodes 1-3) send heartbeats naming one of three region sets, at times that
+    may go back (a client clock), interleaved with other events (stream 3: a Deregister stand-in)
+    and with the consumer taking what is queued: applying what the queue gives must leave every
+    (datanode, region) with the same last heartbeat as applying every heartbeat sent, in order."""
+    sets = [np.arange(3, dtype=np.uint64), np.arange(2, 5, dtype=np.uint64), np.arange(3, dtype=np.uint64)]
+    q = EventQueue(1000)
+    previous: dict = {}
+    sent, applied = [], []
+    for stream, which, ts, take in steps:
+        if stream == 3:
+            event = Tick(due_monotonic=float(which + 1))
+            q.offer(event)
+        else:
+            event = Heartbeat(stream + 1, sets[which], ts)
+            previous[stream] = q.offer_heartbeat(event, previous.get(stream))
+        sent.append(event)
+        if take:
+            applied.extend(q.get_batch(timeout=0, limit=3))
+    applied.extend(q.drain())
+    assert _liveness(applied) == _liveness(sent)

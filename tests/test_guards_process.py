@@ -179,10 +179,11 @@ def test_sigstop_of_the_supervisor_fails_nothing_over(cluster):
         "SUPERVISOR_SELECTOR_ALIVE_WINDOW_MS": "60000",
     }
     server = cluster.service("server", common, metrics=True)
-    client_clock = cluster.service("client", {**common, "SUPERVISOR_HEARTBEAT_CLOCK": "client"}, metrics=True)
-    control = cluster.service(
-        "control", {**common, "SUPERVISOR_HEARTBEAT_CLOCK": "client", "SUPERVISOR_MAX_LOCAL_PAUSE_MS": "0"}
-    )
+    # The client-clock services trust every stamp, so that what was in flight during the stall keeps
+    # its pre-stall time (by default a stamp that far behind is applied at its receipt time).
+    client = {**common, "SUPERVISOR_HEARTBEAT_CLOCK": "client", "SUPERVISOR_MAX_CLIENT_CLOCK_SKEW_MS": "0"}
+    client_clock = cluster.service("client", client, metrics=True)
+    control = cluster.service("control", {**client, "SUPERVISOR_MAX_LOCAL_PAUSE_MS": "0"})
     services = (server, client_clock, control)
     cluster.ready()
     clients = {svc.name: cluster.client(svc) for svc in services}
