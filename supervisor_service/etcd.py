@@ -27,7 +27,7 @@ from typing import Any
 
 import aetcd
 
-from supervisor_service._log import log_event
+from supervisor_service._log import describe, log_event
 from supervisor_service.store import Fence, FencedOut, StoreError
 
 log = logging.getLogger("supervisor_service.etcd")
@@ -238,10 +238,10 @@ class EtcdElection:
                 with self._lock:
                     self._leader_addr = ""  # cut off: who leads now is not known here
                 if self._drop_leadership():
-                    log_event(log, logging.ERROR, "leadership_lost", reason=str(exc))
+                    log_event(log, logging.ERROR, "leadership_lost", reason=describe(exc))
                     self._on_lost()
                 else:
-                    log_event(log, logging.WARNING, "election_error", error=str(exc))
+                    log_event(log, logging.WARNING, "election_error", error=describe(exc))
                 await self.conn.reset()
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, self._ttl_s / 2)

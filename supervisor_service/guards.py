@@ -116,6 +116,13 @@ class Guards:
 
     def __init__(self, settings: GuardSettings) -> None:
         self.s = settings
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every observation (on becoming or ceasing to be leader). A leadership's guards
+        start from what it sees itself, whichever replica wins: the recovery's fresh heartbeat at now
+        is not a recovery, a decision lost with the previous leadership is not an earlier failover to
+        back off from, and the time without leading is not a stall of this process."""
         self._last_tick: int | None = None
         self._pause_hold_until = 0
         self.released_mass_failure = False
@@ -150,12 +157,6 @@ class Guards:
         if reason is None and s.overload_queue_fraction < 1 and queue_fill > s.overload_queue_fraction:
             reason = "overload"
         return reason
-
-    def reset_tick_baseline(self) -> None:
-        """Forget the last tick (on becoming or ceasing to be leader): the ticker does not run between
-        leaderships, and that gap is not a stall of this process."""
-        self._last_tick = None
-        self._pause_hold_until = 0
 
     def stall_detected(self, now: int) -> bool:
         return now < self._pause_hold_until

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from supervisor_service._log import log_event
+from supervisor_service._log import describe, log_event
 from supervisor_service.events import DetectingRegion, Peer
 from supervisor_service.remotes import JournalEntry
 
@@ -1087,15 +1087,15 @@ class StateStore:
         first = self._failing_since is None
         if first:
             self._failing_since = now
-        self._last_error = str(exc)
+        error = self._last_error = describe(exc)
         last_at, last_error = self._last_logged
-        if first or str(exc) != last_error or now - last_at >= _FAILURE_LOG_INTERVAL_S:
-            self._last_logged = (now, str(exc))
-            log_event(log, logging.ERROR, "store_write_failed", error=str(exc), reason=reason,
+        if first or error != last_error or now - last_at >= _FAILURE_LOG_INTERVAL_S:
+            self._last_logged = (now, error)
+            log_event(log, logging.ERROR, "store_write_failed", error=error, reason=reason,
                       failures=self.failures, pending=len(self._pending),
                       failing_for_s=round(now - self._failing_since, 3))
         if first:
-            self._health(False, str(exc))
+            self._health(False, error)
 
     def _store_gone(self, exc: StoreGone) -> None:
         with self._cond:
@@ -1107,9 +1107,9 @@ class StateStore:
             self._pending = deque()
         if not first:
             return
-        log_event(log, logging.ERROR, "store_gone", error=str(exc), writes_refused=len(answer))
+        log_event(log, logging.ERROR, "store_gone", error=describe(exc), writes_refused=len(answer))
         self._count_error(exc.reason, max(1, len(answer)))
-        self._health(False, str(exc))
+        self._health(False, describe(exc))
         for item in answer:
             self._call(item, exc)
         if self._on_gone is not None:

@@ -454,7 +454,7 @@ class Supervisor:
         self._forget_volatile_state()
         self.set_leadership(True, term)
         if self.guards is not None:
-            self.guards.reset_tick_baseline()  # the time without leading was not a stall of ours
+            self.guards.reset()  # what the previous leadership saw is not this one's evidence
         for datanode_id, region_ids in state.registry.items():
             self.table.register(datanode_id, region_ids, now)
         self.failover_counts = dict(state.failover_counts)
@@ -525,7 +525,7 @@ class Supervisor:
         self.set_leadership(False, self.leader_term)
         self._forget_volatile_state()
         if self.guards is not None:
-            self.guards.reset_tick_baseline()
+            self.guards.reset()
         log_event(log, logging.WARNING, "leadership_stopped", term=self.leader_term)
 
     def _forget_volatile_state(self) -> None:

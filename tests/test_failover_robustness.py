@@ -706,7 +706,37 @@ def test_new_leader_does_not_hold_for_a_local_pause_of_its_previous_leadership(s
 def test_losing_leadership_resets_the_tick_baseline():
     guards = Guards(GuardSettings())
     assert guards.observe_tick(START, 0, 0) is None
-    guards.reset_tick_baseline()
+    guards.reset()
     assert guards.observe_tick(START + 60_000, 0, 0) is None
     assert guards.observe_tick(START + 61_000, 0, 0) is None
     assert guards.observe_tick(START + 70_000, 0, 0) == "local_pause"
+
+
+def test_a_decision_lost_with_the_leadership_does_not_damp_the_next_leaders_failover(sims):
+    """A decision whose intent never became durable is gone with its leadership. When the same
+    replica leads again and the datanode is still silent, it is failed over as soon as it is
+    convicted again, as another replica would do: not held by flap damping, as if the lost
+    decision had been an earlier failover and the recovery's fresh heartbeat a recovery."""
+    guards = GuardSettings(max_failed_datanode_fraction=1.0)
+    sim = sims(FailoverPolicy(warmup_grace_ms=0), guards=guards)
+    heartbeat_then_die(sim, 3, (30, 31), seconds=5, others=[(2, [20])])
+    while not sim.of(SelectPeers):
+        sim.advance(TICK)
+        sim.beat(2, [20])
+        sim.tick()
+    [select] = sim.of(SelectPeers)
+    sim.handle(SelectionDone(select.job, from_peer=Peer(3, "dn3:4001"), peers=(PEERS[0], PEERS[0])))
+    assert len(sim.tasks()) == 1  # decided; the lease is lost before the intent is durable
+    sim.handle(LoseLeadership())
+    sim.kv.data = {k: v for k, v in sim.kv.data.items() if "/inflight/" not in k}
+    sim.advance(3_000)
+    sim.become_leader(4)
+    selected_at = None
+    for _ in range(60):
+        sim.advance(TICK)
+        sim.beat(2, [20])
+        if any(isinstance(e, SelectPeers) and e.job.datanode_id == 3 for e in sim.tick()):
+            selected_at = sim.now
+            break
+    assert selected_at is not None, "datanode 3 was held after the new leadership"
+    assert sim.value("supervisor_failover_skipped_regions_total", reason="flap_backoff") == 0
