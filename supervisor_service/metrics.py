@@ -211,6 +211,17 @@ class Metrics:
             "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r
         )
 
+        self.metrics_http_connections = Gauge(
+            "supervisor_metrics_http_connections", "Open connections to the /metrics endpoint.", registry=r
+        )
+        self.metrics_http_errors = Counter(
+            "supervisor_metrics_http_errors",
+            "Connections to the /metrics endpoint refused or closed early, by reason "
+            "(idle_evicted, over_limit, timeout, bad_request).",
+            ["reason"],
+            registry=r,
+        )
+
     def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
         self.queue_oldest_age.set_function(oldest_age)

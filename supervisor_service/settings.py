@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     """Address the gRPC server listens on (port 0: any free port)."""
     metrics_addr: str = "127.0.0.1:9464"
     """Address of the Prometheus /metrics endpoint; empty disables it."""
+    metrics_max_connections: int = Field(256, ge=1, le=10_000)
+    """Connections the /metrics endpoint holds open at once; one more evicts the oldest that has not sent its request, or gets 503 when all are being answered."""
+    metrics_timeout_ms: int = Field(5000, ge=100, le=600_000)
+    """A /metrics connection must send its request within this, and take the answer within this again, or it is closed."""
     advertise_addr: str = ""
     """Address clients are told to reach this replica at; empty: the gRPC address."""
     auth_token: str = ""
