@@ -662,6 +662,9 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams + 100),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # grpc sets SO_REUSEPORT by default on Linux: a second supervisor on the same port would
+        # start and share the clients with the first. Without it the second fails to bind.
+        ("grpc.so_reuseport", 0),
     ]
     interceptors = [_AuthInterceptor(settings.auth_token)] if settings.auth_token else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
