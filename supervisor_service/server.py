@@ -52,6 +52,7 @@ DEFAULT_DUMP_PAGE = 1000
 LEADER_METADATA_KEY = "x-supervisor-leader"  # trailing metadata of a follower's FAILED_PRECONDITION
 _VALID_PEER_ADDRS_KEPT = 100_000  # validated peer_addr values remembered (cleared when full)
 DEFAULT_JOURNAL_LIMIT = 100
+_SHUTTING_DOWN = "the supervisor is shutting down; heartbeat to another replica"
 
 
 class Overloaded(Exception):
@@ -124,6 +125,8 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self._leadership = leadership
         self._store = store
         self._streams = 0
+        self._stream_tasks: set[asyncio.Task] = set()  # open SendHeartbeat handlers, ended by close_streams
+        self._closing = False
         # Hot-path caches: labelled counter children per heartbeat outcome, and peer
         # addresses already validated (a datanode sends the same one every time).
         self._outcomes: dict[str, tuple] = {}
@@ -194,8 +197,12 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 f"too many heartbeat streams ({self._s.max_concurrent_streams}, "
                 "setting max_concurrent_streams); one stream per datanode",
             )
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         self._streams += 1
         self._metrics.heartbeat_streams.inc()
+        task = asyncio.current_task()
+        self._stream_tasks.add(task)
         stream = _Stream()
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
@@ -206,9 +213,24 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 if answer.__class__ is not bytes:
                     answer = await self._heartbeat_when_room(answer, stream)
                 await write(answer)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # close_streams: end the stream with a status (a cancelled handler alone leaves the
+            # call open until the server's grace runs out).
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         finally:
+            self._stream_tasks.discard(task)
             self._streams -= 1
             self._metrics.heartbeat_streams.dec()
+
+    def close_streams(self) -> None:
+        """End every open heartbeat stream now, with UNAVAILABLE, and refuse new ones: they never end
+        by themselves, so a shutdown would otherwise wait its whole grace period for them. Call on
+        the server's event loop, before `server.stop(grace)` (which then waits for unary calls only)."""
+        self._closing = True
+        for task in list(self._stream_tasks):
+            task.cancel()
 
     def _heartbeat(self, raw: bytes, stream: _Stream) -> bytes | Heartbeat:
         """The serialized answer to one serialized heartbeat, or its event when the queue is full
