@@ -175,6 +175,7 @@ class Service:
             grpc=self.addresses.grpc,
             metrics=self.addresses.metrics or "off",
             store=s.store,
+            data_dir=str(s.data_dir) if s.store == "sqlite" else "",
             tick_interval_ms=s.tick_interval_ms,
             heartbeat_clock=s.heartbeat_clock,
             **self.remotes.describe(),
@@ -292,6 +293,8 @@ class Service:
 
         if self.server is not None:
             await set_health(self.health, False)
+            if self.servicer is not None:
+                self.servicer.close_streams()  # heartbeat streams never end by themselves
             await self.server.stop(grace=budget / 2)
         self.ticker.stop()
         if self.leadership is not None:
