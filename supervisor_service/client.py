@@ -106,6 +106,7 @@ class SupervisorClient:
         do not lead, cannot be reached or do not answer within the deadline."""
         several = len(self.addrs) > 1
         attempts = max(10, 2 * len(self.addrs) + 1)
+        silent = 0  # replicas in a row that could not be reached or did not answer
         for attempt in range(attempts):
             try:
                 return fn()
@@ -113,6 +114,11 @@ class SupervisorClient:
                 if not self._follow or attempt == attempts - 1:
                     raise
                 code, hint = exc.code(), leader_hint(exc)
+                loading = code == grpc.StatusCode.UNAVAILABLE and "becoming leader" in (exc.details() or "")
+                unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not loading
+                silent = silent + 1 if unreachable else 0
+                if silent >= len(self.addrs):
+                    raise  # none of them answers: say so now, not after `attempts` deadlines
                 if _not_leader(exc):
                     if hint and hint != self.addr:
                         self._switch(hint)
@@ -120,9 +126,9 @@ class SupervisorClient:
                         self._switch(self._next_addr())  # it does not know who leads: ask another
                     else:
                         time.sleep(0.5)  # the only replica named: an election is under way
-                elif code == grpc.StatusCode.UNAVAILABLE and "becoming leader" in (exc.details() or ""):
+                elif loading:
                     time.sleep(0.2)  # elected, loading its state
-                elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and several:
+                elif unreachable and several:
                     self._switch(self._next_addr())
                 else:
                     raise
@@ -357,7 +363,12 @@ class DatanodeHeartbeater:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            next_addr = self._stream_once(self.addr)
+            try:
+                next_addr = self._stream_once(self.addr)
+            except Exception as exc:  # noqa: BLE001 - a failing callback or regions() must not end the heartbeats
+                self._error(self.addr, "client_error", repr(exc))
+                next_addr = self.addr
+                self._stop.wait(self._interval)
             if self._stop.is_set():
                 return
             if next_addr != self.addr:
@@ -448,7 +459,7 @@ class DatanodeHeartbeater:
     def _observe(self, addr: str, response: pb.HeartbeatResponse) -> None:
         self.last_response = response
         if self._on_response is not None:
-            self._on_response(addr, response)
+            self._callback(self._on_response, addr, response)
         if not response.rejected:
             self.accepted += 1
             self.last_accepted_at = time.monotonic()
@@ -469,7 +480,14 @@ class DatanodeHeartbeater:
             self._log("heartbeat_rejected" if response.rejected else "heartbeat_warning", kind, addr=addr,
                       reason=response.reason)
         if self._on_rejection is not None:
-            self._on_rejection(note, response)
+            self._callback(self._on_rejection, note, response)
+
+    def _callback(self, fn: Callable, *args: object) -> None:
+        """A user's callback; its failure is logged, never the end of the heartbeats."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001
+            self._error(self.addr, "callback_failed", repr(exc))
 
     def _error(self, addr: str, kind: str, detail: str) -> None:
         self.errors[kind] += 1

@@ -99,6 +99,7 @@ class MetricsHTTPServer:
         self.renders = 0
         self._logged: dict[str, tuple[float, int]] = {}
         self._stopping = False
+        self._accept_paused_until: float | None = None
         self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
 
     def start(self) -> MetricsHTTPServer:
@@ -130,7 +131,12 @@ class MetricsHTTPServer:
     def _run(self) -> None:
         while not self._stopping:
             now = self._clock()
+            if self._accept_paused_until is not None and now >= self._accept_paused_until:
+                self._accept_paused_until = None
+                self._selector.register(self._listener, selectors.EVENT_READ, "accept")
             wait = min((c.deadline for c in self._conns.values()), default=now + 1.0) - now
+            if self._accept_paused_until is not None:
+                wait = min(wait, self._accept_paused_until - now)
             try:
                 events = self._selector.select(max(0.0, min(wait, 1.0)))
             except OSError:
@@ -163,6 +169,9 @@ class MetricsHTTPServer:
                 return
             except OSError as exc:  # EMFILE and friends: say so, keep serving the open ones
                 self._note("accept_failed", error=str(exc))
+                # The listener stays readable: leave it alone a moment rather than spin on it.
+                self._selector.unregister(self._listener)
+                self._accept_paused_until = self._clock() + 0.5
                 return
             sock.setblocking(False)
             if len(self._conns) >= self._max:
@@ -198,14 +207,16 @@ class MetricsHTTPServer:
         conn.inbuf += data
         end = conn.inbuf.find(b"\r\n\r\n")
         if end < 0:
+            end = conn.inbuf.find(b"\n\n")  # a hand-typed request (nc) ends lines with \n
+        if end < 0:
             if len(conn.inbuf) > _MAX_REQUEST_BYTES:
                 self._on_drop("bad_request")
                 self._respond(conn, 431, "text/plain", b"request headers too large\n")
             return
-        self._handle(conn, conn.inbuf[:end].decode("latin-1"))
+        self._handle(conn, conn.inbuf[:end].decode("latin-1").replace("\r\n", "\n"))
 
     def _handle(self, conn: _Conn, head: str) -> None:
-        lines = head.split("\r\n")
+        lines = head.split("\n")
         parts = lines[0].split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             self._on_drop("bad_request")

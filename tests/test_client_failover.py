@@ -200,3 +200,52 @@ def test_reason_kinds_are_few_and_bounded():
     assert reason_kind("becoming leader: loading the state; retry shortly") == "not_ready"
     assert reason_kind("3 regions in one heartbeat; the limit is 2") == reason_kind("9 regions in one heartbeat; x")
     assert len(reason_kind("x" * 10_000)) <= 60
+
+
+@pytest.fixture
+def blackhole():
+    """A port whose connections the kernel accepts and nobody answers: a stopped process, cheaply."""
+    import socket
+
+    socks = []
+
+    def make() -> str:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        socks.append(s)
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+    yield make
+    for s in socks:
+        s.close()
+
+
+def test_no_replica_answering_is_one_deadline_per_replica_not_ten(blackhole):
+    addrs = [blackhole(), blackhole()]
+    begun = time.monotonic()
+    with SupervisorClient(addrs, timeout=0.5) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.register([(1, 10)])
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - begun < 2 * 0.5 + 1.5
+
+
+def test_heartbeater_cycling_among_bad_replicas_leaks_no_threads_and_survives_its_callbacks(fake_replica, blackhole):
+    import threading
+
+    lost = fake_replica()
+    before = threading.active_count()
+
+    def failing(*_):
+        raise RuntimeError("a datanode's callback bug")
+
+    beater = DatanodeHeartbeater([blackhole(), lost.addr], 1, lambda: [10], interval_s=0.05, answer_timeout_s=0.2,
+                                 on_response=failing, on_rejection=failing).start()
+    try:
+        _wait_for(lambda: beater.switches >= 8, 10, "eight moves between the two replicas")
+        assert threading.active_count() <= before + 3, threading.active_count() - before
+        assert beater.errors["no_answer"] >= 4 and beater.errors["callback_failed"] >= 4
+        assert beater._thread.is_alive()
+    finally:
+        beater.stop()

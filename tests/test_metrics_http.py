@@ -204,3 +204,34 @@ def test_when_every_slot_is_being_answered_a_new_connection_gets_503():
         for s in readers:
             s.close()
         server.stop()
+
+
+def test_running_out_of_file_descriptors_does_not_spin(endpoint):
+    """accept() failing (EMFILE) leaves the listener readable: the loop pauses it instead of spinning."""
+    import errno
+
+    real = endpoint._listener
+    calls = []
+
+    class _Exhausted:
+        def fileno(self):
+            return real.fileno()
+
+        def accept(self):
+            calls.append(time.monotonic())
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    endpoint._listener = _Exhausted()
+    with socket.create_connection(("127.0.0.1", endpoint.server_port), timeout=5):
+        time.sleep(1.2)
+    endpoint._listener = real
+    assert 1 <= len(calls) <= 5, len(calls)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # descriptors are back: it serves again
+        try:
+            if _scrape(f"127.0.0.1:{endpoint.server_port}", timeout=1)[1] == 200:
+                break
+        except OSError:
+            pass
+    else:
+        pytest.fail("the endpoint did not serve again")
