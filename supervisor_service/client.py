@@ -84,6 +84,7 @@ class SupervisorClient:
         self._timeout = timeout
         self._follow = follow_leader
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._unreachable: set[str] = set()
         self._connect(self.addrs[0])
 
     def _connect(self, addr: str) -> None:
@@ -107,6 +108,7 @@ class SupervisorClient:
         several = len(self.addrs) > 1
         attempts = max(10, 2 * len(self.addrs) + 1)
         silent = 0  # replicas in a row that could not be reached or did not answer
+        self._unreachable: set[str] = set()  # ...by address, for _read
         for attempt in range(attempts):
             try:
                 return fn()
@@ -117,6 +119,8 @@ class SupervisorClient:
                 loading = code == grpc.StatusCode.UNAVAILABLE and "becoming leader" in (exc.details() or "")
                 unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not loading
                 silent = silent + 1 if unreachable else 0
+                if unreachable:
+                    self._unreachable.add(self.addr)
                 if silent >= len(self.addrs):
                     raise  # none of them answers: say so now, not after `attempts` deadlines
                 if _not_leader(exc):
@@ -141,7 +145,7 @@ class SupervisorClient:
         if not self._follow:
             return first
         is_leader, hint = leads(first)
-        tried = {self.addr}
+        tried = {self.addr} | self._unreachable  # a follower may still name a leader that stopped answering
         answer = first
         while not is_leader and len(tried) < len(self.addrs) + 1:
             nxt = hint if hint and hint not in tried else next((a for a in self.addrs if a not in tried), "")

@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -230,11 +231,15 @@ class MetricsHTTPServer:
         if method not in ("GET", "HEAD"):
             self._respond(conn, 405, "text/plain", b"only GET and HEAD\n", extra=("Allow: GET, HEAD",))
             return
-        if target.split("?", 1)[0] not in ("/metrics", "/"):
+        path, _, query = target.partition("?")
+        if path not in ("/metrics", "/"):
             self._respond(conn, 404, "text/plain", b"not found: the metrics are at /metrics\n")
             return
+        names = parse_qs(query).get("name[]", [])  # prometheus_client's filter: only these families
         try:
-            content_type, body, gzipped = self._render(headers.get("accept", ""), headers.get("accept-encoding", ""))
+            content_type, body, gzipped = self._render(
+                headers.get("accept", ""), headers.get("accept-encoding", ""), names
+            )
         except Exception as exc:  # noqa: BLE001 - a collector's bug is a 500, not a dead endpoint
             log_event(log, logging.ERROR, "metrics_render_failed", error=repr(exc))
             self._respond(conn, 500, "text/plain", b"rendering the metrics failed\n")
@@ -242,20 +247,22 @@ class MetricsHTTPServer:
         extra = ("Content-Encoding: gzip",) if gzipped else ()
         self._respond(conn, 200, content_type, body, extra=extra, head_only=method == "HEAD")
 
-    def _render(self, accept: str, accept_encoding: str) -> tuple[str, bytes, bool]:
-        """The registry in the format `accept` asks for, rendered at most once per cache interval."""
+    def _render(self, accept: str, accept_encoding: str, names: list[str] = ()) -> tuple[str, bytes, bool]:
+        """The registry in the format `accept` asks for, rendered at most once per cache interval
+        (a render filtered by `names` is small and not cached)."""
         encoder, content_type = choose_encoder(accept)
         gzipped = "gzip" in accept_encoding.lower()
         key = (content_type, gzipped)
         now = self._clock()
         cached = self._cache.get(key)
-        if cached is not None and now - cached[0] < self._cache_s:
+        if not names and cached is not None and now - cached[0] < self._cache_s:
             return cached[1], cached[2], gzipped
-        body = encoder(self._registry)
+        body = encoder(self._registry.restricted_registry(names) if names else self._registry)
         self.renders += 1
         if gzipped:
             body = gzip.compress(body, compresslevel=6)
-        self._cache[key] = (now, content_type, body)
+        if not names:
+            self._cache[key] = (now, content_type, body)
         return content_type, body, gzipped
 
     def _respond(

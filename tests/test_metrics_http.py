@@ -138,6 +138,8 @@ def test_formats_gzip_and_errors(endpoint):
     assert headers["Content-Type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
     _, _, headers, body = _scrape(addr, **{"Accept-Encoding": "gzip"})
     assert headers["Content-Encoding"] == "gzip" and b"things_total" in gzip.decompress(body)
+    with urllib.request.urlopen(f"http://{addr}/metrics?name[]=things_total", timeout=5) as resp:
+        assert resp.read() == generate_latest(endpoint.registry_.restricted_registry(["things_total"]))
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://{addr}/nope", timeout=5)
     assert info.value.code == 404
