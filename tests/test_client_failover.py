@@ -172,7 +172,8 @@ def test_heartbeater_surfaces_refused_heartbeats(service, caplog):
         assert older.rejections[note.kind] >= 5 and note.kind == reason_kind("node_epoch 7 is older than 8, x: y")
         assert len(seen) >= 5 and seen[-1].reason == note.reason
         assert older.addr == addr, "a refusal by the leader is no reason to leave it"
-        lines = [r for r in caplog.records if r.getMessage() == "heartbeat_rejected"]
+        lines = [r for r in caplog.records
+                 if r.name == "supervisor_service.client" and r.getMessage() == "heartbeat_rejected"]
         assert len(lines) == 1, "rejections are logged once per kind per interval"
         assert lines[0].fields["datanode_id"] == 5 and "node_epoch" in lines[0].fields["reason"]
     finally:
