@@ -210,7 +210,6 @@ class Metrics:
         self.thread_alive = Gauge(
             "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r
         )
-
         self.metrics_http_connections = Gauge(
             "supervisor_metrics_http_connections", "Open connections to the /metrics endpoint.", registry=r
         )
