@@ -35,6 +35,7 @@ $(PROTO_GEN): $(PROTO_SRC) $(STAMP)
 	touch $(PROTO_OUT)/supervisor/__init__.py $(PROTO_OUT)/supervisor/v1/__init__.py
 
 run: proto
+	@echo "supervisor-service is installed in $(VENV)/bin: '. $(VENV)/bin/activate' in another shell puts it on PATH"
 	$(VENV)/bin/supervisor-service serve
 
 system-deps:

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from supervisor_service._log import log_event
 from supervisor_service.clock import Clock, SystemClock
@@ -24,6 +24,7 @@ from supervisor_service.events import BecomeLeader, EventQueue, LoseLeadership
 from supervisor_service.guards import Guards
 from supervisor_service.leadership import Leadership, SingleLeadership
 from supervisor_service.metrics import Metrics
+from supervisor_service.metrics_http import MetricsHTTPServer
 from supervisor_service.remotes import PeerDirectory, Remotes, build_remotes
 from supervisor_service.runtime import SupervisorRuntime, Ticker
 from supervisor_service.server import RegionSupervisorServicer, build_server, set_health
@@ -178,9 +179,13 @@ class Service:
         if s.metrics_addr:
             mhost, _, mport = s.metrics_addr.rpartition(":")
             try:
-                self._metrics_server, _ = start_http_server(
-                    int(mport), addr=mhost.strip("[]"), registry=self.registry
-                )
+                self._metrics_server = MetricsHTTPServer(
+                    self.registry, mhost.strip("[]"), int(mport),
+                    max_connections=s.metrics_max_connections,
+                    timeout_s=s.metrics_timeout_ms / 1000,
+                    on_drop=lambda reason: self.metrics.metrics_http_errors.labels(reason=reason).inc(),
+                    on_open=self.metrics.metrics_http_connections.set,
+                ).start()
             except OSError as exc:
                 raise OSError(
                     f"cannot serve metrics on {s.metrics_addr} (setting metrics_addr): {exc.strerror or exc}"
@@ -200,6 +205,7 @@ class Service:
             grpc=self.addresses.grpc,
             metrics=self.addresses.metrics or "off",
             store=s.store,
+            data_dir=str(s.data_dir) if s.store == "sqlite" else "",
             tick_interval_ms=s.tick_interval_ms,
             heartbeat_clock=s.heartbeat_clock,
             **self.remotes.describe(),
@@ -367,6 +373,8 @@ class Service:
 
         if self.server is not None:
             await self._apply_health()  # NOT_SERVING: _stopped is set
+            if self.servicer is not None:
+                self.servicer.close_streams()  # heartbeat streams never end by themselves
             await self.server.stop(grace=budget / 2)
         self.ticker.stop()
         loop = asyncio.get_running_loop()
@@ -383,8 +391,7 @@ class Service:
         self.store.close()
         self.remotes.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.stop()
         log_event(log, logging.INFO, "service_stopped", drained=drained, committed=committed,
                   exit_code=self.exit_code)
 

@@ -8,7 +8,8 @@
     supervisor-service settings [--markdown]
     supervisor-service evaluate [--config FILE] [--trace FILE.csv ...] [--out DIR] [--quick]
 
-Errors are one line on stderr and a non-zero exit status.
+Client commands take `--addr` with one or more replicas (`--addr a,b,c` or
+repeated). Errors are one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+INT64_MAX = 2**63 - 1
 
 _SERVE_FLAGS = {
     # flag: (setting, type, help)
@@ -44,8 +53,76 @@ _SERVE_FLAGS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line, like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"supervisor-service: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_in(low: int, high: int, what: str):
+    """An argparse type: an integer in low..high (what a protobuf field or the code can hold)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in {low}..{high}, got {text}")
+        return value
+
+    return parse
+
+
+def _finite(low: float, high: float, what: str):
+    """An argparse type: a finite number with low < value <= high."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or not low < value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} (more than {low:g}, at most {high:g}), got {text}")
+        return value
+
+    return parse
+
+
+_DATANODE = _int_in(0, UINT64_MAX, "a datanode id")
+
+
+def _ttl_millis(text: str) -> int:
+    """--ttl SECONDS as whole milliseconds, rounded up (never shorter than asked); 0 is no expiry.
+    Below a millisecond (the resolution) is refused rather than silently meaning "no expiry"."""
+    try:
+        seconds = Decimal(text.strip())
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not seconds.is_finite() or seconds < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    if seconds == 0:
+        return 0
+    if seconds < Decimal("0.001"):
+        raise argparse.ArgumentTypeError(
+            f"{text} s is below a millisecond, the resolution of a TTL (0: no expiry)")
+    millis = int((seconds * 1000).to_integral_value(rounding=ROUND_CEILING))
+    limit = INT64_MAX - int(time.time() * 1000)  # now + ttl must be a time the service can hold
+    if millis > limit:
+        raise argparse.ArgumentTypeError(f"{text} s is too long: at most {limit // 1000} s")
+    return millis
+
+
+def _addr_list(text: str) -> list[str]:
+    addrs = [a.strip() for a in text.split(",") if a.strip()]
+    if not addrs:
+        raise argparse.ArgumentTypeError(f"expected host:port[,host:port...], got {text!r}")
+    return addrs
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="supervisor-service",
         description="Region failover supervisor: detects failed datanodes by phi-accrual and fails their "
         "regions over. Settings come from flags, SUPERVISOR_* environment variables and an optional TOML file "
@@ -66,31 +143,39 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)
         c.add_argument(
             "--addr",
-            default=os.environ.get("SUPERVISOR_GRPC_ADDR", "127.0.0.1:50051"),
-            help="the service's gRPC address (default: $SUPERVISOR_GRPC_ADDR or 127.0.0.1:50051)",
+            type=_addr_list,
+            action="append",
+            metavar="HOST:PORT[,...]",
+            help="the service's gRPC address; several replicas comma-separated or repeated: the leader is found "
+            "among them (default: $SUPERVISOR_GRPC_ADDR or 127.0.0.1:50051)",
         )
         c.add_argument("--token", default=os.environ.get("SUPERVISOR_AUTH_TOKEN", ""), help="auth token, if the service requires one")
-        c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the service (default 10)")
+        c.add_argument("--timeout", type=_finite(0, 86_400, "seconds"), default=10.0,
+                       help="seconds to wait for each replica's answer (default 10)")
         return c
 
     dump = client("dump", "show the detectors: phi, last heartbeat, failover count")
-    dump.add_argument("--datanode", type=int, action="append", default=[], metavar="ID", help="only this datanode (repeatable)")
+    dump.add_argument("--datanode", type=_DATANODE, action="append", default=[], metavar="ID",
+                      help="only this datanode (repeatable)")
     dump.add_argument("--only-failed", action="store_true", help="only detectors at or above the threshold")
-    dump.add_argument("--at", type=int, default=0, metavar="MILLIS", help="evaluate phi at this time (default: now)")
+    dump.add_argument("--at", type=_int_in(0, INT64_MAX, "a time in milliseconds since the epoch"), default=0,
+                      metavar="MILLIS", help="evaluate phi at this time (default: now)")
     dump.add_argument("--json", action="store_true", help="one JSON object per detector")
 
     maint = client("maintenance", "turn maintenance mode (no failover) on or off, globally or per datanode, or show it")
     maint.add_argument("action", choices=["on", "off", "status"])
-    maint.add_argument("--datanode", type=int, action="append", default=[], metavar="ID",
+    maint.add_argument("--datanode", type=_DATANODE, action="append", default=[], metavar="ID",
                        help="only this datanode (repeatable); default: the global switch")
-    maint.add_argument("--ttl", type=float, default=0, metavar="SECONDS",
-                       help="with `on`: turn itself off after this long (a forgotten switch must not disable failover forever)")
+    maint.add_argument("--ttl", type=_ttl_millis, default=0, metavar="SECONDS", dest="ttl_millis",
+                       help="with `on`: turn itself off after this long (a forgotten switch must not disable failover "
+                       "forever); at least 0.001, fractions of a millisecond rounded up")
 
     hold = client("hold", "show why failover is held, or release a mass-failure hold")
     hold.add_argument("action", choices=["status", "release"])
 
     journal = client("journal", "list the decisions recorded by the embedded dry-run RegionMigration")
-    journal.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
+    journal.add_argument("--limit", type=_int_in(1, UINT32_MAX, "a number of entries"), default=100,
+                         help="newest N entries (default 100)")
     journal.add_argument("--json", action="store_true", help="one JSON object per entry")
 
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
@@ -131,15 +216,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         match args.command:
             case "serve":
-                return _serve(args)
+                code = _serve(args)
             case "settings":
-                return _settings(args)
+                code = _settings(args)
             case "evaluate":
-                return _evaluate(args, argv)
+                code = _evaluate(args, argv)
             case _:
-                return _client_command(args)
+                code = _client_command(args)
+        sys.stdout.flush()  # here, so that a reader gone away is seen here and not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing to say. Point stdout at /dev/null so that the
+        # interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def _fail(message: str, code: int) -> int:
@@ -148,13 +241,18 @@ def _fail(message: str, code: int) -> int:
 
 
 def _settings(args) -> int:
-    from supervisor_service.settings import Settings, settings_table_markdown
+    from supervisor_service.settings import Settings, default_text, settings_table_markdown
 
     if args.markdown:
         print(settings_table_markdown())
         return 0
     for name, field in Settings.model_fields.items():
-        print(f"SUPERVISOR_{name.upper():<40} {field.default!s}")
+        line = f"SUPERVISOR_{name.upper():<40} {default_text(field.default)}"
+        if name == "data_dir":
+            # Resolved against the working directory when the service starts: say where that is here.
+            here = os.environ.get("SUPERVISOR_DATA_DIR") or str(field.default)
+            line += f"  (here: {os.path.abspath(os.path.expanduser(here))})"
+        print(line)
     return 0
 
 
@@ -163,7 +261,7 @@ def _float_list(text: str, what: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise ValueError(f"{what}: expected positive numbers, got {text!r}")
     return values
 
@@ -182,8 +280,9 @@ def _evaluate(args, argv: Sequence[str] | None) -> int:
             # Three thresholds at the default pause only (evaluate always adds the default point).
             thresholds, pauses = [t for t in thresholds if t in (2, 8, 16)] or thresholds[:2], []
         for name in ("datanodes", "regions", "interval_ms", "hours"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+            value = getattr(args, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if args.datanodes < 3:
             raise ValueError("--datanodes must be at least 3 (failover needs somewhere to go)")
         cfg = ev.TraceConfig(datanodes=args.datanodes, regions=args.regions, interval_ms=args.interval_ms,
@@ -249,18 +348,20 @@ def _client_command(args) -> int:
 
     from supervisor_service.client import SupervisorClient
 
+    groups = args.addr or [_addr_list(os.environ.get("SUPERVISOR_GRPC_ADDR") or "127.0.0.1:50051")]
+    addrs = [a for group in groups for a in group]
+    if args.command == "maintenance" and args.ttl_millis and args.action != "on":
+        return _fail("--ttl takes a positive number of seconds, with `on` only", EXIT_USAGE)
     try:
-        with SupervisorClient(args.addr, token=args.token, timeout=args.timeout) as client:
+        with SupervisorClient(addrs, token=args.token, timeout=args.timeout) as client:
             match args.command:
                 case "dump":
                     return _dump(client, args)
                 case "maintenance":
-                    if args.ttl < 0 or (args.ttl and args.action != "on"):
-                        return _fail("--ttl takes a positive number of seconds, with `on` only", EXIT_USAGE)
                     if args.action == "status":
                         resp = client.maintenance_status()
                     else:
-                        resp = client.set_maintenance_scope(args.action == "on", args.datanode, int(args.ttl * 1000))
+                        resp = client.set_maintenance_scope(args.action == "on", args.datanode, args.ttl_millis)
                     _print_maintenance(resp)
                     return 0
                 case "hold":
@@ -277,7 +378,9 @@ def _client_command(args) -> int:
         code = exc.code().name if exc.code() else "UNKNOWN"
         detail = exc.details() or ""
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            detail = f"cannot reach the service at {args.addr} ({detail})"
+            detail = f"cannot reach the service at {','.join(addrs)} ({detail})"
+        elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            detail = f"no answer from the service at {','.join(addrs)} within {args.timeout:g} s (--timeout)"
         return _fail(f"{code}: {detail}", EXIT_UNAVAILABLE)
     return EXIT_USAGE
 

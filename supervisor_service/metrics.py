@@ -280,6 +280,16 @@ class Metrics:
             "Writes handed to the state store and neither committed nor answered with an error.",
             registry=r,
         )
+        self.metrics_http_connections = Gauge(
+            "supervisor_metrics_http_connections", "Open connections to the /metrics endpoint.", registry=r
+        )
+        self.metrics_http_errors = Counter(
+            "supervisor_metrics_http_errors",
+            "Connections to the /metrics endpoint refused or closed early, by reason "
+            "(idle_evicted, over_limit, timeout, bad_request).",
+            ["reason"],
+            registry=r,
+        )
 
     def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

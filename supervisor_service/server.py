@@ -85,6 +85,8 @@ IGNORED_PROBLEMS = (
     "timestamp_missing", "timestamp_ahead", "timestamp_behind", "epoch_new_life",
 )
 
+_SHUTTING_DOWN = "the supervisor is shutting down; heartbeat to another replica"
+
 
 class Overloaded(Exception):
     pass
@@ -186,6 +188,8 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self._leadership = leadership
         self._store = store
         self._streams = 0
+        self._stream_tasks: set[asyncio.Task] = set()  # open SendHeartbeat handlers, ended by close_streams
+        self._closing = False
         # Hot-path cache: labelled counter children per heartbeat outcome. (A validated peer_addr is
         # remembered per stream, so what is kept is bounded by the streams and MAX_PEER_ADDR_CHARS.)
         self._outcomes: dict[str, tuple] = {}
@@ -309,8 +313,12 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 f"too many heartbeat streams ({self._s.max_concurrent_streams}, "
                 "setting max_concurrent_streams); one stream per datanode",
             )
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         self._streams += 1
         self._metrics.heartbeat_streams.inc()
+        task = asyncio.current_task()
+        self._stream_tasks.add(task)
         stream = _Stream()
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
@@ -321,9 +329,24 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 if answer.__class__ is not bytes:
                     answer = await self._heartbeat_when_room(answer, stream)
                 await write(answer)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # close_streams: end the stream with a status (a cancelled handler alone leaves the
+            # call open until the server's grace runs out).
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         finally:
+            self._stream_tasks.discard(task)
             self._streams -= 1
             self._metrics.heartbeat_streams.dec()
+
+    def close_streams(self) -> None:
+        """End every open heartbeat stream now, with UNAVAILABLE, and refuse new ones: they never end
+        by themselves, so a shutdown would otherwise wait its whole grace period for them. Call on
+        the server's event loop, before `server.stop(grace)` (which then waits for unary calls only)."""
+        self._closing = True
+        for task in list(self._stream_tasks):
+            task.cancel()
 
     def _heartbeat(self, raw: bytes, stream: _Stream) -> bytes | tuple[Heartbeat, tuple]:
         """The serialized answer to one serialized heartbeat, or (its event, its problems) when the
@@ -967,6 +990,9 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams + 100),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # grpc sets SO_REUSEPORT by default on Linux: a second supervisor on the same port would
+        # start and share the clients with the first. Without it the second fails to bind.
+        ("grpc.so_reuseport", 0),
     ]
     interceptors = [_AuthInterceptor(settings.auth_token)] if settings.auth_token else []
     server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -90,13 +90,20 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     """All settings of the service."""
 
-    model_config = SettingsConfigDict(env_prefix="SUPERVISOR_", extra="forbid", validate_default=True)
+    # Every number must be finite: an `inf` pause or threshold is not a setting, it is an overflow later.
+    model_config = SettingsConfigDict(
+        env_prefix="SUPERVISOR_", extra="forbid", validate_default=True, allow_inf_nan=False
+    )
 
     # -- network
     grpc_addr: str = "127.0.0.1:50051"
     """Address the gRPC server listens on (port 0: any free port)."""
     metrics_addr: str = "127.0.0.1:9464"
     """Address of the Prometheus /metrics endpoint; empty disables it."""
+    metrics_max_connections: int = Field(256, ge=1, le=10_000)
+    """Connections the /metrics endpoint holds open at once; one more evicts the oldest that has not sent its request, or gets 503 when all are being answered."""
+    metrics_timeout_ms: int = Field(5000, ge=100, le=600_000)
+    """A /metrics connection must send its request within this, and take the answer within this again, or it is closed."""
     advertise_addr: str = ""
     """Address clients are told to reach this replica at; empty: the gRPC address."""
     auth_token: str = ""
@@ -113,43 +120,43 @@ class Settings(BaseSettings):
     """Deadline of each call to a remote service."""
     failover_workers: int = Field(4, ge=1, le=256)
     """Threads making remote calls for failover (they never block the supervisor thread)."""
-    migration_base_timeout_ms: int = Field(120_000, ge=1)
+    migration_base_timeout_ms: int = Field(120_000, ge=1, le=86_400_000)
     """Migration timeout per failover: timeout = this x (the region's count of accepted failovers + 1)."""
-    max_failover_timeout_ms: int = Field(1_200_000, ge=1)
+    max_failover_timeout_ms: int = Field(1_200_000, ge=1, le=7 * 86_400_000)
     """Cap of that timeout (at least migration_base_timeout_ms)."""
-    submit_retry_backoff_ms: int = Field(1000, ge=1)
+    submit_retry_backoff_ms: int = Field(1000, ge=1, le=3_600_000)
     """A SubmitRegionMigration that may have happened (timeout, UNAVAILABLE, ...) is sent again, to the same target with the same request_id, after this, doubling per retry ..."""
-    submit_retry_backoff_max_ms: int = Field(30_000, ge=1)
+    submit_retry_backoff_max_ms: int = Field(30_000, ge=1, le=3_600_000)
     """... up to this."""
-    resubmit_backoff_ms: int = Field(10_000, ge=0)
+    resubmit_backoff_ms: int = Field(10_000, ge=0, le=86_400_000)
     """Regions whose migration GetMigrationStatus reported NOT_FOUND wait this long before they are failed over again, doubling per NOT_FOUND in the window ..."""
-    resubmit_backoff_max_ms: int = Field(300_000, ge=0)
+    resubmit_backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
     """... up to this."""
-    max_resubmissions_per_window: int = Field(3, ge=1)
+    max_resubmissions_per_window: int = Field(3, ge=1, le=1_000_000)
     """At most this many such resubmissions of a region per resubmit_window_ms."""
-    resubmit_window_ms: int = Field(600_000, ge=1)
+    resubmit_window_ms: int = Field(600_000, ge=1, le=7 * 86_400_000)
     """The window of that limit."""
-    expiry_checkpoint_interval_ms: int = Field(15_000, ge=100)
+    expiry_checkpoint_interval_ms: int = Field(15_000, ge=100, le=3_600_000)
     """While a maintenance expiry is pending, the time it has left is stored this often: after a restart on another machine or boot it ends at most this plus the time without a leader late, never early."""
-    migration_status_poll_interval_ms: int = Field(5000, ge=1)
+    migration_status_poll_interval_ms: int = Field(5000, ge=1, le=3_600_000)
     """How often an in-flight migration's status is polled."""
-    journal_capacity: int = Field(10_000, ge=1)
+    journal_capacity: int = Field(10_000, ge=1, le=10_000_000)
     """Entries the embedded dry-run journal keeps (newest)."""
-    selector_alive_window_ms: int = Field(0, ge=0)
+    selector_alive_window_ms: int = Field(0, ge=0, le=86_400_000)
     """Embedded selector: a datanode heard from within this window is a candidate; 0: the acceptable heartbeat pause."""
 
     # -- detection
     tick_interval_ms: int = Field(1000, ge=10, le=600_000)
     """How often failed regions are looked for."""
-    phi_threshold: float = Field(8.0, gt=0)
+    phi_threshold: float = Field(8.0, gt=0, le=1000)
     """phi at or above which a region counts as failed."""
-    min_std_deviation_ms: float = Field(100.0, gt=0)
+    min_std_deviation_ms: float = Field(100.0, gt=0, le=3_600_000)
     """Floor of the heartbeat interval standard deviation."""
-    acceptable_heartbeat_pause_ms: float = Field(10_000.0, ge=0)
+    acceptable_heartbeat_pause_ms: float = Field(10_000.0, ge=0, le=86_400_000)
     """Heartbeat pause tolerated on top of the mean interval."""
     max_sample_size: int = Field(1000, ge=2, le=100_000)
     """Heartbeat intervals kept per detector."""
-    first_heartbeat_estimate_ms: int = Field(1000, ge=1)
+    first_heartbeat_estimate_ms: int = Field(1000, ge=1, le=3_600_000)
     """Interval assumed before one is seen (seeds the history with est -/+ est/4)."""
     heartbeat_clock: Literal["server", "client"] = "server"
     """Whose clock stamps heartbeats: `server` (receipt time) or `client` (the request's timestamp_millis)."""
@@ -161,17 +168,17 @@ class Settings(BaseSettings):
     """Capacity of the supervisor's event queue."""
     enqueue_timeout_ms: int = Field(1000, ge=0, le=60_000)
     """How long a request waits for room in a full queue before RESOURCE_EXHAUSTED."""
-    max_regions_per_heartbeat: int = Field(100_000, ge=1)
+    max_regions_per_heartbeat: int = Field(100_000, ge=1, le=10_000_000)
     """Regions one heartbeat may carry; one naming more refreshes only the regions already watched (and adds none), and its answer says so."""
-    max_regions_per_request: int = Field(100_000, ge=1)
+    max_regions_per_request: int = Field(100_000, ge=1, le=10_000_000)
     """Regions one Register/Deregister/Reset call may carry."""
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=2**31 - 1)
     """Largest gRPC message accepted."""
-    max_dump_page_size: int = Field(10_000, ge=1)
+    max_dump_page_size: int = Field(10_000, ge=1, le=1_000_000)
     """Largest Dump page (the default page is 1000 or this, whichever is smaller)."""
-    max_concurrent_streams: int = Field(10_000, ge=1)
+    max_concurrent_streams: int = Field(10_000, ge=1, le=1_000_000)
     """Heartbeat streams served at once (RESOURCE_EXHAUSTED past it)."""
-    max_queued_heartbeat_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_queued_heartbeat_bytes: int = Field(64 * 1024 * 1024, ge=1, le=2**36)
     """Region ids of queued heartbeats the event queue holds at most, in bytes (8 per region); a heartbeat beyond it waits for room like one beyond event_queue_size."""
     max_queue_fraction_per_datanode: float = Field(0.1, gt=0, le=1)
     """Fraction of the event queue (events, and heartbeat bytes) one datanode's queued heartbeats may take: a flooding datanode waits, the others do not (its first queued heartbeat is always admitted)."""
@@ -180,7 +187,7 @@ class Settings(BaseSettings):
     store: str = "sqlite"
     """State store: `sqlite` (a file in data_dir; one replica), `memory` (nothing survives a restart), or `etcd://host:port[,host:port]` (several replicas, leader election)."""
     data_dir: Path = Path("./data")
-    """Directory of the SQLite store."""
+    """Directory of the SQLite store; a relative path is resolved once, at start, against the working directory (the absolute path is logged in service_started)."""
     store_prefix: str = "/region-supervisor/default"
     """Key prefix in the store (etcd: one per cluster sharing the etcd)."""
     store_flush_interval_ms: int = Field(10, ge=0, le=10_000)
@@ -191,7 +198,7 @@ class Settings(BaseSettings):
     """Leader lease time to live (etcd store); a leader steps down before it can expire."""
     initialization_delay_ms: int = Field(0, ge=0, le=600_000)
     """Pause between becoming leader and loading the state (lets a previous leader's last writes land)."""
-    warmup_grace_ms: int = Field(30_000, ge=0)
+    warmup_grace_ms: int = Field(30_000, ge=0, le=86_400_000)
     """After becoming leader, no failover for this long, unless warmup_fraction of the known datanodes reported first."""
     warmup_fraction: float = Field(0.9, ge=0, le=1)
     """Fraction of the known datanodes that, once heard from, ends the warm-up early."""
@@ -199,39 +206,39 @@ class Settings(BaseSettings):
     # -- guards (DESIGN.md section 6); each is off at the value in brackets
     guards_enabled: bool = True
     """Master switch of the guards below (false: fail over whatever crosses the threshold, as the original)."""
-    max_local_pause_ms: int = Field(5000, ge=0)
+    max_local_pause_ms: int = Field(5000, ge=0, le=3_600_000)
     """A stall of the supervisor itself longer than this holds convictions [0]."""
-    local_pause_hold_ms: int = Field(5000, ge=0)
+    local_pause_hold_ms: int = Field(5000, ge=0, le=3_600_000)
     """How long convictions stay held after such a stall."""
     overload_queue_fraction: float = Field(0.9, gt=0, le=1)
     """No conviction while the event queue is fuller than this [1]."""
     max_failed_datanode_fraction: float = Field(0.5, gt=0, le=1)
     """Hold failover while more than this fraction of the datanodes are silent [1]."""
-    mass_failure_min_datanodes: int = Field(3, ge=1)
+    mass_failure_min_datanodes: int = Field(3, ge=1, le=1_000_000)
     """... and at least this many datanodes are."""
-    mass_failure_silence_ms: int = Field(5000, ge=1)
+    mass_failure_silence_ms: int = Field(5000, ge=1, le=3_600_000)
     """A datanode unheard for this long counts as silent for the mass-failure guard (capped at half the acceptable heartbeat pause, so datanodes cut together are counted before the first is convicted)."""
-    mass_failure_recovery_ms: int = Field(5000, ge=0)
+    mass_failure_recovery_ms: int = Field(5000, ge=0, le=3_600_000)
     """After a mass failure clears, failover stays held this long, so the datanodes cut off with the others can report again [0]."""
-    failover_rate_per_s: float = Field(1.0, ge=0)
+    failover_rate_per_s: float = Field(1.0, ge=0, le=1_000_000)
     """Global budget of datanodes failed over per second [0]."""
-    failover_burst: int = Field(10, ge=1)
+    failover_burst: int = Field(10, ge=1, le=1_000_000)
     """Burst of the global budget."""
-    target_regions_per_s: float = Field(200.0, ge=0)
+    target_regions_per_s: float = Field(200.0, ge=0, le=100_000_000)
     """Regions moved to one target datanode per second [0]."""
-    target_burst_regions: int = Field(2000, ge=1)
+    target_burst_regions: int = Field(2000, ge=1, le=100_000_000)
     """Burst of the per-target budget."""
-    target_holddown_ms: int = Field(30_000, ge=0)
+    target_holddown_ms: int = Field(30_000, ge=0, le=86_400_000)
     """A datanode that failed or flaps is not a failover target for this long [0]."""
-    flap_window_ms: int = Field(600_000, ge=1)
+    flap_window_ms: int = Field(600_000, ge=1, le=604_800_000)
     """Window in which a datanode's recoveries and failovers are counted."""
-    flap_threshold: int = Field(3, ge=1)
+    flap_threshold: int = Field(3, ge=1, le=1_000_000)
     """Recoveries within the window that make a datanode count as flapping."""
-    flap_backoff_base_ms: int = Field(10_000, ge=0)
+    flap_backoff_base_ms: int = Field(10_000, ge=0, le=86_400_000)
     """A datanode failing again within the window waits base x 2^(n-1) before its next failover [0]."""
-    flap_backoff_max_ms: int = Field(300_000, ge=0)
+    flap_backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
     """Cap of that backoff."""
-    failover_count_decay_ms: int = Field(1_800_000, ge=0)
+    failover_count_decay_ms: int = Field(1_800_000, ge=0, le=2_592_000_000)
     """A region healthy this long after its last failover forgets its failover count [0]."""
     reject_stale_epochs: bool = True
     """Reject heartbeats whose node_epoch is older than the newest seen for that datanode, while that one was heard within acceptable_heartbeat_pause_ms (after that, a lower epoch is a new life)."""
@@ -260,6 +267,13 @@ class Settings(BaseSettings):
     @classmethod
     def _endpoints(cls, v: str) -> str:
         return check_host_port(v, allow_empty=True, allow_port_zero=False)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, v: Path) -> Path:
+        # Once, here: a relative directory must not move if the working directory changes later,
+        # and the operator must be able to see which directory it is.
+        return Path(os.path.abspath(os.path.expanduser(v)))
 
     @field_validator("store")
     @classmethod
@@ -406,6 +420,13 @@ def _describe(exc: ValidationError) -> str:
     return "invalid settings: " + "; ".join(problems)
 
 
+def default_text(default: Any) -> str:
+    """A default as the operator writes it (a relative path keeps its `./`)."""
+    if isinstance(default, Path) and not default.is_absolute():
+        return f"./{default}"
+    return str(default)
+
+
 def settings_table_markdown() -> str:
     """The README configuration table, from the field docstrings."""
     import ast
@@ -420,7 +441,7 @@ def settings_table_markdown() -> str:
                 docs[node.target.id] = str(nxt.value.value)
     lines = ["| setting | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = field.default
+        default = default_text(field.default)
         shown = f"`{default}`" if default not in ("", None) else "(empty)"
         lines.append(f"| `SUPERVISOR_{name.upper()}` | {shown} | {docs.get(name, '')} |")
     return "\n".join(lines)
