@@ -12,6 +12,7 @@ setting can be overridden.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor_service.app import Service
 from supervisor_service.settings import load_settings
+from tests._servers import EtcdServer
 
 SERVICE_DEFAULTS = dict(
     grpc_addr="127.0.0.1:0",
@@ -104,3 +106,22 @@ def service():
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def logged(caplog):
+    """logged(name) -> the fields of every log line named `name` (log_event's message is the event name)."""
+    caplog.set_level(logging.DEBUG, logger="supervisor_service")
+
+    def lines(name: str) -> list[dict]:
+        return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == name]
+
+    return lines
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A real etcd on 127.0.0.1 free ports, stopped at teardown."""
+    server = EtcdServer(str(tmp_path))
+    yield server
+    server.stop()

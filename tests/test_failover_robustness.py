@@ -22,7 +22,6 @@ successor recovers is exactly what was committed.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -180,14 +179,6 @@ def sims():
         sim.stop()
 
 
-@pytest.fixture
-def logged(caplog):
-    caplog.set_level(logging.DEBUG, logger="supervisor_service")
-
-    def lines(name: str) -> list[dict]:
-        return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == name]
-
-    return lines
 
 
 def heartbeat_then_die(sim: Sim, datanode_id: int = 1, regions=(10,), seconds: int = 5, others=()) -> None:

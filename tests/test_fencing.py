@@ -33,11 +33,6 @@ PREFIX = "/region-supervisor/test-fencing"
 ANSWER_BOUND_S = TTL_MS / 1000 + 2.0
 
 
-@pytest.fixture
-def etcd(tmp_path):
-    server = EtcdServer(str(tmp_path))
-    yield server
-    server.stop()
 
 
 @pytest.fixture

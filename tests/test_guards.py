@@ -16,7 +16,6 @@ ask the detector table when a silent datanode crosses (`Sim.crossing`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from concurrent.futures import Future
 
 import numpy as np
@@ -185,15 +184,6 @@ def tasks(effects) -> list:
     return [e.task for e in effects if isinstance(e, SubmitMigration)]
 
 
-@pytest.fixture
-def logged(caplog):
-    """logged(name) -> the fields of every log line named `name` (log_event's message is the event name)."""
-    caplog.set_level(logging.DEBUG, logger="supervisor_service")
-
-    def lines(name: str) -> list[dict]:
-        return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == name]
-
-    return lines
 
 
 def warm(sim: Sim, ms: int = 30_000) -> None:

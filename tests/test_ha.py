@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
-from tests._servers import EtcdServer, ServiceProcess
+from tests._servers import ServiceProcess
 from tests.fakes import FakeRegionMigration
 
 pytestmark = pytest.mark.realtime
@@ -17,11 +17,6 @@ TTL_MS = 2000
 TICK_MS = 100
 
 
-@pytest.fixture
-def etcd(tmp_path):
-    server = EtcdServer(str(tmp_path))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
