@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from supervisor_service._log import log_event
 from supervisor_service.clock import Clock
 from supervisor_service.events import (
     SUBMIT_AMBIGUOUS,
@@ -50,7 +51,13 @@ _HEARTBEAT_BATCH = 256
 # Status codes after which a SubmitRegionMigration may still have been carried out: the deadline
 # passed or the connection broke with the request possibly received, or the server failed midway.
 # Any other code is the service's answer that it did not do it.
-AMBIGUOUS_CODES = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN", "INTERNAL", "CANCELLED", "DATA_LOSS"})
+# RESOURCE_EXHAUSTED is among them (the client reports it itself for an answer larger than its
+# receive limit, after the server acted), and so is ALREADY_EXISTS (an idempotent service's word
+# for a request_id it has seen).
+AMBIGUOUS_CODES = frozenset({
+    "DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN", "INTERNAL", "CANCELLED", "DATA_LOSS",
+    "RESOURCE_EXHAUSTED", "ALREADY_EXISTS",
+})
 
 
 def submit_error_kind(exc: RemoteError) -> str:
@@ -233,11 +240,17 @@ class SupervisorRuntime:
     def _execute(self, effect: Effect) -> None:
         match effect:
             case SelectPeers():
-                self._pool.submit(self._select, effect)
+                work = self._select
             case SubmitMigration():
-                self._pool.submit(self._submit, effect)
+                work = self._submit
             case PollMigration():
-                self._pool.submit(self._poll, effect)
+                work = self._poll
+        try:
+            self._pool.submit(work, effect)
+        except RuntimeError:
+            # Shutting down: the workers are gone. Nothing leaves; what was committed (an intent)
+            # is resent by the next leadership.
+            log_event(log, logging.WARNING, "effect_dropped_at_shutdown", effect=type(effect).__name__)
 
     def _timed(self, service: str, method: str, call):
         started = time.perf_counter()
@@ -282,10 +295,11 @@ class SupervisorRuntime:
 
     def _submit(self, effect: SubmitMigration) -> None:
         task = effect.task
-        if not self._is_leader():
-            # Leadership ended after the decision: nothing leaves without a lease.
-            self._report(SubmissionDone(task, error="not the leader any more; submission not sent",
-                                        error_kind=SUBMIT_NOT_SENT))
+        if not self._is_leader() or task.leader_term != self.supervisor.leader_term:
+            # Leadership (of the decision's term) ended after the decision: nothing leaves without
+            # its lease. A later leadership resends the committed intent under its own term.
+            self._report(SubmissionDone(task, error=f"the leadership of term {task.leader_term} ended; "
+                                        "submission not sent", error_kind=SUBMIT_NOT_SENT))
             return
         try:
             result = self._timed(
@@ -293,7 +307,8 @@ class SupervisorRuntime:
             )
         except StaleLeaderTerm as exc:
             self._report(SubmissionDone(task, error=str(exc), error_kind=submit_error_kind(exc)))
-            if self._on_fenced is not None:
+            # Only a refusal of the term this replica leads under now says another leader exists.
+            if self._on_fenced is not None and task.leader_term == self.supervisor.leader_term:
                 self._on_fenced(str(exc))
             return
         except RemoteError as exc:

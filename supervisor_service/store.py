@@ -765,7 +765,9 @@ class StateStore:
             return not self._pending
         self._thread.join(timeout)
         if not self._thread.is_alive():
-            return self._gone is None and self._left_uncommitted == 0
+            with self._cond:
+                unanswered = any(not item.answered for item in self._pending)
+            return self._gone is None and self._left_uncommitted == 0 and not unanswered
         with self._cond:
             self._abandon = True
             left = [item for item in self._pending if not item.answered]
@@ -1127,8 +1129,13 @@ class StateStore:
 
     @staticmethod
     def _call(item: _Pending, exc: BaseException | None) -> None:
+        """Answer one write. A failing callback is logged, never allowed to end the writer thread
+        (the writes behind it would then be silently left uncommitted)."""
         if item.on_durable is not None:
-            item.on_durable(exc)
+            try:
+                item.on_durable(exc)
+            except Exception as error:  # noqa: BLE001 - the caller's bug, not the store's
+                log.error("store_callback_failed", exc_info=error, extra={"fields": {"error": describe(error)}})
 
     def _encode(self, batch: list[_Pending]) -> tuple[dict[str, bytes], set[str]]:
         """Keys to write for the batch, computed against a copy of the mirror (applied after commit)."""

@@ -65,3 +65,31 @@ def test_a_tick_between_runs_of_heartbeats_sees_the_queue_behind_it():
     assert seen == [("Heartbeat", None)] * 2 + [("Tick", 0.3)] + [("Heartbeat", None)] * 3
     assert registry.get_sample_value("supervisor_events_total", {"type": "Heartbeat"}) == 5
     assert len(supervisor.table) == 5
+
+
+def test_a_submission_of_an_ended_term_is_not_sent_and_does_not_depose_the_current_leader():
+    """A SubmitMigration queued for the workers under term 1 runs after the replica led again as
+    term 2 (which resends the committed intent itself): it is not sent under the old term, so a
+    RegionMigration that has seen term 2 never refuses it and the current leadership stands."""
+    from supervisor_service.events import MigrationTask, Peer, SubmissionDone
+    from supervisor_service.supervisor import SubmitMigration
+
+    clock = FakeClock()
+    metrics = Metrics(CollectorRegistry())
+    queue = EventQueue(10)
+    supervisor = Supervisor(PhiAccrualOptions(), metrics, leader_term=2)
+    sent, fenced = [], []
+
+    class Migration:
+        def submit(self, task):
+            sent.append(task)
+            raise AssertionError("sent under an ended term")
+
+    runtime = SupervisorRuntime(supervisor, queue, clock, metrics, Remotes(None, None, Migration()),
+                                on_fenced=fenced.append)
+    task = MigrationTask(task_id=1, datanode_id=3, from_peer=Peer(3), to_peer=Peer(5, "dn5:1"),
+                         region_ids=(30,), timeout_ms=1000, leader_term=1, request_id="1-x")
+    runtime._submit(SubmitMigration(task))
+    [answer] = queue.drain()
+    assert isinstance(answer, SubmissionDone) and "term 1 ended" in answer.error
+    assert sent == [] and fenced == []

@@ -410,3 +410,23 @@ def test_each_submit_call_is_one_etcd_transaction(tmp_path):
 async def _mod_revisions(kv, prefix: str) -> dict[str, int]:
     client = await kv.conn.client()
     return {item.key.decode(): item.mod_revision for item in await client.get_prefix(prefix.encode())}
+
+
+def test_a_failing_callback_neither_ends_the_writer_nor_hides_uncommitted_writes(caplog):
+    """A completion callback that raises (a caller's bug, or a worker pool already shut down) is
+    logged; the writer goes on committing what is behind it, and a clean stop says so truthfully."""
+    kv = MemoryKV()
+    store = StateStore(kv, "/cb", flush_interval_s=0)
+    store.load()
+    store.start()
+
+    def broken(exc):
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    store.submit([RegistryAdd(1, _u64(10))], broken)
+    store.submit([RegistryAdd(1, _u64(11))])
+    store.flush()
+    assert store._thread.is_alive()
+    assert StateStore(kv, "/cb").load().registry[1].tolist() == [10, 11]
+    assert any(r.getMessage() == "store_callback_failed" for r in caplog.records)
+    assert store.stop(5)
