@@ -816,6 +816,21 @@ class Supervisor:
             return
         if not self.is_leader:
             return
+        if current is None or current.job_id != job.job_id:
+            # Asked under an earlier leadership (or superseded): its guards are not this one's.
+            m.failover_skipped.labels(reason="stale_selection").inc(len(job.region_ids))
+            return
+        # What held failover at the tick holds it at the answer too: maintenance switched on, or a
+        # guard raised, while the Selector was thinking stops the submission (README: "nothing").
+        pause = "local_pause" if self.guards is not None and self.guards.stall_detected(now) else None
+        held = self._holds(now, {}, pause)
+        if not held and job.datanode_id in self.datanode_maintenance:
+            held = ("maintenance_datanode",)
+        if held:
+            m.failover_skipped.labels(reason=held[0]).inc(len(job.region_ids))
+            self._hold_log(now, f"failover_held_{held[0]}", failed_regions=len(job.region_ids), datanodes=1,
+                           **self._hold_details(held[0]))
+            return
         wanted = len(job.region_ids)
         if len(ev.peers) < wanted:
             m.failover_errors.labels(stage="insufficient_peers").inc()

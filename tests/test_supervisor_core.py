@@ -19,10 +19,12 @@ from supervisor_service.detector import PhiAccrualFailureDetector, PhiAccrualOpt
 from supervisor_service.events import (
     DONE_CATEGORIES,
     KEPT_CATEGORIES,
+    BecomeLeader,
     Clear,
     Deregister,
     Dump,
     Heartbeat,
+    LoseLeadership,
     MigrationResult,
     MigrationState,
     MigrationTask,
@@ -37,6 +39,7 @@ from supervisor_service.events import (
     Tick,
 )
 from supervisor_service.metrics import Metrics
+from supervisor_service.store import StoredState
 from supervisor_service.supervisor import (
     DumpSnapshot,
     FailoverPolicy,
@@ -1159,3 +1162,24 @@ SupervisorMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_supervisor_rules_hold_on_random_sequences = SupervisorMachine.TestCase
+
+
+@pytest.mark.parametrize("scope", ["global", "datanode"])
+def test_maintenance_switched_on_while_the_selector_answers_submits_nothing(scope):
+    """Maintenance acknowledged after the tick that asked the Selector, before its answer: the
+    answer moves nothing (README: maintenance on, nothing is failed over)."""
+    sim = Sim()
+    t, sel = failed_datanode(sim)
+    sim.handle(SetMaintenance(True, datanode_ids=(1,) if scope == "datanode" else ()), t)
+    assert only(sim.select_done(sel.job, [P5], t), SubmitMigration) == []
+    assert sim.sup.failover_counts == {}
+    assert sim.skipped("maintenance" if scope == "global" else "maintenance_datanode") == 1
+
+
+def test_a_selection_asked_under_an_earlier_leadership_submits_nothing():
+    sim = Sim()
+    t, sel = failed_datanode(sim)
+    sim.handle(LoseLeadership(), t)
+    sim.handle(BecomeLeader(2, StoredState()), t)
+    assert only(sim.select_done(sel.job, [P5], t), SubmitMigration) == []
+    assert sim.skipped("stale_selection") == 1
