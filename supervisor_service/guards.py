@@ -116,13 +116,19 @@ class Guards:
 
     def __init__(self, settings: GuardSettings) -> None:
         self.s = settings
+        # Budgets outlive a leadership in this process: a replica whose leadership flaps must not
+        # get a fresh burst each time it leads again. (Another replica starts with full buckets.)
+        self._global: TokenBucket | None = None
+        self._targets: dict[int, TokenBucket] = {}
+        self._holddown: dict[int, int] = {}  # target datanode -> excluded until
         self.reset()
 
     def reset(self) -> None:
-        """Forget every observation (on becoming or ceasing to be leader). A leadership's guards
+        """Forget the observations (on becoming or ceasing to be leader). A leadership's guards
         start from what it sees itself, whichever replica wins: the recovery's fresh heartbeat at now
         is not a recovery, a decision lost with the previous leadership is not an earlier failover to
-        back off from, and the time without leading is not a stall of this process."""
+        back off from, and the time without leading is not a stall of this process. The rate budgets
+        and the target hold-downs are kept."""
         self._last_tick: int | None = None
         self._pause_hold_until = 0
         self.released_mass_failure = False
@@ -130,10 +136,7 @@ class Guards:
         self._silent = 0  # datanodes unheard for mass_failure_silence_ms, as of the last tick
         self._now = 0  # the last tick's time
         self._mass_recovery_until = 0  # a cleared mass failure is still held until then
-        self._global: TokenBucket | None = None
-        self._targets: dict[int, TokenBucket] = {}
         self._nodes: dict[int, _Datanode] = {}
-        self._holddown: dict[int, int] = {}  # target datanode -> excluded until
         self.active_holds: tuple[str, ...] = ()  # published for status reads
 
     # ------------------------------------------------------------ per tick

@@ -750,6 +750,9 @@ class Supervisor:
             if not proc.polling and now >= proc.next_poll_ms:
                 proc.polling = True
                 self.outbox.append(PollMigration(procedure_id))
+        if self._resubmit_at:  # backoffs that ran out: a region that recovered meanwhile keeps none
+            for region_id in [r for r, until in self._resubmit_at.items() if until <= now]:
+                del self._resubmit_at[region_id]
         if self._not_found:
             horizon = now - self.policy.resubmit_window_ms
             for region_id in list(self._not_found):

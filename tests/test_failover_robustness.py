@@ -731,3 +731,24 @@ def test_a_decision_lost_with_the_leadership_does_not_damp_the_next_leaders_fail
             break
     assert selected_at is not None, "datanode 3 was held after the new leadership"
     assert sim.value("supervisor_failover_skipped_regions_total", reason="flap_backoff") == 0
+
+
+def test_a_leadership_that_flaps_gets_no_fresh_failover_burst():
+    guards = Guards(GuardSettings(failover_rate_per_s=0.01, failover_burst=1))
+    assert guards.take_global(START)
+    assert not guards.take_global(START + 1)
+    guards.reset()  # lost and won again a moment later
+    assert not guards.take_global(START + 2)
+
+
+def test_the_resubmission_backoff_of_a_region_that_recovered_is_forgotten(sims):
+    policy = FailoverPolicy(status_poll_interval_ms=1000)
+    sim = sims(policy, guards=NO_MASS)
+    heartbeat_then_die(sim, 1, (10,), others=[(2, [20])])
+    not_found = lambda sim, e: StatusPolled(e.procedure_id, state=MigrationState.NOT_FOUND)  # noqa: E731
+    drive(sim, 12_000, select=rotating_selector(), submit=accept(), poll=not_found, others=[(2, [20])])
+    assert sim.sup._resubmit_at, "the NOT_FOUND did not start a backoff"
+    # Datanode 1 is back: region 10 never fails again, its backoff runs out and is dropped.
+    drive(sim, policy.resubmit_window_ms + 10_000, select=rotating_selector(), submit=accept(),
+          poll=not_found, others=[(1, [10]), (2, [20])])
+    assert sim.sup._resubmit_at == {} and sim.sup._not_found == {}
