@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
@@ -108,9 +107,10 @@ def _ttl_millis(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text} s is below a millisecond, the resolution of a TTL (0: no expiry)")
     millis = int((seconds * 1000).to_integral_value(rounding=ROUND_CEILING))
-    limit = INT64_MAX - int(time.time() * 1000)  # now + ttl must be a time the service can hold
-    if millis > limit:
-        raise argparse.ArgumentTypeError(f"{text} s is too long: at most {limit // 1000} s")
+    from supervisor_service.proto import MAX_MAINTENANCE_TTL_MS  # what the service accepts (ttl_millis)
+
+    if millis > MAX_MAINTENANCE_TTL_MS:
+        raise argparse.ArgumentTypeError(f"{text} s is too long: at most {MAX_MAINTENANCE_TTL_MS // 1000} s")
     return millis
 
 

@@ -25,11 +25,10 @@ import grpc
 
 from supervisor_service._log import log_event
 from supervisor_service.events import DetectingRegion
-from supervisor_service.proto import pb, pb_grpc
+from supervisor_service.proto import LEADER_METADATA_KEY, pb, pb_grpc
 
 log = logging.getLogger("supervisor_service.client")
 
-LEADER_METADATA_KEY = "x-supervisor-leader"
 
 
 def _addresses(addr: str | Sequence[str]) -> list[str]:

@@ -44,7 +44,7 @@ from supervisor_service.events import (
 )
 from supervisor_service.leadership import Leadership
 from supervisor_service.metrics import Metrics
-from supervisor_service.proto import pb, pb_grpc
+from supervisor_service.proto import LEADER_METADATA_KEY, MAX_MAINTENANCE_TTL_MS, pb, pb_grpc
 from supervisor_service.remotes import DryRunJournal, PeerDirectory, peer_to_pb
 from supervisor_service.settings import Settings, check_host_port, short_repr
 from supervisor_service.store import FencedOut, MaintenanceSet, StateStore, StoreError, StoreGone
@@ -59,7 +59,6 @@ _HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 _HEALTH_NAME = _HEALTH.full_name
 _REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 DEFAULT_DUMP_PAGE = 1000
-LEADER_METADATA_KEY = "x-supervisor-leader"  # trailing metadata of a follower's FAILED_PRECONDITION
 DEFAULT_JOURNAL_LIMIT = 100
 # Calls answered only once their change is committed: while the store is failing they are told so.
 _DURABLE_EVENTS = (Register, Deregister, Reset, SetMaintenance)
@@ -70,9 +69,6 @@ _NOT_COMMITTED_HINT = "the change may not have been committed: retry (Register, 
 # A peer_addr is a DNS name (253 characters) or a bracketed IPv6 address with a zone, then a colon
 # and a port: 300 characters hold any of them, an internationalized name in its own script too.
 MAX_PEER_ADDR_CHARS = 300
-# The longest maintenance a ttl_millis may ask for: far beyond any real window, and far inside
-# what every representation of an expiry holds (int64 milliseconds, a float of seconds).
-MAX_MAINTENANCE_TTL_MS = 100 * 365 * 86_400_000
 _INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
 PROBLEM_LOG_INTERVAL_S = 10.0  # one log line per problem (reason) per interval; the rest are counted
 
