@@ -195,7 +195,9 @@ class Service:
         self.runtime.start()
         await self.server.start()
         self.leadership.advertise_addr = self._advertise  # the bound port, when grpc_addr asked for port 0
-        self.leadership.start()
+        # Off the event loop: a single replica reads its store and commits its new term here, and
+        # the loop must go on answering (and hear a SIGTERM) meanwhile.
+        await asyncio.get_running_loop().run_in_executor(None, self.leadership.start)
         self._started = True
         await self._apply_health()
         log_event(
@@ -234,7 +236,8 @@ class Service:
         """Bump the stored term before anything is submitted under it. It never goes back: it is
         above the store's own and above the highest the data directory remembers (a store that
         was deleted and begun again, or restored from a backup, still gets a higher term)."""
-        term = max(self._load_state().term, self.kv.term_floor()) + 1
+        # At start a store that cannot be read is a failure to start (exit 69), not a wait for ever.
+        term = max(self.store.load().term, self.kv.term_floor()) + 1
         self.kv.note_term(term)
         self.store.submit([TermSet(term)])
         self.store.flush()
