@@ -140,7 +140,6 @@ class Service:
         self._start_ticker = True
         # Leadership transitions run here, one at a time, off the election's and the gRPC loop's threads.
         self._transitions = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leadership")
-        self.leader_since: float | None = None
         # Health: SERVING from start until stop, except while something in `_unhealthy` says otherwise.
         self._unhealthy: dict[str, str] = {}
         self._serving = False
@@ -226,7 +225,7 @@ class Service:
                 on_elected=self._on_elected, on_lost=self._on_lost,
             )
         return SingleLeadership(
-            s.advertise_addr or s.grpc_addr,
+            s.advertised,
             next_term=self._next_single_term,
             on_elected=self._on_elected,
             on_lost=self._on_lost,
@@ -264,7 +263,6 @@ class Service:
     def _on_lost(self) -> None:
         # Stop ticking at once, on the caller's thread; the rest follows in order.
         self.ticker.stop()
-        self.leader_since = None
         # Writes of the term that ended are answered now, not when etcd answers (or never).
         self.store.leadership_changed()
         self._transitions.submit(self._lose_leadership)
@@ -278,7 +276,6 @@ class Service:
         if self.remotes.journal is not None:
             self.remotes.journal.restore(state.journal, state.journal_term)
         self.queue.put_control(BecomeLeader(term, state))
-        self.leader_since = self.clock.monotonic()
         if self._start_ticker:
             self.ticker.start(clear=False)  # BecomeLeader already cleared and rebuilt the table
 

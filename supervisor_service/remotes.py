@@ -103,12 +103,6 @@ class PeerDirectory:
             seen = self._seen.get(datanode_id)
             return 0 if seen is None else seen.epoch
 
-    def epoch_current(self, datanode_id: int, epoch: int) -> bool:
-        """False for a heartbeat from an older life of the datanode than the newest seen while that
-        one is still heard from (0: unknown, allowed)."""
-        silence = self.epoch_silence(datanode_id, epoch)
-        return silence is None or silence > self.new_life_after_ms
-
     def epoch_silence(self, datanode_id: int, epoch: int) -> int | None:
         """None when `epoch` is not below the newest seen (or unknown); otherwise for how long, in ms,
         the newest has been silent (the heartbeat is stale while that is at most `new_life_after_ms`)."""
