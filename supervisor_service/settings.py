@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     submit_retry_backoff_max_ms: int = Field(30_000, ge=1, le=3_600_000)
     """... up to this."""
     resubmit_backoff_ms: int = Field(10_000, ge=0, le=86_400_000)
-    """Regions whose migration GetMigrationStatus reported NOT_FOUND wait this long before they are failed over again, doubling per NOT_FOUND in the window ..."""
+    """Regions whose decision ended without moving them (GetMigrationStatus NOT_FOUND or FAILED, peer_conflict, a refused call) wait this long before they are failed over again, doubling per such end in the window ..."""
     resubmit_backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
     """... up to this."""
     max_resubmissions_per_window: int = Field(3, ge=1, le=1_000_000)

@@ -222,7 +222,8 @@ class Supervisor:
         self._subs: dict[str, _Submission] = {}  # submission id -> decision not ended
         self._region_sub: dict[int, str] = {}  # region -> the submission holding it (in flight or maybe)
         self._procedures: dict[str, _Procedure] = {}
-        self._not_found: dict[int, deque[int]] = {}  # region -> times GetMigrationStatus said NOT_FOUND
+        # region -> times a decision of it ended unsettled (NOT_FOUND, FAILED, refused, peer_conflict)
+        self._unsettled: dict[int, deque[int]] = {}
         self._resubmit_at: dict[int, int] = {}  # region -> no new submission before (after a NOT_FOUND)
         # Durations that outlive this process are stored with a mark of this clock (see ClockBase).
         self._clock = clock_base or ClockBase()
@@ -337,7 +338,7 @@ class Supervisor:
         for region_id in region_ids.tolist():
             key = (datanode_id, region_id)
             self._count_touched.pop(key, None)
-            self._not_found.pop(region_id, None)
+            self._unsettled.pop(region_id, None)
             self._resubmit_at.pop(region_id, None)
             if self.failover_counts.pop(key, None) is not None:
                 dropped.append(key)
@@ -536,7 +537,7 @@ class Supervisor:
         self._subs.clear()
         self._region_sub.clear()
         self._procedures.clear()
-        self._not_found.clear()
+        self._unsettled.clear()
         self._resubmit_at.clear()
         self._warmup_known = set()
 
@@ -643,7 +644,7 @@ class Supervisor:
             if now >= until:
                 self._resubmit_at.pop(region_id, None)
                 ready.append(region_id)
-            elif len(self._not_found.get(region_id, ())) > p.max_resubmissions_per_window:
+            elif len(self._unsettled.get(region_id, ())) > p.max_resubmissions_per_window:
                 limited += 1
             else:
                 backoff += 1
@@ -753,14 +754,14 @@ class Supervisor:
         if self._resubmit_at:  # backoffs that ran out: a region that recovered meanwhile keeps none
             for region_id in [r for r, until in self._resubmit_at.items() if until <= now]:
                 del self._resubmit_at[region_id]
-        if self._not_found:
+        if self._unsettled:
             horizon = now - self.policy.resubmit_window_ms
-            for region_id in list(self._not_found):
-                times = self._not_found[region_id]
+            for region_id in list(self._unsettled):
+                times = self._unsettled[region_id]
                 while times and times[0] <= horizon:
                     times.popleft()
                 if not times and region_id not in self._resubmit_at:
-                    del self._not_found[region_id]
+                    del self._unsettled[region_id]
         self._publish_submissions()
 
     def _send(self, sub: _Submission) -> None:
@@ -980,9 +981,13 @@ class Supervisor:
         migrating: list[int] = []  # in flight until the timeout (nothing of ours to poll)
         done: list[int] = []
         contradictory: list[int] = []
+        conflicted: list[int] = []
         for region_id in task.region_ids:
             cats = categories.get(region_id)
             if not cats:
+                # An answer that does not mention a region is no word that it was not moved (a
+                # service may have started it all the same): in flight, like a contradictory one.
+                (polled if procedure_id else migrating).append(region_id)
                 continue
             if len(cats) > 1:
                 # Two answers for one region: the service may be moving it; never drop it (or its
@@ -998,7 +1003,8 @@ class Supervisor:
                 polled.append(region_id)
             elif category in ("submitted", "migrating"):
                 migrating.append(region_id)
-            # peer_conflict: not accepted; failed over again on a later tick (a new decision).
+            else:  # peer_conflict: not accepted; failed over again later (a new decision), backed off
+                conflicted.append(region_id)
         if contradictory:
             m.failover_regions.labels(result="contradictory").inc(len(contradictory))
             log_event(log, logging.ERROR, "failover_result_contradictory", datanode_id=d, regions=len(contradictory),
@@ -1007,6 +1013,8 @@ class Supervisor:
                       kept="polled under the procedure" if procedure_id else "in flight until the timeout")
         if done:
             self._deregister(d, as_region_array(done))
+        if conflicted:
+            self._back_off_resubmission(d, conflicted, "peer_conflict", now, procedure_id)
         # The step's record: the submission becomes its in-flight part, or ends. Counts of the
         # accepted regions go in the same write.
         self._subs.pop(sub.sid)
@@ -1033,7 +1041,7 @@ class Supervisor:
                 proc.next_poll_ms = now + self.policy.status_poll_interval_ms
         if not kept_main:
             self.changes.append(InFlightDrop(sub.sid))
-        accepted = polled + migrating
+        accepted = [r for r in polled + migrating if r in categories]  # an unanswered region is held, not counted
         if accepted:
             counts = []
             for region_id in accepted:
@@ -1046,7 +1054,8 @@ class Supervisor:
         if unanswered:
             m.failover_regions.labels(result="unanswered").inc(len(unanswered))
             log_event(log, logging.ERROR, "failover_regions_unanswered", datanode_id=d,
-                      regions=len(unanswered), sample=_sample(sorted(unanswered)))
+                      regions=len(unanswered), sample=_sample(sorted(unanswered)),
+                      kept="polled under the procedure" if procedure_id else "in flight until the timeout")
         log_event(
             log, logging.WARNING, "failover_submitted", datanode_id=d, to_peer=task.to_peer.id,
             procedure_id=procedure_id, request_id=task.request_id,
@@ -1067,6 +1076,7 @@ class Supervisor:
             m.failover_regions.labels(result="call_refused").inc(len(task.region_ids))
             self._end_submission(sub.sid)
             log_event(log, logging.ERROR, "failover_submit_refused", **fields)
+            self._back_off_resubmission(task.datanode_id, task.region_ids, "refused", now)
             return
         sub.attempts += 1
         sub.retry_at_ms = now + self._retry_delay(sub.attempts)
@@ -1101,7 +1111,10 @@ class Supervisor:
                 # The regions live elsewhere now: the old detectors would only fire again.
                 self._deregister(d, as_region_array(list(sub.regions)))
             elif state is MigrationState.NOT_FOUND:
-                self._note_not_found(sub, now)
+                self.metrics.migration_not_found.inc(len(sub.regions))
+                self._back_off_resubmission(d, sub.regions, "not_found", now, sub.procedure_id)
+            else:
+                self._back_off_resubmission(d, sub.regions, state.name.lower(), now, sub.procedure_id)
         log_event(
             log,
             logging.INFO if state is MigrationState.SUCCEEDED else logging.WARNING,
@@ -1113,14 +1126,15 @@ class Supervisor:
         )
         self._publish_submissions()
 
-    def _note_not_found(self, sub: _Submission, now: int) -> None:
-        """RegionMigration does not know the procedure: the regions are failed over again, but each no
-        sooner than a backoff that doubles per NOT_FOUND, and at most `max_resubmissions_per_window`
-        times per window (a service that loses procedures must not cause a storm of migrations)."""
+    def _back_off_resubmission(self, datanode_id: int, regions, why: str, now: int, procedure_id: str = "") -> None:
+        """A decision ended without moving these regions (the procedure unknown or FAILED, the call
+        refused, a peer_conflict): they are failed over again, but each no sooner than a backoff that
+        doubles per such end, and at most `max_resubmissions_per_window` times per window, so that a
+        RegionMigration that keeps saying no does not get a new migration, to a new target, every tick."""
         p = self.policy
         until_max = now
-        for region_id in sub.regions:
-            times = self._not_found.setdefault(region_id, deque())
+        for region_id in regions:
+            times = self._unsettled.setdefault(region_id, deque())
             while times and times[0] <= now - p.resubmit_window_ms:
                 times.popleft()
             times.append(now)
@@ -1130,10 +1144,9 @@ class Supervisor:
                 until = now + min(p.resubmit_backoff_ms * 2 ** (len(times) - 1), p.resubmit_backoff_max_ms)
             self._resubmit_at[region_id] = until
             until_max = max(until_max, until)
-        self.metrics.migration_not_found.inc(len(sub.regions))
-        log_event(log, logging.WARNING, "migration_not_found", datanode_id=sub.task.datanode_id,
-                  procedure_id=sub.procedure_id, regions=len(sub.regions), sample=_sample(list(sub.regions)),
-                  resubmit_after_ms=until_max - now)
+        event = "migration_not_found" if why == "not_found" else "failover_resubmission_backed_off"
+        log_event(log, logging.WARNING, event, datanode_id=datanode_id, reason=why, procedure_id=procedure_id,
+                  regions=len(regions), sample=_sample(list(regions)), resubmit_after_ms=until_max - now)
 
     # ------------------------------------------------------------ dump
 

@@ -363,7 +363,7 @@ def test_definite_refusal_frees_the_regions_for_a_new_decision(sims):
             return _refused(task)
         return SubmissionDone(task, result=MigrationResult(submitted=task.region_ids, procedure_id="p"))
 
-    drive(sim, 20_000, select=rotating_selector(), submit=submit)
+    drive(sim, 40_000, select=rotating_selector(), submit=submit)  # the refusal backs off 10 s
     first, second = sim.tasks()
     assert first.request_id != second.request_id
     assert len(sim.of(SelectPeers)) == 2
@@ -751,4 +751,42 @@ def test_the_resubmission_backoff_of_a_region_that_recovered_is_forgotten(sims):
     # Datanode 1 is back: region 10 never fails again, its backoff runs out and is dropped.
     drive(sim, policy.resubmit_window_ms + 10_000, select=rotating_selector(), submit=accept(),
           poll=not_found, others=[(1, [10]), (2, [20])])
-    assert sim.sup._resubmit_at == {} and sim.sup._not_found == {}
+    assert sim.sup._resubmit_at == {} and sim.sup._unsettled == {}
+
+
+def _answers(mode: str) -> tuple[Answer, Answer | None]:
+    """A RegionMigration that never settles the region, one way or another."""
+    ids = iter(range(1, 10**9))
+
+    def submit(sim: Sim, task):
+        match mode:
+            case "refused":
+                return _refused(task)
+            case "peer_conflict":
+                return SubmissionDone(task, result=MigrationResult(peer_conflict=task.region_ids))
+            case "empty":
+                return SubmissionDone(task, result=MigrationResult(procedure_id=f"p-{next(ids)}"))
+            case "failed":
+                return SubmissionDone(task, result=MigrationResult(submitted=task.region_ids,
+                                                                   procedure_id=f"p-{next(ids)}"))
+
+    def poll(sim: Sim, effect):
+        state = MigrationState.FAILED if mode == "failed" else MigrationState.RUNNING
+        return StatusPolled(effect.procedure_id, state=state)
+
+    return submit, poll
+
+
+@pytest.mark.parametrize("mode", ["refused", "peer_conflict", "failed", "empty"])
+def test_a_region_that_is_never_settled_is_not_sent_to_a_new_target_every_tick(sims, mode):
+    """A refusing, conflicting, failing or silent RegionMigration: the region is decided again at
+    most `1 + max_resubmissions_per_window` times in a window, backed off in between (it used to
+    be about once a tick, each time to another target under another request_id)."""
+    policy = FailoverPolicy(status_poll_interval_ms=1000)
+    sim = sims(policy, guards=NO_MASS)
+    heartbeat_then_die(sim, 1, (10,), others=[(2, [20])])
+    submit, poll = _answers(mode)
+    drive(sim, 120_000, select=rotating_selector(), submit=submit, poll=poll, others=[(2, [20])])
+    decisions = {t.request_id for t in sim.tasks()}
+    bound = 1 if mode == "empty" else 1 + policy.max_resubmissions_per_window
+    assert 1 <= len(decisions) <= bound, len(decisions)
