@@ -64,6 +64,7 @@ DEFAULT_JOURNAL_LIMIT = 100
 _DURABLE_EVENTS = (Register, Deregister, Reset, SetMaintenance)
 _STORE_FAILING_GRACE_S = 0.5  # a store failing this long makes waiting writes answer UNAVAILABLE
 _STORE_POLL_S = 0.1
+_LOADING = "this replica is becoming leader and loading its state; retry shortly"
 _NOT_COMMITTED_HINT = "the change may not have been committed: retry (Register, Deregister and Reset are idempotent)"
 
 # A peer_addr is a DNS name (253 characters) or a bracketed IPv6 address with a zone, then a colon
@@ -562,6 +563,12 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         # Duplicates within a request are folded; order does not matter.
         return tuple(sorted({(r.datanode_id, r.region_id) for r in regions}))
 
+    async def _not_loading(self, context: grpc.aio.ServicerContext) -> None:
+        """Elected, but the state is still loading: nothing the supervisor holds can be read or
+        changed yet (its maintenance switches and table are those of before the recovery)."""
+        if self._leadership.is_leader() and not self._supervisor.is_leader:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _LOADING)
+
     async def _require_leader(self, context: grpc.aio.ServicerContext) -> None:
         if not self._leadership.is_leader():
             leader = self._leadership.leader_addr()
@@ -569,11 +576,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 context.set_trailing_metadata(((LEADER_METADATA_KEY, leader),))
             where = f"the leader is {leader}" if leader else "no leader is known right now; retry shortly"
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this replica is not the leader; {where}")
-        if not self._supervisor.is_leader:
-            # Elected, but the state is still loading: a write now would be lost to the recovery.
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "this replica is becoming leader and loading its state; retry shortly"
-            )
+        await self._not_loading(context)  # a write now would be lost to the recovery
 
     async def RegisterDetectors(self, request, context):
         pairs = await self._pairs(context, request.regions, "RegisterDetectors")
@@ -607,6 +610,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
                 f"{len(request.datanode_ids)} datanode_ids in one request; the limit is "
                 f"{self._s.max_regions_per_request} (setting max_regions_per_request)",
             )
+        await self._not_loading(context)
         page_size = request.page_size or min(DEFAULT_DUMP_PAGE, self._s.max_dump_page_size)
         datanodes = frozenset(request.datanode_ids) if request.datanode_ids else None
         snapshot: DumpSnapshot = await self._ask(context, lambda reply: Dump(reply, datanodes))
@@ -654,6 +658,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         return self._maintenance_response(state.enabled, state.until_ms, dict(state.datanodes), True)
 
     async def GetMaintenanceMode(self, request, context):
+        await self._not_loading(context)
         leader = self._leadership.is_leader()
         sup = self._supervisor
         enabled, until, datanodes = sup.maintenance, sup.maintenance_until_ms, dict(sup.datanode_maintenance)
@@ -696,6 +701,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         )
 
     async def GetFailoverHolds(self, request, context):
+        await self._not_loading(context)
         guards = self._supervisor.guards
         return pb.FailoverHoldsResponse(
             holds=list(guards.active_holds) if guards is not None else [],

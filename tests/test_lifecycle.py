@@ -434,3 +434,29 @@ def test_ticker_start_without_clear_and_restart():
     events = _drain(q)
     assert events and all(isinstance(e, Tick) for e in events)
     assert len(events) == 1  # never consumed: one pending tick
+
+
+def test_reads_while_the_leader_loads_its_state_are_unavailable_not_stale(service):
+    """Elected but still loading (here: the initialization delay): the supervisor's switches and
+    table are those of before the recovery, so reads answer UNAVAILABLE instead of, say,
+    maintenance off while it is on in the store."""
+    from supervisor_service.proto import pb, pb_grpc
+
+    svc = service(wait_leader=False, initialization_delay_ms=3000)
+    with grpc.insecure_channel(svc.addresses.grpc) as channel:
+        stub = pb_grpc.RegionSupervisorStub(channel)
+        calls = [
+            lambda: stub.GetMaintenanceMode(pb.GetMaintenanceModeRequest(), timeout=5),
+            lambda: stub.GetFailoverHolds(pb.GetFailoverHoldsRequest(), timeout=5),
+            lambda: list(stub.Dump(pb.DumpRequest(), timeout=5)),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading its state" in info.value.details()
+        deadline = time.monotonic() + 15
+        while not svc.supervisor.is_leader:
+            assert time.monotonic() < deadline, "never became leader"
+            time.sleep(0.02)
+        assert stub.GetMaintenanceMode(pb.GetMaintenanceModeRequest(), timeout=5).is_leader
