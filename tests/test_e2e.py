@@ -302,7 +302,9 @@ def test_second_failure_of_a_region_doubles_the_timeout(service, cluster_factory
     sel = FakeSelector([peer(d, dn_addr(d)) for d in (1, 2, 3)], per_call=True)
     lookup = FakePeerLookup({d: dn_addr(d) for d in (1, 2, 3)})
     try:
-        svc = service(**remote_settings(rm, sel, lookup, migration_status_poll_interval_ms=200))
+        # A FAILED migration is decided again after resubmit_backoff_ms: short here.
+        svc = service(**remote_settings(rm, sel, lookup, migration_status_poll_interval_ms=200,
+                                        resubmit_backoff_ms=200))
         cluster = cluster_factory(svc.addresses.grpc)
         cluster.warm_up()
         dead = cluster.nodes[3]
