@@ -661,6 +661,15 @@ class _Pending:
     answered: bool = False  # on_durable was called (or is being called): never again
 
 
+def _claim(items) -> list[_Pending]:
+    """The writes among `items` not answered yet, marked answered: each is answered exactly once,
+    by whoever claims it (under the store's lock)."""
+    claimed = [item for item in items if not item.answered]
+    for item in claimed:
+        item.answered = True
+    return claimed
+
+
 class StateStore:
     """Encodes state changes into keys and commits them from a writer thread, in batches.
 
@@ -770,9 +779,7 @@ class StateStore:
             return self._gone is None and self._left_uncommitted == 0 and not unanswered
         with self._cond:
             self._abandon = True
-            left = [item for item in self._pending if not item.answered]
-            for item in left:
-                item.answered = True
+            left = _claim(self._pending)
         self._interrupt.set()
         error = StoreError(
             f"state store unavailable: not committed at shutdown ({self._last_error or 'the store did not answer'})",
@@ -957,11 +964,8 @@ class StateStore:
         with self._cond:
             if generation == self._generation:
                 self._apply()
-            done = set(map(id, batch))
-            self._pending = deque(item for item in self._pending if id(item) not in done)
-            answer = [item for item in batch if not item.answered]
-            for item in answer:
-                item.answered = True
+            self._remove(batch)
+            answer = _claim(batch)
         self.commits += 1
         if self._failing_since is not None:
             log_event(log, logging.WARNING, "store_recovered", failed_for_s=round(time.monotonic() - self._failing_since, 3),
@@ -1063,11 +1067,8 @@ class StateStore:
     def _fenced(self, batch: list[_Pending], exc: FencedOut, term: int | None) -> None:
         log_event(log, logging.ERROR, "store_write_fenced", term=term, writes=len(batch), error=str(exc))
         with self._cond:
-            done = set(map(id, batch))
-            self._pending = deque(item for item in self._pending if id(item) not in done)
-            answer = [item for item in batch if not item.answered]
-            for item in answer:
-                item.answered = True
+            self._remove(batch)
+            answer = _claim(batch)
         self._count_error(exc.reason, len(batch))
         for item in answer:
             self._call(item, FencedOut(
@@ -1103,9 +1104,7 @@ class StateStore:
         with self._cond:
             first = self._gone is None
             self._gone = exc
-            answer = [item for item in self._pending if not item.answered]
-            for item in answer:
-                item.answered = True
+            answer = _claim(self._pending)
             self._pending = deque()
         if not first:
             return
@@ -1126,6 +1125,11 @@ class StateStore:
     def _count_error(self, reason: str, n: int) -> None:
         if self._metrics is not None and n:
             self._metrics.store_errors.labels(reason=reason).inc(n)
+
+    def _remove(self, batch: list[_Pending]) -> None:
+        """Take the batch's writes off the pending queue (under `_cond`)."""
+        done = set(map(id, batch))
+        self._pending = deque(item for item in self._pending if id(item) not in done)
 
     @staticmethod
     def _call(item: _Pending, exc: BaseException | None) -> None:
