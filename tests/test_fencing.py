@@ -87,6 +87,22 @@ def _metric(port: int, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def _b_standing_by_while_a_leads(tmp_path, a: ServiceProcess, etcd_endpoint: str) -> ServiceProcess:
+    """A leads and has acknowledged registration (9, 9001); B runs beside it, directly on etcd."""
+    a.wait_serving()
+    wait_for(lambda: _is_leader(a), 10, message="A did not become leader")
+    b = _replica(tmp_path, "b", etcd_endpoint)
+    try:
+        b.wait_serving()
+        with SupervisorClient(a.addr, timeout=5) as client:
+            assert client.register([(9, 9001)]) == 1
+            assert client.addr == a.addr
+    except BaseException:
+        b.stop()
+        raise
+    return b
+
+
 def _register_error(addr: str, pairs, timeout: float) -> tuple[grpc.RpcError | None, float]:
     """(the error a RegisterDetectors got, or None if it was acknowledged; seconds it took)."""
     started = time.monotonic()
@@ -103,13 +119,7 @@ def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, etcd, pr
     a = _replica(tmp_path, "a", proxy.endpoint, SUPERVISOR_METRICS_ADDR=f"127.0.0.1:{metrics_port}")
     b = None
     try:
-        a.wait_serving()
-        wait_for(lambda: _is_leader(a), 10, message="A did not become leader")
-        b = _replica(tmp_path, "b", etcd.endpoint)
-        b.wait_serving()
-        with SupervisorClient(a.addr, timeout=5) as client:
-            assert client.register([(9, 9001)]) == 1
-            assert client.addr == a.addr
+        b = _b_standing_by_while_a_leads(tmp_path, a, etcd.endpoint)
 
         proxy.pause()  # A's link to etcd is cut; A still believes it leads for a moment
         error, took = _register_error(a.addr, [(9, 9003)], timeout=3 * ANSWER_BOUND_S)
@@ -175,13 +185,7 @@ def test_sigstopped_leader_past_its_lease_cannot_overwrite_new_leaders_registry(
     a = _replica(tmp_path, "a", etcd.endpoint, SUPERVISOR_STORE_FLUSH_INTERVAL_MS="800")
     b = None
     try:
-        a.wait_serving()
-        wait_for(lambda: _is_leader(a), 10, message="A did not become leader")
-        b = _replica(tmp_path, "b", etcd.endpoint)
-        b.wait_serving()
-        with SupervisorClient(a.addr, timeout=5) as client:
-            assert client.register([(9, 9001)]) == 1
-            assert client.addr == a.addr
+        b = _b_standing_by_while_a_leads(tmp_path, a, etcd.endpoint)
 
         result: list = []
         caller = threading.Thread(target=lambda: result.append(_register_error(a.addr, [(9, 9003)], timeout=30)))
