@@ -65,7 +65,7 @@ report: proto
 
 lint: proto
 	$(PY) -m compileall -q supervisor_service tests
-	$(PY) -m pyflakes supervisor_service/*.py supervisor_service/bench tests
+	$(PY) -m pyflakes $$(find supervisor_service tests -name '*.py' -not -path '*/_proto/*')
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT)/supervisor data .pytest_cache

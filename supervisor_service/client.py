@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from supervisor_service._log import log_event
-from supervisor_service.events import DetectingRegion
+from supervisor_service.core import DetectingRegion, log_event
 from supervisor_service.proto import LEADER_METADATA_KEY, pb, pb_grpc
 
 log = logging.getLogger("supervisor_service.client")

@@ -19,9 +19,9 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from supervisor_service.app import Service
-from supervisor_service.settings import load_settings
-from tests._servers import EtcdServer
+from supervisor_service.app.service import Service
+from supervisor_service.app.settings import load_settings
+from tests.support.servers import EtcdServer
 
 SERVICE_DEFAULTS = dict(
     grpc_addr="127.0.0.1:0",

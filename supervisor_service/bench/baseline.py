@@ -25,8 +25,7 @@ import time
 import numpy as np
 
 from supervisor_service.bench.loadgen import region_ids_of
-from supervisor_service.detector import PhiAccrualFailureDetector, PhiAccrualOptions
-from supervisor_service.table import DetectorTable
+from supervisor_service.core import DetectorTable, PhiAccrualFailureDetector, PhiAccrualOptions
 
 START_MS = 1_700_000_000_000
 

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from prometheus_client import CollectorRegistry
 
 from supervisor_service.bench import baseline, ceiling, loadgen
-from supervisor_service.detector import PhiAccrualOptions, phi_from
+from supervisor_service.core import PhiAccrualOptions, phi_from
 
 COLUMNS = (
     ("scenario", "scenario"),
@@ -218,8 +218,8 @@ class ServiceHost:
     """The service on its own asyncio loop in a daemon thread (as `make run` would, minus signals)."""
 
     def __init__(self) -> None:
-        from supervisor_service.app import Service
-        from supervisor_service.settings import load_settings
+        from supervisor_service.app.service import Service
+        from supervisor_service.app.settings import load_settings
 
         settings = load_settings(grpc_addr="127.0.0.1:0", metrics_addr="", store="memory")
         self.service = Service(settings, registry=CollectorRegistry())

@@ -1,0 +1,299 @@
+"""Prometheus metrics, registered on an injected registry.
+
+Production passes `prometheus_client.REGISTRY`; each test builds its own
+`CollectorRegistry()` and reads samples with `get_sample_value`.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from supervisor_service.core import HOLD_REASONS
+
+# Buckets of the phi distribution: around the default threshold of 8, plus the tails.
+PHI_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 32.0, float("inf"))
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_APPLY_LATENCY_BUCKETS = (0.00025, 0.0005) + _LATENCY_BUCKETS
+
+
+class _SingleWriterHistogram(Collector):
+    """A histogram observed by one thread only (the supervisor thread, once per heartbeat).
+
+    `Histogram.observe` takes a lock and walks the buckets in Python, a few
+    microseconds on the hottest path; this one is a bisect and two additions.
+    A scrape copies the counts (under the GIL), so it may see an observation
+    in the count a moment before it is in the sum; nothing is lost.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self._name = name
+        self._doc = documentation
+        self._bounds = [*buckets, float("inf")]
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self):
+        counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, n in zip(self._bounds, counts):
+            running += n
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        family = HistogramMetricFamily(self._name, self._doc)
+        family.add_metric([], cumulative, total)
+        yield family
+
+
+class _PhiHistogram(Collector):
+    """The distribution of current phi over all detectors, replaced wholesale at each tick.
+
+    A normal Histogram only accumulates observations; this one reports the
+    state of the table as of the last tick, weighted by detectors.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets = [0] * len(PHI_BUCKETS)
+        self._count = 0
+        self._sum = 0.0
+
+    def set(self, phi_sizes: Iterable[tuple[float, int]]) -> None:
+        buckets = [0] * len(PHI_BUCKETS)
+        count, total = 0, 0.0
+        for phi, size in phi_sizes:
+            for i, bound in enumerate(PHI_BUCKETS):
+                if phi <= bound:
+                    buckets[i] += size
+                    break
+            count += size
+            if phi != float("inf"):
+                total += phi * size
+        with self._lock:
+            self._buckets, self._count, self._sum = buckets, count, total
+
+    def collect(self):
+        with self._lock:
+            buckets, total = list(self._buckets), self._sum
+        cumulative, running = [], 0
+        for bound, n in zip(PHI_BUCKETS, buckets):
+            running += n
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        family = HistogramMetricFamily(
+            "supervisor_detector_phi",
+            "Current phi of every detector as of the last tick (a snapshot, not a running total).",
+        )
+        family.add_metric([], cumulative, total)
+        yield family
+
+
+class Metrics:
+    """Every metric the service exports. Names are listed in the README."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.heartbeats = Counter(
+            "supervisor_heartbeats", "Heartbeat messages received, by outcome.", ["outcome"], registry=r
+        )
+        self.heartbeat_regions = Counter(
+            "supervisor_heartbeat_regions",
+            "Region entries in heartbeat messages, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.heartbeat_streams = Gauge(
+            "supervisor_heartbeat_streams", "Open SendHeartbeat streams.", registry=r
+        )
+        self.heartbeat_problems = Counter(
+            "supervisor_heartbeat_problems",
+            "Problems found in heartbeat messages, by reason (a field ignored or clamped, or the message rejected).",
+            ["reason"],
+            registry=r,
+        )
+        self.heartbeats_coalesced = Counter(
+            "supervisor_heartbeats_coalesced",
+            "Heartbeats folded into an earlier one of their stream that was still queued.",
+            registry=r,
+        )
+        self.requests_invalid = Counter(
+            "supervisor_requests_invalid",
+            "Requests answered INVALID_ARGUMENT, by method and reason (undecodable, out_of_range, too_many).",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.detectors = Gauge("supervisor_detectors", "Detectors in the table.", registry=r)
+        self.detector_groups = Gauge(
+            "supervisor_detector_groups", "Distinct detector states (shared histories) in the table.", registry=r
+        )
+        self.events = Counter(
+            "supervisor_events", "Events processed by the supervisor thread, by type.", ["type"], registry=r
+        )
+        self.events_rejected = Counter(
+            "supervisor_events_rejected",
+            "Events not admitted to the queue, by type and reason.",
+            ["type", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("supervisor_event_queue_depth", "Events waiting in the queue.", registry=r)
+        self.queue_oldest_age = Gauge(
+            "supervisor_event_queue_oldest_age_seconds", "Age of the oldest queued event.", registry=r
+        )
+        self.queue_heartbeat_bytes = Gauge(
+            "supervisor_event_queue_heartbeat_bytes",
+            "Bytes of queued heartbeats (their region ids), as bounded by max_queued_heartbeat_bytes.",
+            registry=r,
+        )
+        self.tick_duration = Histogram(
+            "supervisor_tick_duration_seconds",
+            "Time the supervisor thread spends on one tick.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tick_lateness = Histogram(
+            "supervisor_tick_lateness_seconds",
+            "How late a tick is processed after it was due.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.heartbeat_apply_latency = _SingleWriterHistogram(
+            "supervisor_heartbeat_apply_latency_seconds",
+            "Time from a heartbeat's receipt at the gRPC edge to its application to the detector table.",
+            _APPLY_LATENCY_BUCKETS,
+        )
+        r.register(self.heartbeat_apply_latency)
+        self.ticks_skipped = Counter(
+            "supervisor_ticks_skipped", "Ticks skipped because the previous one was still queued.", registry=r
+        )
+        self.phi = _PhiHistogram()
+        r.register(self.phi)
+        self.failures_detected = Counter(
+            "supervisor_region_failures_detected",
+            "Detectors that crossed the phi threshold (counted once per crossing).",
+            registry=r,
+        )
+        self.failover_regions = Counter(
+            "supervisor_failover_regions",
+            "Regions in failover submissions, by result category.",
+            ["result"],
+            registry=r,
+        )
+        self.failover_errors = Counter(
+            "supervisor_failover_errors", "Failover attempts that failed, by stage.", ["stage"], registry=r
+        )
+        self.failover_skipped = Counter(
+            "supervisor_failover_skipped_regions",
+            "Failed regions not failed over on a tick, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "supervisor_migrations_in_flight", "Regions submitted for migration and not finished.", registry=r
+        )
+        self.submissions = Gauge(
+            "supervisor_failover_submissions",
+            "Failover submissions not ended, by state (intent, ambiguous, submitted, migrating).",
+            ["state"],
+            registry=r,
+        )
+        self.submit_retries = Counter(
+            "supervisor_failover_submit_retries",
+            "SubmitRegionMigration calls sent again (same target, same request_id) after an ambiguous failure.",
+            registry=r,
+        )
+        self.migration_not_found = Counter(
+            "supervisor_migration_not_found_regions",
+            "Regions whose migration GetMigrationStatus reported NOT_FOUND (failed over again, backed off).",
+            registry=r,
+        )
+        self.selector_invalid = Counter(
+            "supervisor_selector_invalid_answers",
+            "Selector answers refused, by reason (zero_id, address_too_long, no_address, conflicting_address, excluded_peer).",
+            ["reason"],
+            registry=r,
+        )
+        self.remote_latency = Histogram(
+            "supervisor_remote_call_duration_seconds",
+            "Latency of calls to remote services.",
+            ["service", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.remote_errors = Counter(
+            "supervisor_remote_call_errors",
+            "Failed calls to remote services, by gRPC status code.",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        self.maintenance = Gauge("supervisor_maintenance_mode", "1 while maintenance mode is on.", registry=r)
+        self.maintenance_datanodes = Gauge(
+            "supervisor_maintenance_datanodes", "Datanodes in per-datanode maintenance.", registry=r
+        )
+        self.failover_hold = Gauge(
+            "supervisor_failover_hold",
+            "1 while all failover is held, by reason (maintenance, warmup, local_pause, overload, mass_failure).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HOLD_REASONS:
+            self.failover_hold.labels(reason=reason).set(0)
+        self.failed_datanode_fraction = Gauge(
+            "supervisor_failed_datanode_fraction",
+            "Fraction of the datanodes that failed within the mass-failure window.",
+            registry=r,
+        )
+        self.leader = Gauge("supervisor_is_leader", "1 while this replica is the leader.", registry=r)
+        self.thread_alive = Gauge(
+            "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r
+        )
+        self.store_healthy = Gauge(
+            "supervisor_store_healthy",
+            "1 while the state store commits; 0 from a failed commit until the next one succeeds.",
+            registry=r,
+        )
+        self.store_healthy.set(1)
+        self.store_errors = Counter(
+            "supervisor_store_errors",
+            "State store failures, by reason (disk_full, read_only, io_error, busy, sqlite, etcd, gone, "
+            "fenced, term_ended, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.store_transactions = Counter(
+            "supervisor_store_transactions", "Transactions the state store committed.", registry=r
+        )
+        self.store_batch_splits = Counter(
+            "supervisor_store_batch_splits",
+            "Writes too large for one backend transaction, committed in several.",
+            registry=r,
+        )
+        self.store_pending = Gauge(
+            "supervisor_store_pending_writes",
+            "Writes handed to the state store and neither committed nor answered with an error.",
+            registry=r,
+        )
+        self.metrics_http_connections = Gauge(
+            "supervisor_metrics_http_connections", "Open connections to the /metrics endpoint.", registry=r
+        )
+        self.metrics_http_errors = Counter(
+            "supervisor_metrics_http_errors",
+            "Connections to the /metrics endpoint refused or closed early, by reason "
+            "(idle_evicted, over_limit, timeout, bad_request).",
+            ["reason"],
+            registry=r,
+        )
+
+    def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+        self.queue_oldest_age.set_function(oldest_age)
+
+    def bind_store(self, pending: Callable[[], float]) -> None:
+        self.store_pending.set_function(pending)

@@ -1,0 +1,445 @@
+"""Settings, read once in `main`: defaults < TOML file (`--config`) < environment (`SUPERVISOR_*`) < CLI flags.
+
+Every field has its unit in its name and a docstring; the README's
+configuration table is generated from this class (`supervisor-service
+settings --markdown`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import unicodedata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from supervisor_service.core import FailoverPolicy, GuardSettings, PhiAccrualOptions
+
+ENV_PREFIX = "SUPERVISOR_"
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_ZONE = re.compile(r"[A-Za-z0-9_.~-]{1,64}")  # an ASCII label (an IDN label is checked in its punycode form)
+_MAX_HOST_CHARS = 253  # DNS: a name is at most 253 characters (in its ASCII form)
+
+
+def short_repr(value: str, limit: int = 64) -> str:
+    """`value` for an error message: its repr, cut to a short prefix (input can be megabytes)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _check_host(host: str) -> None:
+    if host.startswith("[") and host.endswith("]"):
+        address, _, zone = host[1:-1].partition("%")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ValueError(f"{short_repr(host)} is not an IPv6 address") from None
+        if "%" in host and not _ZONE.fullmatch(zone):  # an interface name or index, e.g. [fe80::1%eth0]
+            raise ValueError(f"{short_repr(host)} has an invalid zone")
+        return
+    if ":" in host:
+        raise ValueError("an IPv6 host goes in brackets, e.g. [fe80::1%eth0]:4001")
+    ascii_host = host
+    if not host.isascii():
+        # An internationalized name, e.g. bücher.example: checked in its punycode form, and without
+        # the invisible characters (format, control, spaces) that the IDNA mapping would drop.
+        try:
+            if any(unicodedata.category(ch)[0] in "CZ" for ch in host):
+                raise UnicodeError
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{short_repr(host)} is not a valid host name") from None
+    labels = ascii_host[:-1].split(".") if ascii_host.endswith(".") else ascii_host.split(".")
+    if len(ascii_host) > _MAX_HOST_CHARS or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{short_repr(host)} is not a valid host name")
+
+
+def check_host_port(value: str, *, allow_empty: bool, allow_port_zero: bool = True) -> str:
+    """`host:port`: a host name (internationalized ones too), an IPv4 address, or an IPv6 address
+    in brackets (a zone too: `[fe80::1%eth0]:4001`); raises ValueError with what is wrong."""
+    if value == "" and allow_empty:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not _PORT.fullmatch(port):
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:50051), got {short_repr(value)}")
+    _check_host(host)
+    number = int(port)
+    if number > 65535 or (number == 0 and not allow_port_zero):
+        raise ValueError(f"port must be in 1..65535, got {number}")
+    return value
+
+
+class ConfigError(Exception):
+    """Invalid settings; the message names every bad setting."""
+
+
+class Settings(BaseSettings):
+    """All settings of the service."""
+
+    # Every number must be finite: an `inf` pause or threshold is not a setting, it is an overflow later.
+    model_config = SettingsConfigDict(
+        env_prefix="SUPERVISOR_", extra="forbid", validate_default=True, allow_inf_nan=False
+    )
+
+    # -- network
+    grpc_addr: str = "127.0.0.1:50051"
+    """Address the gRPC server listens on (port 0: any free port)."""
+    metrics_addr: str = "127.0.0.1:9464"
+    """Address of the Prometheus /metrics endpoint; empty disables it."""
+    metrics_max_connections: int = Field(256, ge=1, le=10_000)
+    """Connections the /metrics endpoint holds open at once; one more evicts the oldest that has not sent its request, or gets 503 when all are being answered."""
+    metrics_timeout_ms: int = Field(5000, ge=100, le=600_000)
+    """A /metrics connection must send its request within this, and take the answer within this again, or it is closed."""
+    advertise_addr: str = ""
+    """Address clients are told to reach this replica at; empty: the gRPC address."""
+    auth_token: str = ""
+    """If set, every RPC must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise)."""
+
+    # -- remote services
+    selector_endpoint: str = ""
+    """host:port of the Selector service; empty: the embedded round-robin selector."""
+    peer_lookup_endpoint: str = ""
+    """host:port of the PeerLookup service; empty: addresses from the datanodes' heartbeats."""
+    region_migration_endpoint: str = ""
+    """host:port of the RegionMigration service; empty: the embedded dry-run journal."""
+    remote_timeout_ms: int = Field(5000, ge=1, le=600_000)
+    """Deadline of each call to a remote service."""
+    failover_workers: int = Field(4, ge=1, le=256)
+    """Threads making remote calls for failover (they never block the supervisor thread)."""
+    migration_base_timeout_ms: int = Field(120_000, ge=1, le=86_400_000)
+    """Migration timeout per failover: timeout = this x (the region's count of accepted failovers + 1)."""
+    max_failover_timeout_ms: int = Field(1_200_000, ge=1, le=7 * 86_400_000)
+    """Cap of that timeout (at least migration_base_timeout_ms)."""
+    submit_retry_backoff_ms: int = Field(1000, ge=1, le=3_600_000)
+    """A SubmitRegionMigration that may have happened (timeout, UNAVAILABLE, ...) is sent again, to the same target with the same request_id, after this, doubling per retry ..."""
+    submit_retry_backoff_max_ms: int = Field(30_000, ge=1, le=3_600_000)
+    """... up to this."""
+    resubmit_backoff_ms: int = Field(10_000, ge=0, le=86_400_000)
+    """Regions whose decision ended without moving them (GetMigrationStatus NOT_FOUND or FAILED, peer_conflict, a refused call) wait this long before they are failed over again, doubling per such end in the window ..."""
+    resubmit_backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
+    """... up to this."""
+    max_resubmissions_per_window: int = Field(3, ge=1, le=1_000_000)
+    """At most this many such resubmissions of a region per resubmit_window_ms."""
+    resubmit_window_ms: int = Field(600_000, ge=1, le=7 * 86_400_000)
+    """The window of that limit."""
+    expiry_checkpoint_interval_ms: int = Field(15_000, ge=100, le=3_600_000)
+    """While a maintenance expiry is pending, the time it has left is stored this often: after a restart on another machine or boot it ends at most this plus the time without a leader late, never early."""
+    migration_status_poll_interval_ms: int = Field(5000, ge=1, le=3_600_000)
+    """How often an in-flight migration's status is polled."""
+    journal_capacity: int = Field(10_000, ge=1, le=10_000_000)
+    """Entries the embedded dry-run journal keeps (newest)."""
+    selector_alive_window_ms: int = Field(0, ge=0, le=86_400_000)
+    """Embedded selector: a datanode heard from within this window is a candidate; 0: the acceptable heartbeat pause."""
+
+    # -- detection
+    tick_interval_ms: int = Field(1000, ge=10, le=600_000)
+    """How often failed regions are looked for."""
+    phi_threshold: float = Field(8.0, gt=0, le=1000)
+    """phi at or above which a region counts as failed."""
+    min_std_deviation_ms: float = Field(100.0, gt=0, le=3_600_000)
+    """Floor of the heartbeat interval standard deviation."""
+    acceptable_heartbeat_pause_ms: float = Field(10_000.0, ge=0, le=86_400_000)
+    """Heartbeat pause tolerated on top of the mean interval."""
+    max_sample_size: int = Field(1000, ge=2, le=100_000)
+    """Heartbeat intervals kept per detector."""
+    first_heartbeat_estimate_ms: int = Field(1000, ge=1, le=3_600_000)
+    """Interval assumed before one is seen (seeds the history with est -/+ est/4)."""
+    heartbeat_clock: Literal["server", "client"] = "server"
+    """Whose clock stamps heartbeats: `server` (receipt time) or `client` (the request's timestamp_millis)."""
+    max_client_clock_skew_ms: int = Field(1000, ge=0, le=3_600_000)
+    """With heartbeat_clock=client: a timestamp_millis further than this from the server's receipt time (or missing) is applied at the receipt time, and the answer says so. Keep it well below acceptable_heartbeat_pause_ms: a clock this far behind costs a datanode as much of its pause. 0: no bound (only to replay recorded timestamps: one stamp far ahead then keeps a datanode alive until that time)."""
+
+    # -- queue and limits
+    event_queue_size: int = Field(1024, ge=1, le=1_000_000)
+    """Capacity of the supervisor's event queue."""
+    enqueue_timeout_ms: int = Field(1000, ge=0, le=60_000)
+    """How long a request waits for room in a full queue before RESOURCE_EXHAUSTED."""
+    max_regions_per_heartbeat: int = Field(100_000, ge=1, le=10_000_000)
+    """Regions one heartbeat may carry; one naming more refreshes only the regions already watched (and adds none), and its answer says so."""
+    max_regions_per_request: int = Field(100_000, ge=1, le=10_000_000)
+    """Regions one Register/Deregister/Reset call may carry."""
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    """Largest gRPC message accepted."""
+    max_dump_page_size: int = Field(10_000, ge=1, le=1_000_000)
+    """Largest Dump page (the default page is 1000 or this, whichever is smaller)."""
+    max_concurrent_streams: int = Field(10_000, ge=1, le=1_000_000)
+    """Heartbeat streams served at once (RESOURCE_EXHAUSTED past it)."""
+    max_queued_heartbeat_bytes: int = Field(64 * 1024 * 1024, ge=1, le=2**36)
+    """Region ids of queued heartbeats the event queue holds at most, in bytes (8 per region); a heartbeat beyond it waits for room like one beyond event_queue_size."""
+    max_queue_fraction_per_datanode: float = Field(0.1, gt=0, le=1)
+    """Fraction of the event queue (events, and heartbeat bytes) one datanode's queued heartbeats may take: a flooding datanode waits, the others do not (its first queued heartbeat is always admitted)."""
+
+    # -- state and leadership
+    store: str = "sqlite"
+    """State store: `sqlite` (a file in data_dir; one replica), `memory` (nothing survives a restart), or `etcd://host:port[,host:port]` (several replicas, leader election)."""
+    data_dir: Path = Path("./data")
+    """Directory of the SQLite store; a relative path is resolved once, at start, against the working directory (the absolute path is logged in service_started)."""
+    store_prefix: str = "/region-supervisor/default"
+    """Key prefix in the store (etcd: one per cluster sharing the etcd)."""
+    store_flush_interval_ms: int = Field(10, ge=0, le=10_000)
+    """Group-commit window: state changes are written together at most this late."""
+    allow_new_store: bool = False
+    """Start although data_dir shows it held a SQLite store that is now missing or another one (deleted, replaced): begin from an empty state (or that other file). Leader terms still continue above the highest used before. Also `serve --new-store`."""
+    leader_lease_ttl_ms: int = Field(5000, ge=2000, le=600_000)
+    """Leader lease time to live (etcd store); a leader steps down before it can expire."""
+    initialization_delay_ms: int = Field(0, ge=0, le=600_000)
+    """Pause between becoming leader and loading the state (lets a previous leader's last writes land)."""
+    warmup_grace_ms: int = Field(30_000, ge=0, le=86_400_000)
+    """After becoming leader, no failover for this long, unless warmup_fraction of the known datanodes reported first."""
+    warmup_fraction: float = Field(0.9, ge=0, le=1)
+    """Fraction of the known datanodes that, once heard from, ends the warm-up early."""
+
+    # -- guards (DESIGN.md section 6); each is off at the value in brackets
+    guards_enabled: bool = True
+    """Master switch of the guards below (false: fail over whatever crosses the threshold, as the original)."""
+    max_local_pause_ms: int = Field(5000, ge=0, le=3_600_000)
+    """A stall of the supervisor itself longer than this holds convictions [0]."""
+    local_pause_hold_ms: int = Field(5000, ge=0, le=3_600_000)
+    """How long convictions stay held after such a stall."""
+    overload_queue_fraction: float = Field(0.9, gt=0, le=1)
+    """No conviction while the event queue is fuller than this [1]."""
+    max_failed_datanode_fraction: float = Field(0.5, gt=0, le=1)
+    """Hold failover while more than this fraction of the datanodes are silent [1]."""
+    mass_failure_min_datanodes: int = Field(3, ge=1, le=1_000_000)
+    """... and at least this many datanodes are."""
+    mass_failure_silence_ms: int = Field(5000, ge=1, le=3_600_000)
+    """A datanode unheard for this long counts as silent for the mass-failure guard (capped at half the acceptable heartbeat pause, so datanodes cut together are counted before the first is convicted)."""
+    mass_failure_recovery_ms: int = Field(5000, ge=0, le=3_600_000)
+    """After a mass failure clears, failover stays held this long, so the datanodes cut off with the others can report again [0]."""
+    failover_rate_per_s: float = Field(1.0, ge=0, le=1_000_000)
+    """Global budget of datanodes failed over per second [0]."""
+    failover_burst: int = Field(10, ge=1, le=1_000_000)
+    """Burst of the global budget."""
+    target_regions_per_s: float = Field(200.0, ge=0, le=100_000_000)
+    """Regions moved to one target datanode per second [0]."""
+    target_burst_regions: int = Field(2000, ge=1, le=100_000_000)
+    """Burst of the per-target budget."""
+    target_holddown_ms: int = Field(30_000, ge=0, le=86_400_000)
+    """A datanode that failed or flaps is not a failover target for this long [0]."""
+    flap_window_ms: int = Field(600_000, ge=1, le=604_800_000)
+    """Window in which a datanode's recoveries and failovers are counted."""
+    flap_threshold: int = Field(3, ge=1, le=1_000_000)
+    """Recoveries within the window that make a datanode count as flapping."""
+    flap_backoff_base_ms: int = Field(10_000, ge=0, le=86_400_000)
+    """A datanode failing again within the window waits base x 2^(n-1) before its next failover [0]."""
+    flap_backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
+    """Cap of that backoff."""
+    failover_count_decay_ms: int = Field(1_800_000, ge=0, le=2_592_000_000)
+    """A region healthy this long after its last failover forgets its failover count [0]."""
+    reject_stale_epochs: bool = True
+    """Reject heartbeats whose node_epoch is older than the newest seen for that datanode, while that one was heard within acceptable_heartbeat_pause_ms (after that, a lower epoch is a new life)."""
+    rebaseline_after_maintenance: bool = True
+    """When maintenance ends, give the detectors it covered a fresh heartbeat at now."""
+
+    # -- process
+    shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
+    """Budget of graceful shutdown (grace period of in-flight RPCs plus draining)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level."""
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """Log format; auto: JSON unless stderr is a terminal."""
+
+    @field_validator("grpc_addr")
+    @classmethod
+    def _grpc_addr(cls, v: str) -> str:
+        return check_host_port(v, allow_empty=False)
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _metrics_addr(cls, v: str) -> str:
+        return check_host_port(v, allow_empty=True)
+
+    @field_validator("advertise_addr", "selector_endpoint", "peer_lookup_endpoint", "region_migration_endpoint")
+    @classmethod
+    def _endpoints(cls, v: str) -> str:
+        return check_host_port(v, allow_empty=True, allow_port_zero=False)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, v: Path) -> Path:
+        # Once, here: a relative directory must not move if the working directory changes later,
+        # and the operator must be able to see which directory it is.
+        return Path(os.path.abspath(os.path.expanduser(v)))
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v in ("sqlite", "memory"):
+            return v
+        if v.startswith("etcd://"):
+            from supervisor_service.store import parse_endpoints
+
+            parse_endpoints(v)
+            return v
+        raise ValueError(f"expected sqlite, memory or etcd://host:port[,host:port], got {v!r}")
+
+    @field_validator("store_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError(f"expected an absolute key prefix like /region-supervisor/cluster-a, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        self.detector_options()  # raises ValueError naming the option
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def detector_options(self) -> PhiAccrualOptions:
+        return PhiAccrualOptions(
+            threshold=self.phi_threshold,
+            min_std_deviation_ms=self.min_std_deviation_ms,
+            acceptable_heartbeat_pause_ms=self.acceptable_heartbeat_pause_ms,
+            max_sample_size=self.max_sample_size,
+            first_heartbeat_estimate_ms=self.first_heartbeat_estimate_ms,
+        )
+
+    def failover_policy(self) -> FailoverPolicy:
+        return FailoverPolicy(
+            base_timeout_ms=self.migration_base_timeout_ms,
+            max_failover_timeout_ms=self.max_failover_timeout_ms,
+            submit_retry_backoff_ms=self.submit_retry_backoff_ms,
+            submit_retry_backoff_max_ms=self.submit_retry_backoff_max_ms,
+            resubmit_backoff_ms=self.resubmit_backoff_ms,
+            resubmit_backoff_max_ms=self.resubmit_backoff_max_ms,
+            max_resubmissions_per_window=self.max_resubmissions_per_window,
+            resubmit_window_ms=self.resubmit_window_ms,
+            expiry_checkpoint_interval_ms=self.expiry_checkpoint_interval_ms,
+            # A remote Selector or RegionMigration must be given targets it can reach.
+            require_target_addr=bool(self.selector_endpoint or self.region_migration_endpoint),
+            status_poll_interval_ms=self.migration_status_poll_interval_ms,
+            warmup_grace_ms=self.warmup_grace_ms,
+            warmup_fraction=self.warmup_fraction,
+            failover_count_decay_ms=self.failover_count_decay_ms if self.guards_enabled else 0,
+            rebaseline_after_maintenance=self.rebaseline_after_maintenance,
+        )
+
+    def guard_settings(self) -> GuardSettings | None:
+        if not self.guards_enabled:
+            return None
+        return GuardSettings(
+            tick_interval_ms=self.tick_interval_ms,
+            max_local_pause_ms=self.max_local_pause_ms,
+            local_pause_hold_ms=self.local_pause_hold_ms,
+            overload_queue_fraction=self.overload_queue_fraction,
+            max_failed_datanode_fraction=self.max_failed_datanode_fraction,
+            mass_failure_min_datanodes=self.mass_failure_min_datanodes,
+            # Silence must be noticed before conviction, whatever the detector settings.
+            mass_failure_silence_ms=min(self.mass_failure_silence_ms, int(self.acceptable_heartbeat_pause_ms // 2)),
+            mass_failure_recovery_ms=self.mass_failure_recovery_ms,
+            failover_rate_per_s=self.failover_rate_per_s,
+            failover_burst=self.failover_burst,
+            target_regions_per_s=self.target_regions_per_s,
+            target_burst_regions=self.target_burst_regions,
+            target_holddown_ms=self.target_holddown_ms,
+            flap_window_ms=self.flap_window_ms,
+            flap_threshold=self.flap_threshold,
+            flap_backoff_base_ms=self.flap_backoff_base_ms,
+            flap_backoff_max_ms=self.flap_backoff_max_ms,
+        )
+
+    @property
+    def selector_alive_window(self) -> int:
+        """The embedded Selector's alive window in ms: its setting, or the acceptable heartbeat pause."""
+        return self.selector_alive_window_ms or int(self.acceptable_heartbeat_pause_ms)
+
+    @property
+    def advertised(self) -> str:
+        return self.advertise_addr or self.grpc_addr
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; raises ConfigError naming each bad setting and where it is set."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+    unknown = sorted(
+        k for k in os.environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in Settings.model_fields
+    )
+    if unknown:
+        raise ConfigError("; ".join(f"unknown environment variable {k}{_did_you_mean(k[len(ENV_PREFIX):])}" for k in unknown))
+    try:
+        # pydantic-settings reads the TOML path from the class's model_config.
+        cls = Settings
+        if config_file is not None:
+            config = SettingsConfigDict(**{**Settings.model_config, "toml_file": Path(config_file)})
+            cls = type("Settings", (Settings,), {"model_config": config, "__doc__": Settings.__doc__})
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except ValueError as exc:  # e.g. a malformed TOML file
+        raise ConfigError(f"invalid config file {str(config_file)!r}: {exc}") from None
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(Settings.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {name!r}{_did_you_mean(name)} (`supervisor-service settings` lists them)")
+            continue
+        env = f"SUPERVISOR_{name.upper()}" if err["loc"] else ""
+        where = f"{name} ({env})" if env else name
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message} (got {err.get('input')!r})")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def default_text(default: Any) -> str:
+    """A default as the operator writes it (a relative path keeps its `./`)."""
+    if isinstance(default, Path) and not default.is_absolute():
+        return f"./{default}"
+    return str(default)
+
+
+def settings_table_markdown() -> str:
+    """The README configuration table, from the field docstrings."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(Settings)
+    docs: dict[str, str] = {}
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    lines = ["| setting | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = default_text(field.default)
+        shown = f"`{default}`" if default not in ("", None) else "(empty)"
+        lines.append(f"| `SUPERVISOR_{name.upper()}` | {shown} | {docs.get(name, '')} |")
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+import sys
+
+from supervisor_service.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""The threads around the core: the event queue, the supervisor (consumer) thread, the effect runner, the ticker."""
+
+from supervisor_service.runtime.consumer import (
+    SupervisorRuntime,
+)
+from supervisor_service.runtime.queue import (
+    HEARTBEAT_OVERHEAD_BYTES,
+    EventQueue,
+    QueueClosed,
+    Queued,
+    QueueFull,
+)
+from supervisor_service.runtime.ticker import (
+    Ticker,
+)
+
+__all__ = [
+    "EventQueue",
+    "HEARTBEAT_OVERHEAD_BYTES",
+    "QueueClosed",
+    "QueueFull",
+    "Queued",
+    "SupervisorRuntime",
+    "Ticker",
+]

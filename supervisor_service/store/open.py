@@ -1,0 +1,35 @@
+"""Opens the backend a `store` setting names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from supervisor_service.store.kv import KV, MemoryKV, StoreError
+from supervisor_service.store.sqlite import SqliteKV
+
+
+def parse_endpoints(store: str) -> list[tuple[str, int]]:
+    """`etcd://h1:p1,h2:p2` -> [(h1, p1), (h2, p2)]; ValueError naming what is wrong."""
+    body = store.removeprefix("etcd://").strip("/")
+    endpoints = []
+    for part in body.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"etcd endpoint {part!r} is not host:port (store={store!r})")
+        endpoints.append((host, int(port)))
+    if not endpoints:
+        raise ValueError(f"no etcd endpoint in store={store!r}")
+    return endpoints
+
+
+def open_kv(store: str, data_dir: Path, *, allow_new_store: bool = False) -> KV:
+    """The backend a `store` setting names: `sqlite`, `memory` or `etcd://host:port[,host:port]`."""
+    if store == "sqlite":
+        return SqliteKV(data_dir, allow_new_store=allow_new_store)
+    if store == "memory":
+        return MemoryKV()
+    if store.startswith("etcd://"):
+        from supervisor_service.store.etcd import EtcdKV
+
+        return EtcdKV(parse_endpoints(store))
+    raise StoreError(f"unknown store {store!r}: use sqlite, memory or etcd://host:port[,host:port]")

@@ -1,0 +1,155 @@
+"""Several replicas against a real etcd: election, takeover, fencing, step-down."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import grpc
+import pytest
+
+from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
+from tests.support.fakes import FakeRegionMigration
+from tests.support.servers import ServiceProcess
+
+pytestmark = pytest.mark.realtime
+
+TTL_MS = 2000
+TICK_MS = 100
+
+
+
+
+@pytest.fixture
+def migration():
+    fake = FakeRegionMigration()
+    yield fake
+    fake.stop()
+
+
+def _regions_of(migration: FakeRegionMigration, datanode_id: int) -> list[int]:
+    return [r for c in migration.submissions if c.request.from_peer.id == datanode_id for r in c.request.region_ids]
+
+
+def _replicas(tmp_path, etcd, migration, n=3, prefix="/region-supervisor/test-ha"):
+    env = {
+        "SUPERVISOR_STORE": f"etcd://{etcd.endpoint}",
+        "SUPERVISOR_STORE_PREFIX": prefix,
+        "SUPERVISOR_LEADER_LEASE_TTL_MS": str(TTL_MS),
+        "SUPERVISOR_TICK_INTERVAL_MS": str(TICK_MS),
+        "SUPERVISOR_ACCEPTABLE_HEARTBEAT_PAUSE_MS": "1000",
+        "SUPERVISOR_FIRST_HEARTBEAT_ESTIMATE_MS": "200",
+        "SUPERVISOR_WARMUP_GRACE_MS": "1500",
+        "SUPERVISOR_WARMUP_FRACTION": "0.6",
+        "SUPERVISOR_REGION_MIGRATION_ENDPOINT": migration.endpoint,
+        "SUPERVISOR_MIGRATION_STATUS_POLL_INTERVAL_MS": "60000",
+    }
+    return [ServiceProcess(env, str(tmp_path / f"replica-{i}.log")) for i in range(n)]
+
+
+def _leader(replicas, timeout: float) -> ServiceProcess:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for replica in replicas:
+            if replica.proc.poll() is not None:
+                continue
+            try:
+                with SupervisorClient(replica.addr, timeout=1, follow_leader=False) as client:
+                    if client.maintenance_status().is_leader:
+                        return replica
+            except grpc.RpcError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no leader within {timeout} s")
+
+
+def test_leader_killed_new_leader_fails_over_exactly_once(tmp_path, etcd, migration):
+    replicas = _replicas(tmp_path, etcd, migration)
+    beaters = []
+    try:
+        for replica in replicas:
+            replica.wait_serving()
+        leader = _leader(replicas, timeout=10)
+        addrs = [r.addr for r in replicas]
+        # Followers refuse admin calls with the leader's address; the client follows it.
+        follower = next(r for r in replicas if r is not leader)
+        with SupervisorClient(follower.addr, timeout=5, follow_leader=False) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.register([(1, 1)])
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert leader.addr in err.value.details()
+            assert dict(err.value.trailing_metadata())["x-supervisor-leader"] == leader.addr
+        with SupervisorClient(follower.addr, timeout=5) as client:
+            assert client.register([(3, 300)]) == 1
+            assert client.addr == leader.addr
+        for datanode in (1, 2, 3):
+            regions = [datanode * 100 + i for i in range(3)]
+            # Every datanode starts at a follower: it must find the leader by itself.
+            beaters.append(DatanodeHeartbeater(
+                [follower.addr] + addrs, datanode, lambda regions=regions: regions, interval_s=0.2,
+                peer_addr=f"127.0.0.1:{7000 + datanode}",
+            ).start())
+        time.sleep(1.5)
+        assert all(b.addr == leader.addr for b in beaters), [b.addr for b in beaters]
+
+        killed_at = time.monotonic()
+        leader.kill(signal.SIGKILL)
+        beaters[2].stop()  # datanode 3 dies with the leader
+        survivors = [r for r in replicas if r is not leader]
+        new_leader = _leader(survivors, timeout=TTL_MS / 1000 + 3)
+        took = time.monotonic() - killed_at
+        # Lease TTL, plus one campaign retry (ttl/3) and a tick, plus process scheduling.
+        assert took <= TTL_MS / 1000 + TTL_MS / 3000 + TICK_MS / 1000 + 1.0, took
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sorted(_regions_of(migration, 3)) != [300, 301, 302]:
+            time.sleep(0.1)
+        assert sorted(_regions_of(migration, 3)) == [300, 301, 302]
+        time.sleep(2)  # and nothing more arrives
+        assert sorted(_regions_of(migration, 3)) == [300, 301, 302], "a region was failed over twice"
+        assert _regions_of(migration, 1) == [] and _regions_of(migration, 2) == []
+        assert all(b.addr == new_leader.addr for b in beaters[:2])
+        terms = [c.request.leader_term for c in migration.submissions]
+        assert terms and min(terms) > 0
+    finally:
+        for b in beaters:
+            b.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def test_leader_steps_down_when_etcd_stops_and_submits_nothing(tmp_path, etcd, migration):
+    replicas = _replicas(tmp_path, etcd, migration, n=1, prefix="/region-supervisor/test-stepdown")
+    beaters = []
+    try:
+        replica = replicas[0]
+        replica.wait_serving()
+        _leader(replicas, timeout=10)
+        for datanode in (1, 2):
+            beaters.append(DatanodeHeartbeater(replica.addr, datanode, lambda d=datanode: [d * 10], interval_s=0.2).start())
+        time.sleep(1.0)
+        etcd.proc.send_signal(signal.SIGSTOP)
+        paused_at = time.monotonic()
+        beaters[1].stop()  # datanode 2 dies while the leader has no lease
+        try:
+            with SupervisorClient(replica.addr, timeout=2, follow_leader=False) as client:
+                deadline = paused_at + TTL_MS / 1000 + 1.0
+                stepped_down = None
+                while time.monotonic() < deadline:
+                    header, _ = client.dump()  # Dump answers on any replica without the store
+                    if not header.is_leader:
+                        stepped_down = time.monotonic()
+                        break
+                    time.sleep(0.05)
+                assert stepped_down is not None, "leader kept its role without a lease"
+                assert stepped_down - paused_at <= TTL_MS / 1000
+            time.sleep(3)  # datanode 2's detection period passes: still nothing may leave
+            assert migration.submissions == []
+        finally:
+            etcd.proc.send_signal(signal.SIGCONT)
+    finally:
+        for b in beaters:
+            b.stop()
+        for replica in replicas:
+            replica.stop()
+
