@@ -19,6 +19,7 @@ from supervisor_service.core import PhiAccrualFailureDetector, PhiAccrualOptions
 from supervisor_service.proto import pb
 from tests.support.datanodes import Cluster, dn_addr, regions_of
 from tests.support.fakes import FakePeerLookup, FakeRegionMigration, FakeSelector, peer, wait_for
+from tests.support.waiting import wait_ticks
 
 pytestmark = [pytest.mark.realtime, pytest.mark.timeout(60)]
 
@@ -113,7 +114,7 @@ def test_dead_datanode_is_failed_over_in_one_batch_when_phi_predicts(service, fa
     crossing = predicted_crossing_ms(beats)
 
     wait_for(lambda: rm.attempts, DETECTION_S + 5, message="no SubmitRegionMigration arrived")
-    time.sleep(10 * TICK_MS / 1000)  # ten more ticks: nothing else may be submitted
+    wait_ticks(svc, 10, 10)  # ten more ticks handled: nothing else may be submitted
     assert len(rm.attempts) == 1, [c.request for c in rm.attempts]
     call = rm.attempts[0]
     assert call.ok
@@ -171,7 +172,7 @@ def test_maintenance_holds_failover_until_turned_off(service, fakes, cluster_fac
         dead.stop()
         crossing = predicted_crossing_ms(dead.accepted_times())
         # Several detection periods: datanode 3 is seen failed, and nothing leaves.
-        time.sleep(3 * DETECTION_S)
+        wait_ticks(svc, int(3 * DETECTION_S * 1000 / TICK_MS), 30)
         _, failed = client.dump(only_failed=True)
         assert {r.datanode_id for r in failed} == {3}
         assert client.get_maintenance() is True
@@ -256,7 +257,7 @@ def test_remote_faults_are_survived_and_retried(service, fakes, cluster_factory)
     dead = cluster.nodes[3]
     dead.stop()
     wait_for(lambda: rm.submissions, DETECTION_S + 8, message="no successful submission")
-    time.sleep(10 * TICK_MS / 1000)
+    wait_ticks(svc, 10, 10)
     assert [c.outcome for c in rm.attempts] == ["UNAVAILABLE", "UNAVAILABLE", "OK"]
     assert len(rm.submissions) == 1
     req = rm.submissions[0].request
