@@ -98,8 +98,9 @@ def test_heartbeater_leaves_a_replica_that_does_not_know_the_leader(service, fak
     try:
         _wait_for(lambda: accepted.get(leader.addresses.grpc, 0) >= 3, 5, "heartbeats accepted by the leader")
         assert beater.addr == leader.addresses.grpc
-        heard = lost.heartbeats
-        time.sleep(0.5)
+        heard, answered = lost.heartbeats, accepted[leader.addresses.grpc]
+        # Five more heartbeats (0.1 s apart) answered by the leader: none may have gone to `lost`.
+        _wait_for(lambda: accepted[leader.addresses.grpc] >= answered + 5, 5, "heartbeats accepted by the leader")
         assert lost.heartbeats == heard, "the heartbeater went back to the replica that does not lead"
         assert beater.rejections["not_leader"] >= 1
     finally:

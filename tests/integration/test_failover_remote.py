@@ -112,7 +112,7 @@ class Beaters:
 
 
 def test_submission_answered_late_goes_to_one_target_under_one_request_id(service):
-    from tests.integration.test_e2e import Cluster, regions_of
+    from tests.support.datanodes import Cluster, regions_of
 
     rm = FakeRegionMigration()
     # The first three calls are carried out, and their answers arrive after the client gave up.

@@ -10,6 +10,7 @@ the services run side by side and share the scenario's wall time.
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
 from supervisor_service.proto import pb, pb_grpc
 from tests.support.servers import ServiceProcess, free_port
+from tests.support.waiting import wait_ticks
 
 pytestmark = pytest.mark.realtime
 
@@ -189,7 +191,7 @@ def test_sigstop_of_the_supervisor_fails_nothing_over(cluster):
     clients = {svc.name: cluster.client(svc) for svc in services}
     for svc in services:
         cluster.datanodes(svc)
-    time.sleep(2)  # some history at the 0.3 s interval
+    wait_ticks(services, 10, 30)  # some history at the 0.3 s interval: ten ticks (2 s) of each service
     assert all(journal(c) == [] for c in clients.values()), "a steady cluster fails nothing over"
 
     for svc in services:
@@ -198,8 +200,8 @@ def test_sigstop_of_the_supervisor_fails_nothing_over(cluster):
     for svc in services:
         svc.kill(signal.SIGCONT)
     resumed = time.monotonic()
-    # The local-pause hold (5 s by default) and more than one detection period after it.
-    time.sleep(5 + DETECTION_S + 1)
+    # The local-pause hold (5 s by default) and more than one detection period after it, in ticks handled.
+    wait_ticks(services, math.ceil((5 + DETECTION_S + 1) * 1000 / int(FAST["SUPERVISOR_TICK_INTERVAL_MS"])) + 1, 60)
 
     # The control proves the stall convicts without the guard.
     assert failed_over(clients["control"]), f"control: no failover after the stall\n{control.log_tail()}"
@@ -234,7 +236,7 @@ def test_mass_failure_holds_and_one_failure_fails_over(cluster):
     mass_client, single_client = cluster.client(mass), cluster.client(single)
     mass_streams = cluster.datanodes(mass)
     single_streams = cluster.datanodes(single)
-    time.sleep(2)
+    wait_ticks((mass, single), 10, 30)
     assert journal(mass_client) == [] and journal(single_client) == []
 
     cut = (1, 2, 3, 4, 5, 6)
@@ -250,7 +252,7 @@ def test_mass_failure_holds_and_one_failure_fails_over(cluster):
 
     # Six of ten: held.
     wait_until(lambda: "mass_failure" in mass_client.holds().holds, 3 * DETECTION_S, "a mass-failure hold")
-    time.sleep(2)
+    wait_ticks(mass, 10, 30)
     before_release = journal(mass_client)
     status = cli(mass, "hold", "status")
     assert status.returncode == 0, status.stderr

@@ -11,6 +11,7 @@ import pytest
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
 from tests.support.fakes import FakeRegionMigration
 from tests.support.servers import ServiceProcess
+from tests.support.waiting import wait_ticks
 
 pytestmark = pytest.mark.realtime
 
@@ -105,7 +106,7 @@ def test_leader_killed_new_leader_fails_over_exactly_once(tmp_path, etcd, migrat
         while time.monotonic() < deadline and sorted(_regions_of(migration, 3)) != [300, 301, 302]:
             time.sleep(0.1)
         assert sorted(_regions_of(migration, 3)) == [300, 301, 302]
-        time.sleep(2)  # and nothing more arrives
+        wait_ticks(new_leader, 2000 // TICK_MS, 20)  # and nothing more arrives in 2 s of the new leader's ticks
         assert sorted(_regions_of(migration, 3)) == [300, 301, 302], "a region was failed over twice"
         assert _regions_of(migration, 1) == [] and _regions_of(migration, 2) == []
         assert all(b.addr == new_leader.addr for b in beaters[:2])

@@ -319,7 +319,7 @@ def test_write_of_an_ended_term_is_answered_at_once_and_never_retried():
         kv.gate.set()
         _wait_for(lambda: later)
         assert isinstance(later[0], FencedOut) and later[0].definite and "not committed" in str(later[0])
-        time.sleep(0.3)  # the writer's backoff after the failed attempt has passed
+        store.flush(5)  # a later pass of the writer, past the backoff after the failed attempt, has run
         assert kv.attempts == 1, "a write of an ended term was sent again"
         assert "/c/registry/00000000000000000009" not in kv.data
     finally:

@@ -1,4 +1,4 @@
-"""In-process fakes of the remote services the supervisor calls (DESIGN.md section 5).
+"""In-process fakes of the remote services the supervisor calls (the wire: docs/design.md §7).
 
 Each fake is a real synchronous gRPC server (`grpc.server(ThreadPoolExecutor)`)
 on 127.0.0.1 with a free port, so the supervisor reaches it through its
@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from supervisor_service.proto import pb, pb_grpc
+from tests.support.waiting import wait_for
 
 __all__ = [
     "Call",
@@ -43,24 +44,12 @@ __all__ = [
     "FakeRegionMigration",
     "FakeSelector",
     "peer",
-    "wait_for",
+    "wait_for",  # re-exported: tests written before tests.support.waiting import it from here
 ]
 
 
 def peer(peer_id: int, addr: str = "") -> pb.Peer:
     return pb.Peer(id=peer_id, addr=addr)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02, message: str = "") -> Any:
-    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(message or f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Real servers the tests start on 127.0.0.1 (Prometheus, etcd).
+"""Real servers the tests start on 127.0.0.1: the service in a child process, etcd.
 
 A missing binary skips the test, except under CI=true, where it fails: CI
 must never pass by skipping what it was meant to check.
@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.readiness import free_port, wait_ready
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["EtcdServer", "ServiceProcess", "free_port", "require_binary", "stop_process"]
 
 
 def require_binary(name: str, package: str) -> str:
@@ -41,16 +42,22 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 class ServiceProcess:
-    """`supervisor-service serve` in a child process, configured through SUPERVISOR_* variables."""
+    """`supervisor-service serve` in a child process, configured through SUPERVISOR_* variables.
+
+    It serves metrics on a free port unless `env` says otherwise
+    (SUPERVISOR_METRICS_ADDR=""), so that a test can count the ticks it
+    handled (`handled`, `tests.support.waiting.wait_ticks`).
+    """
 
     def __init__(self, env: dict[str, str], log_path: str, grpc_port: int | None = None) -> None:
-        import sys
-
         self.port = grpc_port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
         full_env = dict(os.environ)
-        full_env.update({"SUPERVISOR_GRPC_ADDR": self.addr, "SUPERVISOR_METRICS_ADDR": "", "SUPERVISOR_LOG_FORMAT": "json"})
+        full_env.update({"SUPERVISOR_GRPC_ADDR": self.addr, "SUPERVISOR_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+                         "SUPERVISOR_LOG_FORMAT": "json"})
         full_env.update(env)
+        self.metrics_addr = full_env["SUPERVISOR_METRICS_ADDR"]
+        self.token = full_env.get("SUPERVISOR_AUTH_TOKEN", "")
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop
         self.proc = subprocess.Popen(
@@ -58,25 +65,32 @@ class ServiceProcess:
             env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
-    def wait_serving(self, timeout: float = 30.0) -> None:
-        import time
+    def wait_serving(self, timeout: float = 30.0, *, leader: bool = False) -> None:
+        """Ready: SERVING over grpc.health.v1 (and leading with its state loaded, if `leader`)."""
+        try:
+            wait_ready(self.addr, timeout, leader=leader, token=self.token, gone=self._gone)
+        except AssertionError as exc:
+            if self.proc.poll() is not None:
+                raise
+            raise AssertionError(f"{exc}; log: {self.log_tail()}") from None
 
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    def _gone(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return f"exited with {self.proc.returncode}; log: {self.log_tail()}"
 
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.addr) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"service exited with {self.proc.returncode}; log: {self.log_tail()}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"service at {self.addr} not SERVING within {timeout} s; log: {self.log_tail()}")
+    def handled(self, event_type: str = "Tick") -> int:
+        """supervisor_events_total{type=event_type}, read from the metrics endpoint (not its cached render)."""
+        if not self.metrics_addr:
+            raise AssertionError("this service has no metrics endpoint (SUPERVISOR_METRICS_ADDR is empty)")
+        url = f"http://{self.metrics_addr}/metrics?name[]=supervisor_events_total"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "supervisor_events_total" and sample.labels.get("type") == event_type:
+                    return int(sample.value)
+        return 0
 
     def log_tail(self, lines: int = 30) -> str:
         with open(self.log_path, "rb") as f:
@@ -110,9 +124,6 @@ class EtcdServer:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
-        import time
-        import urllib.request
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
