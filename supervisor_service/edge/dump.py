@@ -127,27 +127,3 @@ class DumpPages:
         }
         prefix = pb.DetectorState(datanode_id=node.datanode_id).SerializeToString()
         return encode_rows(prefix, regions, index, group_bytes, extras)
-
-    def _rows(self, node, phis: dict[int, float], positions: np.ndarray) -> list[pb.DetectorState]:
-        """The same rows one message at a time: the reference `_encoded` is tested against."""
-        snapshot = self._snapshot
-        threshold, counts, migrating = snapshot.threshold, snapshot.failover_counts, snapshot.migrating
-        rows = []
-        for region_id, gid in zip(node.regions[positions].tolist(), node.gids[positions].tolist()):
-            phi = phis[gid]
-            grp = node.groups[gid]
-            rows.append(
-                pb.DetectorState(
-                    datanode_id=node.datanode_id,
-                    region_id=region_id,
-                    last_heartbeat_millis=grp.last,
-                    phi=phi,
-                    available=phi < threshold,
-                    sample_count=grp.samples,
-                    mean_interval_millis=grp.observed_mean,
-                    std_deviation_millis=grp.observed_std,
-                    failover_count=counts.get((node.datanode_id, region_id), 0),
-                    migrating=region_id in migrating,
-                )
-            )
-        return rows
