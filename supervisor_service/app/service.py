@@ -155,7 +155,7 @@ class Service:
         self.servicer = RegionSupervisorServicer(
             settings=s,
             queue=self.queue,
-            supervisor=self.supervisor,
+            status=lambda: self.supervisor.status,
             clock=self.clock,
             metrics=self.metrics,
             directory=self.directory,

@@ -20,6 +20,7 @@ from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings, short_repr
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import (
+    CoreStatus,
     DetectingRegion,
     Deregister,
     Dump,
@@ -30,7 +31,6 @@ from supervisor_service.core import (
     ReleaseHold,
     Reset,
     SetMaintenance,
-    Supervisor,
 )
 from supervisor_service.edge.dump import DEFAULT_DUMP_PAGE, dump_responses
 from supervisor_service.edge.enqueue import Overloaded, when_room
@@ -58,7 +58,7 @@ class AdminCalls:
         *,
         settings: Settings,
         queue: EventQueue,
-        supervisor: Supervisor,
+        status: Callable[[], CoreStatus],
         metrics: Metrics,
         journal: DryRunJournal | None,
         leadership: Leadership,
@@ -68,7 +68,8 @@ class AdminCalls:
     ) -> None:
         self._s = settings
         self._queue = queue
-        self._supervisor = supervisor  # read only: published attributes (maintenance, leader)
+        # The core's last published status: never its attributes, which its thread changes (docs/design.md §10).
+        self._status = status
         self._metrics = metrics
         self._journal = journal
         self._leadership = leadership
@@ -136,7 +137,7 @@ class AdminCalls:
     async def _not_loading(self, context: grpc.aio.ServicerContext) -> None:
         """Elected, but the state is still loading: nothing the supervisor holds can be read or
         changed yet (its maintenance switches and table are those of before the recovery)."""
-        if self._leadership.is_leader() and not self._supervisor.is_leader:
+        if self._leadership.is_leader() and not self._status().is_leader:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _LOADING)
 
     async def _require_leader(self, context: grpc.aio.ServicerContext) -> None:
@@ -215,8 +216,8 @@ class AdminCalls:
     async def GetMaintenanceMode(self, request, context):
         await self._not_loading(context)
         leader = self._leadership.is_leader()
-        sup = self._supervisor
-        enabled, until, datanodes = sup.maintenance, sup.maintenance_until_ms, dict(sup.datanode_maintenance)
+        status = self._status()
+        enabled, until, datanodes = status.maintenance, status.maintenance_until_ms, dict(status.datanode_maintenance)
         if not leader and self._store is not None:
             # A follower holds no state of its own: read the switches from the store.
             try:
@@ -257,24 +258,25 @@ class AdminCalls:
 
     async def GetFailoverHolds(self, request, context):
         await self._not_loading(context)
-        guards = self._supervisor.guards
+        # Every active hold, guards on or off: maintenance and warm-up hold failover either way.
+        status = self._status()
         return pb.FailoverHoldsResponse(
-            holds=list(guards.active_holds) if guards is not None else [],
-            failed_datanode_fraction=guards.mass_failure_fraction if guards is not None else 0.0,
+            holds=list(status.holds),
+            failed_datanode_fraction=status.failed_datanode_fraction,
             is_leader=self._leadership.is_leader(),
         )
 
     async def ReleaseFailoverHold(self, request, context):
         await self._require_leader(context)
-        if self._supervisor.guards is None:
+        if not self._status().guards_enabled:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "guards are off (setting guards_enabled): nothing to release"
             )
         released = await self._ask(context, lambda reply: ReleaseHold(reply))
-        guards = self._supervisor.guards
+        status = self._status()  # published by the core before it resolved the reply (docs/design.md §10)
         return pb.FailoverHoldsResponse(
-            holds=list(guards.active_holds),
-            failed_datanode_fraction=guards.mass_failure_fraction,
+            holds=list(status.holds),
+            failed_datanode_fraction=status.failed_datanode_fraction,
             released=bool(released),
             is_leader=True,
         )

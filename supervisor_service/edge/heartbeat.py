@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -19,7 +20,7 @@ from google.protobuf.message import DecodeError
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings, check_host_port
 from supervisor_service.cluster import Leadership
-from supervisor_service.core import Clock, Heartbeat, Supervisor, as_region_array
+from supervisor_service.core import Clock, CoreStatus, Heartbeat, as_region_array
 from supervisor_service.edge.enqueue import Overloaded, when_room
 from supervisor_service.edge.problems import ProblemLog
 from supervisor_service.proto import pb
@@ -104,7 +105,7 @@ class HeartbeatStreams:
         *,
         settings: Settings,
         queue: EventQueue,
-        supervisor: Supervisor,
+        status: Callable[[], CoreStatus],
         clock: Clock,
         metrics: Metrics,
         directory: PeerDirectory,
@@ -113,7 +114,7 @@ class HeartbeatStreams:
     ) -> None:
         self._s = settings
         self._queue = queue
-        self._supervisor = supervisor  # read only: published attributes (leader)
+        self._status = status  # the core's last published status (docs/design.md §10)
         self._clock = clock
         self._metrics = metrics
         self._directory = directory
@@ -226,7 +227,7 @@ class HeartbeatStreams:
                 else "not the leader, and no leader is known right now; try another replica",
                 "rejected_not_leader",
             )
-        if not self._supervisor.is_leader:
+        if not self._status().is_leader:
             return self._answer(stream, "becoming leader: loading the state; retry shortly", "rejected_not_ready")
         problems = stream.problems
         ts = received

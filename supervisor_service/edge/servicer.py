@@ -3,14 +3,14 @@ streams and the admin calls and hands each RPC to the one that owns it (docs/des
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings
 from supervisor_service.cluster import Leadership
-from supervisor_service.core import Clock, Supervisor
+from supervisor_service.core import Clock, CoreStatus
 from supervisor_service.edge.admin import AdminCalls
 from supervisor_service.edge.heartbeat import HeartbeatStreams
 from supervisor_service.edge.problems import InvalidRequests, ProblemLog
@@ -22,14 +22,17 @@ from supervisor_service.store import StateStore
 
 class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     """SendHeartbeat goes to `heartbeats`, every other RPC to `admin`; both share one problem log
-    (one line per problem per interval across the service) and one count of invalid requests."""
+    (one line per problem per interval across the service) and one count of invalid requests.
+
+    `status` gives the core's last published CoreStatus (e.g. `lambda: supervisor.status`): the
+    edge reads the core's state only through it, never the supervisor's attributes."""
 
     def __init__(
         self,
         *,
         settings: Settings,
         queue: EventQueue,
-        supervisor: Supervisor,
+        status: Callable[[], CoreStatus],
         clock: Clock,
         metrics: Metrics,
         directory: PeerDirectory,
@@ -40,11 +43,11 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         log_problem = ProblemLog(clock)
         self.invalid_requests = InvalidRequests(metrics, log_problem)
         self.heartbeats = HeartbeatStreams(
-            settings=settings, queue=queue, supervisor=supervisor, clock=clock, metrics=metrics,
+            settings=settings, queue=queue, status=status, clock=clock, metrics=metrics,
             directory=directory, leadership=leadership, log_problem=log_problem,
         )
         self.admin = AdminCalls(
-            settings=settings, queue=queue, supervisor=supervisor, metrics=metrics, journal=journal,
+            settings=settings, queue=queue, status=status, metrics=metrics, journal=journal,
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,
         )
 
