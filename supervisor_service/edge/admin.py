@@ -21,8 +21,8 @@ from supervisor_service.app.settings import Settings, short_repr
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import (
     CoreStatus,
-    DetectingRegion,
     Deregister,
+    DetectingRegion,
     Dump,
     DumpSnapshot,
     Event,
