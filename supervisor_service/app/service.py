@@ -24,6 +24,7 @@ from supervisor_service.cluster import EtcdElection, Leadership, SingleLeadershi
 from supervisor_service.core import (
     BecomeLeader,
     Clock,
+    CoreStatus,
     Guards,
     JournalAppend,
     LoseLeadership,
@@ -43,6 +44,27 @@ log = logging.getLogger("supervisor_service.app")
 EXIT_SUPERVISOR_DIED = 70  # EX_SOFTWARE
 EXIT_STORE_GONE = 74  # EX_IOERR: the state store was deleted or replaced while the service ran
 EXIT_STORE_UNCOMMITTED = 75  # EX_TEMPFAIL: shutdown could not commit pending state (the store kept failing)
+
+
+def _status_of(supervisor: Supervisor) -> CoreStatus:
+    """Temporary adapter until the core publishes CoreStatus: built from the attributes the edge
+    used to read. With the guards off it knows only the maintenance hold (the warm-up state is
+    the supervisor thread's alone)."""
+    guards = supervisor.guards
+    if guards is not None:
+        holds, fraction = guards.active_holds, guards.mass_failure_fraction
+    else:
+        holds, fraction = ("maintenance",) if supervisor.maintenance else (), 0.0
+    return CoreStatus(
+        is_leader=supervisor.is_leader,
+        term=supervisor.leader_term,
+        maintenance=supervisor.maintenance,
+        maintenance_until_ms=supervisor.maintenance_until_ms,
+        datanode_maintenance=tuple(sorted(supervisor.datanode_maintenance.items())),
+        holds=holds,
+        failed_datanode_fraction=fraction,
+        guards_enabled=guards is not None,
+    )
 
 
 @dataclass
@@ -155,7 +177,7 @@ class Service:
         self.servicer = RegionSupervisorServicer(
             settings=s,
             queue=self.queue,
-            supervisor=self.supervisor,
+            status=lambda: _status_of(self.supervisor),  # TODO: self.supervisor.status once the core publishes it
             clock=self.clock,
             metrics=self.metrics,
             directory=self.directory,

@@ -70,6 +70,7 @@ from supervisor_service.core.options import (
     FailoverPolicy,
     GuardSettings,
 )
+from supervisor_service.core.status import CoreStatus
 from supervisor_service.core.supervisor import (
     DumpSnapshot,
     Supervisor,
@@ -95,6 +96,7 @@ __all__ = [
     "Clear",
     "Clock",
     "ClockMark",
+    "CoreStatus",
     "CountsDrop",
     "CountsSet",
     "DONE_CATEGORIES",

@@ -648,8 +648,14 @@ def test_heartbeat_and_detector_metrics():
     try:
         stub = running.stub
         with HeartbeatStream(stub) as a, HeartbeatStream(stub) as b:
-            for _ in range(3):
+            for sent in range(1, 4):
                 assert not a.send(1, [1, 2, 3]).rejected
+                # Applied before the next is sent: a heartbeat still queued when its stream's next
+                # one arrives is superseded by it (coalesced), and would not count as an event.
+                deadline = time.monotonic() + 5
+                while running.sample("supervisor_events_total", {"type": "Heartbeat"}) < sent:
+                    assert time.monotonic() < deadline, "heartbeat not applied"
+                    time.sleep(0.002)
             assert not b.send(2, [10, 11]).rejected
             assert b.send(3, [10]).rejected  # wrong datanode on b's stream
             assert running.sample("supervisor_heartbeat_streams") == 2

@@ -1,4 +1,4 @@
-"""Dump pages encoded with numpy (`supervisor_service.dumpcodec`) are the rows `pb.DetectorState` would give."""
+"""Dump pages encoded with numpy (`supervisor_service.edge.dumpcodec`) are the rows `pb.DetectorState` would give."""
 
 from __future__ import annotations
 
@@ -40,6 +40,34 @@ def test_encode_rows_extremes():
     assert encode_rows(b"", np.array([], dtype=np.uint64), np.array([]), []) == b""
 
 
+def reference_rows(snapshot, at: int, only_failed: bool) -> list[pb.DetectorState]:
+    """The rows of a dump one message at a time, in the order DumpPages shows them: the
+    reference the numpy encoding is tested against."""
+    threshold, counts, migrating = snapshot.threshold, snapshot.failover_counts, snapshot.migrating
+    rows = []
+    for node in snapshot.nodes:
+        for region_id, gid in zip(node.regions.tolist(), node.gids.tolist()):
+            grp = node.groups[gid]
+            phi = grp.phi(at)
+            if only_failed and phi < threshold:
+                continue
+            rows.append(
+                pb.DetectorState(
+                    datanode_id=node.datanode_id,
+                    region_id=region_id,
+                    last_heartbeat_millis=grp.last,
+                    phi=phi,
+                    available=phi < threshold,
+                    sample_count=grp.samples,
+                    mean_interval_millis=grp.observed_mean,
+                    std_deviation_millis=grp.observed_std,
+                    failover_count=counts.get((node.datanode_id, region_id), 0),
+                    migrating=region_id in migrating,
+                )
+            )
+    return rows
+
+
 region_ids = st.one_of(st.integers(0, 300), st.integers(0, U64_MAX))
 
 
@@ -71,7 +99,7 @@ def test_encoded_pages_equal_row_by_row_pages(heartbeats, at, only_failed, page_
     dump = DumpPages(snapshot, ts + at, only_failed)
     header = dict(is_leader=True, at_millis=ts + at, total=dump.total, holds=["warmup"])
     encoded = [build() for build in dump.pages(page_size, header)]
-    reference = [row for node, phis, positions in dump._nodes for row in dump._rows(node, phis, positions)]
+    reference = reference_rows(snapshot, ts + at, only_failed)
     assert [row for page in encoded for row in page.detectors] == reference
     assert all(len(page.detectors) <= page_size for page in encoded)
     assert all(p.total == dump.total and p.is_leader and list(p.holds) == ["warmup"] for p in encoded)
