@@ -133,10 +133,8 @@ class StateStore:
             return self._health.gone is None and self._left_uncommitted == 0 and self._queue.all_answered()
         left = self._queue.abandon()
         self._interrupt.set()
-        error = StoreError(
-            f"state store unavailable: not committed at shutdown ({self._health.last_error or 'the store did not answer'})",
-            reason="shutdown",
-        )
+        why = self._health.last_error or "the store did not answer"
+        error = StoreError(f"state store unavailable: not committed at shutdown ({why})", reason="shutdown")
         self._health.count_error(error.reason, len(left))
         for item in left:
             self._call(item, error)
