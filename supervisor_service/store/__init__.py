@@ -15,7 +15,6 @@ from supervisor_service.store.codec import (
     encode,
 )
 from supervisor_service.store.etcd import (
-    EtcdConnection,
     EtcdKV,
 )
 from supervisor_service.store.health import (
@@ -23,7 +22,6 @@ from supervisor_service.store.health import (
 )
 from supervisor_service.store.kv import (
     KV,
-    Fence,
     FencedOut,
     MemoryKV,
     StoreError,
@@ -42,13 +40,11 @@ from supervisor_service.store.writer import (
 )
 
 __all__ = [
+    "Encoding",
+    "EtcdKV",
+    "FencedOut",
     "KV",
     "MAX_PENDING_WRITES",
-    "Encoding",
-    "EtcdConnection",
-    "EtcdKV",
-    "Fence",
-    "FencedOut",
     "MemoryKV",
     "Mirror",
     "SqliteKV",

@@ -1,4 +1,4 @@
-"""The writes handed to the state store and not yet done with: a bounded queue, each write answered exactly once.
+"""The writes handed to the state store and not yet done with: bounded, each answered once (docs/design.md §6).
 
 Any thread adds writes; the store's writer thread takes runs of them to
 commit. A write is answered (its `on_durable` called) by whoever claims it
