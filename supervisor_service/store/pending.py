@@ -9,13 +9,16 @@ books; the callers answer, outside its lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from supervisor_service.core import Change
-from supervisor_service.store.kv import StoreError
+from supervisor_service.core import Change, describe
+from supervisor_service.store.kv import FencedOut, StoreError
+
+log = logging.getLogger("supervisor_service.store")
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +31,33 @@ class PendingWrite:
     sending: bool = False  # an attempt is with the backend now
     ambiguous: bool = False  # an attempt failed without saying whether it committed
     answered: bool = False  # on_durable was called (or is being called): never again
+
+    def answer(self, exc: BaseException | None) -> None:
+        """Call `on_durable` (once claimed). A failing callback is logged, never allowed to end the writer
+        thread (the writes behind it would then be silently left uncommitted)."""
+        if self.on_durable is not None:
+            try:
+                self.on_durable(exc)
+            except Exception as error:  # noqa: BLE001 - the caller's bug, not the store's
+                log.error("store_callback_failed", exc_info=error, extra={"fields": {"error": describe(error)}})
+
+    def term_ended(self) -> FencedOut:
+        """The answer when this replica's leadership of the write's term ended first."""
+        if self.sending or self.ambiguous:
+            return FencedOut(
+                f"may not have been committed: leadership of term {self.term} ended before the state store "
+                "confirmed this write; retry against the current leader", definite=False, reason="term_ended")
+        return FencedOut(
+            f"not committed: leadership of term {self.term} ended before this write reached the state store; "
+            "retry against the current leader", reason="term_ended")
+
+    def fenced(self, term: int | None, exc: FencedOut) -> FencedOut:
+        """The answer when the store refused the write's term (another replica leads)."""
+        if not self.ambiguous:
+            return FencedOut(f"not committed: term {term} no longer holds in the state store (another replica "
+                             f"leads); retry against the current leader ({exc})")
+        return FencedOut(f"may not have been committed: term {term} no longer holds in the state store and an "
+                         f"earlier attempt went unanswered; retry against the current leader ({exc})", definite=False)
 
 
 def _claim(items: Iterable[PendingWrite]) -> list[PendingWrite]:

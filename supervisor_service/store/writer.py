@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from supervisor_service.core import Change, StoredState, describe, log_event
+from supervisor_service.core import Change, StoredState, log_event
 from supervisor_service.store.codec import MAINTENANCE_KEY, Encoding, Mirror, decode_maintenance, decode_state, encode
 from supervisor_service.store.health import StoreHealth, StoreMetrics
 from supervisor_service.store.kv import KV, Fence, FencedOut, StoreError, StoreGone
@@ -137,7 +137,7 @@ class StateStore:
         error = StoreError(f"state store unavailable: not committed at shutdown ({why})", reason="shutdown")
         self._health.count_error(error.reason, len(left))
         for item in left:
-            self._call(item, error)
+            item.answer(error)
         return not left
 
     def close(self) -> None:
@@ -182,7 +182,7 @@ class StateStore:
         item.answered = True
         if refused.reason == "queue_full":
             self._health.queue_full(refused, len(self._queue), self._queue.capacity)
-        self._call(item, refused)
+        item.answer(refused)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything submitted so far is committed (for tests and shutdown)."""
@@ -278,7 +278,7 @@ class StateStore:
         self.commits += 1
         self._health.committed()
         for item in answer:
-            self._call(item, None)
+            item.answer(None)
         return True
 
     def _encoder(self, mirror: Mirror) -> Callable[[Sequence[Sequence[Change]]], Encoding]:
@@ -312,15 +312,6 @@ class StateStore:
 
     # ------------------------------------------------------------ outcomes
 
-    def _ended(self, item: PendingWrite) -> FencedOut:
-        if item.sending or item.ambiguous:
-            return FencedOut(
-                f"may not have been committed: leadership of term {item.term} ended before the state store "
-                "confirmed this write; retry against the current leader", definite=False, reason="term_ended")
-        return FencedOut(
-            f"not committed: leadership of term {item.term} ended before this write reached the state store; "
-            "retry against the current leader", reason="term_ended")
-
     def _drop(self, ended: list[PendingWrite]) -> None:
         """Answer writes whose term ended (already claimed by the caller)."""
         if not ended:
@@ -329,7 +320,7 @@ class StateStore:
         log_event(log, logging.WARNING, "store_writes_dropped", reason="term_ended", writes=len(ended),
                   terms=",".join(sorted({str(item.term) for item in ended})))
         for item in ended:
-            self._call(item, self._ended(item))
+            item.answer(item.term_ended())
         self._health.recovered_if(self._queue.all_answered)
 
     def _fenced(self, batch: list[PendingWrite], exc: FencedOut, term: int | None) -> None:
@@ -337,12 +328,7 @@ class StateStore:
         answer = self._queue.done(batch)
         self._health.count_error(exc.reason, len(batch))
         for item in answer:
-            self._call(item, FencedOut(
-                f"not committed: term {term} no longer holds in the state store (another replica leads); "
-                f"retry against the current leader ({exc})" if not item.ambiguous else
-                f"may not have been committed: term {term} no longer holds in the state store and an earlier "
-                f"attempt went unanswered; retry against the current leader ({exc})",
-                definite=not item.ambiguous))
+            item.answer(item.fenced(term, exc))
         self._health.recovered_if(self._queue.all_answered)
         still_held = term is not None and self._holds_term(term)
         if still_held and self._on_fenced is not None:
@@ -355,16 +341,6 @@ class StateStore:
             return
         self._health.store_gone(exc, len(answer))
         for item in answer:
-            self._call(item, exc)
+            item.answer(exc)
         if self._on_gone is not None:
             self._on_gone(exc)
-
-    @staticmethod
-    def _call(item: PendingWrite, exc: BaseException | None) -> None:
-        """Answer one write. A failing callback is logged, never allowed to end the writer thread
-        (the writes behind it would then be silently left uncommitted)."""
-        if item.on_durable is not None:
-            try:
-                item.on_durable(exc)
-            except Exception as error:  # noqa: BLE001 - the caller's bug, not the store's
-                log.error("store_callback_failed", exc_info=error, extra={"fields": {"error": describe(error)}})
