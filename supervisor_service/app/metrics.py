@@ -263,7 +263,7 @@ class Metrics:
         self.store_errors = Counter(
             "supervisor_store_errors",
             "State store failures, by reason (disk_full, read_only, io_error, busy, sqlite, etcd, gone, "
-            "fenced, term_ended, shutdown).",
+            "fenced, term_ended, shutdown, queue_full).",
             ["reason"],
             registry=r,
         )

@@ -1,10 +1,11 @@
-"""Wiring and lifecycle of the whole service.
+"""Lifecycle of the whole service: start, leadership transitions, health, shutdown (docs/design.md §9, §10).
 
-`Service` builds every component from `Settings`, starts them, and shuts
-them down in a fixed order, once, within a time budget:
-health NOT_SERVING -> stop accepting RPCs (grace period) -> stop the ticker
--> drain and stop the supervisor thread -> close remote channels -> stop the
-metrics server. Signal handlers live in `cli.main`, not here.
+`Service` has its parts built from `Settings` (`app/wiring.py`), starts
+them, runs the leadership transitions one at a time, and shuts them down in
+a fixed order, once, within a time budget: health NOT_SERVING -> stop
+accepting RPCs (grace period) -> stop the ticker -> drain and stop the
+supervisor thread -> close remote channels -> stop the metrics server.
+Signal handlers live in `cli.main`, not here.
 """
 
 from __future__ import annotations
@@ -17,54 +18,19 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from supervisor_service.app.metrics import Metrics
-from supervisor_service.app.metrics_http import MetricsHTTPServer
 from supervisor_service.app.settings import Settings
-from supervisor_service.cluster import EtcdElection, Leadership, SingleLeadership
-from supervisor_service.core import (
-    BecomeLeader,
-    Clock,
-    CoreStatus,
-    Guards,
-    JournalAppend,
-    LoseLeadership,
-    StoredState,
-    Supervisor,
-    SystemClock,
-    TermSet,
-    log_event,
-)
-from supervisor_service.edge import RegionSupervisorServicer, build_server, set_health
-from supervisor_service.remotes import PeerDirectory, Remotes, build_remotes
-from supervisor_service.runtime import EventQueue, SupervisorRuntime, Ticker
-from supervisor_service.store import KV, EtcdKV, StateStore, StoreError, StoreGone, open_kv
+from supervisor_service.app.wiring import Hooks, bind_grpc, build_edge, build_parts, serve_metrics
+from supervisor_service.cluster import SingleLeadership
+from supervisor_service.core import BecomeLeader, Clock, LoseLeadership, StoredState, TermSet, log_event
+from supervisor_service.edge import RegionSupervisorServicer, set_health
+from supervisor_service.remotes import Remotes
+from supervisor_service.store import KV, StoreError, StoreGone
 
 log = logging.getLogger("supervisor_service.app")
 
 EXIT_SUPERVISOR_DIED = 70  # EX_SOFTWARE
 EXIT_STORE_GONE = 74  # EX_IOERR: the state store was deleted or replaced while the service ran
 EXIT_STORE_UNCOMMITTED = 75  # EX_TEMPFAIL: shutdown could not commit pending state (the store kept failing)
-
-
-def _status_of(supervisor: Supervisor) -> CoreStatus:
-    """Temporary adapter until the core publishes CoreStatus: built from the attributes the edge
-    used to read. With the guards off it knows only the maintenance hold (the warm-up state is
-    the supervisor thread's alone)."""
-    guards = supervisor.guards
-    if guards is not None:
-        holds, fraction = guards.active_holds, guards.mass_failure_fraction
-    else:
-        holds, fraction = ("maintenance",) if supervisor.maintenance else (), 0.0
-    return CoreStatus(
-        is_leader=supervisor.is_leader,
-        term=supervisor.leader_term,
-        maintenance=supervisor.maintenance,
-        maintenance_until_ms=supervisor.maintenance_until_ms,
-        datanode_maintenance=tuple(sorted(supervisor.datanode_maintenance.items())),
-        holds=holds,
-        failed_datanode_fraction=fraction,
-        guards_enabled=guards is not None,
-    )
 
 
 @dataclass
@@ -74,6 +40,8 @@ class Addresses:
 
 
 class Service:
+    """One replica: its parts (`app/wiring.py`), started, led and stopped in order."""
+
     def __init__(
         self,
         settings: Settings,
@@ -83,68 +51,21 @@ class Service:
         remotes: Remotes | None = None,
         kv: KV | None = None,
     ) -> None:
-        self.settings = s = settings
-        self.clock = clock or SystemClock()
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
-        self.queue = EventQueue(
-            s.event_queue_size,
-            max_heartbeat_bytes=s.max_queued_heartbeat_bytes,
-            datanode_fraction=s.max_queue_fraction_per_datanode,
+        self.settings = settings
+        hooks = Hooks(
+            on_elected=self._on_elected,
+            on_lost=self._on_lost,
+            next_single_term=self._next_single_term,
+            step_down=self._step_down,
+            on_store_health=self._on_store_health,
+            on_store_gone=self._on_store_gone,
+            on_supervisor_death=self._on_supervisor_death,
         )
-        self.metrics.bind_queue(lambda: len(self.queue), self.queue.oldest_age)
-        self.metrics.queue_heartbeat_bytes.set_function(lambda: self.queue.heartbeat_bytes)
-        # A lower node_epoch is a new life once the newest has been silent as long as a detector tolerates.
-        self.directory = PeerDirectory(self.clock, new_life_after_ms=s.acceptable_heartbeat_pause_ms)
-        self.kv = kv if kv is not None else open_kv(s.store, s.data_dir, allow_new_store=s.allow_new_store)
-        self.store = StateStore(
-            self.kv,
-            s.store_prefix,
-            flush_interval_s=s.store_flush_interval_ms / 1000,
-            journal_capacity=s.journal_capacity,
-            on_fenced=lambda: self._step_down("a store write was fenced: another replica leads"),
-            holds_term=lambda term: self.leadership is not None and self.leadership.holds(term),
-            on_health=self._on_store_health,
-            on_gone=self._on_store_gone,
-            metrics=self.metrics,
-        )
-        self.remotes = remotes or build_remotes(
-            clock=self.clock,
-            directory=self.directory,
-            selector_endpoint=s.selector_endpoint,
-            peer_lookup_endpoint=s.peer_lookup_endpoint,
-            region_migration_endpoint=s.region_migration_endpoint,
-            timeout_s=s.remote_timeout_ms / 1000,
-            alive_window_ms=s.selector_alive_window,
-            journal_capacity=s.journal_capacity,
-        )
-        if self.remotes.journal is not None:
-            self.remotes.journal.set_persist(
-                lambda entry, term: self.store.submit([JournalAppend(entry, term)], term=term)
-            )
-        self.leadership: Leadership | None = None  # built in start, once the address is known
-        self.supervisor = Supervisor(
-            s.detector_options(),
-            self.metrics,
-            s.failover_policy(),
-            is_leader=False,
-            leader_term=0,
-            guards=Guards(gs) if (gs := s.guard_settings()) is not None else None,
-            clock_base=self.clock.base(),
-        )
-        self.runtime = SupervisorRuntime(
-            self.supervisor,
-            self.queue,
-            self.clock,
-            self.metrics,
-            self.remotes,
-            workers=s.failover_workers,
-            on_death=self._on_supervisor_death,
-            store=self.store,
-            is_leader=lambda: self.leadership is not None and self.leadership.is_leader(),
-            on_fenced=self._step_down,
-        )
-        self.ticker = Ticker(self.queue, self.runtime, self.clock, self.metrics, s.tick_interval_ms / 1000)
+        self.parts = p = build_parts(settings, hooks, clock=clock, registry=registry, remotes=remotes, kv=kv)
+        self.clock, self.registry, self.metrics = p.clock, p.registry, p.metrics
+        self.queue, self.directory, self.remotes = p.queue, p.directory, p.remotes
+        self.kv, self.leadership, self.store = p.kv, p.leadership, p.store
+        self.supervisor, self.runtime, self.ticker = p.supervisor, p.runtime, p.ticker
         self.servicer: RegionSupervisorServicer | None = None
         # The grpc.aio server and health servicer belong to the event loop that runs
         # them, so they are built in `start`.
@@ -172,47 +93,14 @@ class Service:
         self._start_ticker = start_ticker
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
-        host, _, _ = s.grpc_addr.rpartition(":")
-        self.leadership = self._build_leadership()
-        self.servicer = RegionSupervisorServicer(
-            settings=s,
-            queue=self.queue,
-            status=lambda: _status_of(self.supervisor),  # TODO: self.supervisor.status once the core publishes it
-            clock=self.clock,
-            metrics=self.metrics,
-            directory=self.directory,
-            journal=self.remotes.journal,
-            leadership=self.leadership,
-            store=self.store,
-        )
-        self.server, self.health = build_server(self.servicer, s)
-        try:
-            port = self.server.add_insecure_port(s.grpc_addr)
-        except RuntimeError:  # grpc.aio raises where the sync server returned 0
-            port = 0
-        if port == 0:
-            raise OSError(f"cannot listen on {s.grpc_addr} (setting grpc_addr): address in use or not assignable")
-        self.addresses.grpc = f"{host}:{port}"
-        self._advertise = s.advertise_addr or self.addresses.grpc
-        if s.metrics_addr:
-            mhost, _, mport = s.metrics_addr.rpartition(":")
-            try:
-                self._metrics_server = MetricsHTTPServer(
-                    self.registry, mhost.strip("[]"), int(mport),
-                    max_connections=s.metrics_max_connections,
-                    timeout_s=s.metrics_timeout_ms / 1000,
-                    on_drop=lambda reason: self.metrics.metrics_http_errors.labels(reason=reason).inc(),
-                    on_open=self.metrics.metrics_http_connections.set,
-                ).start()
-            except OSError as exc:
-                raise OSError(
-                    f"cannot serve metrics on {s.metrics_addr} (setting metrics_addr): {exc.strerror or exc}"
-                ) from None
-            self.addresses.metrics = f"{mhost}:{self._metrics_server.server_port}"
+        self.servicer, self.server, self.health = build_edge(s, self.parts)
+        self.addresses.grpc = bind_grpc(self.server, s.grpc_addr)
+        advertise = s.advertise_addr or self.addresses.grpc
+        self._metrics_server, self.addresses.metrics = serve_metrics(s, self.parts)
         self.store.start()
         self.runtime.start()
         await self.server.start()
-        self.leadership.advertise_addr = self._advertise  # the bound port, when grpc_addr asked for port 0
+        self.leadership.advertise_addr = advertise  # the bound port, when grpc_addr asked for port 0
         # Off the event loop: a single replica reads its store and commits its new term here, and
         # the loop must go on answering (and hear a SIGTERM) meanwhile.
         await asyncio.get_running_loop().run_in_executor(None, self.leadership.start)
@@ -235,20 +123,6 @@ class Service:
                 log_event(log, logging.WARNING, "embedded_service_in_use", service=name,
                           meaning=_EMBEDDED_MEANING[name])
         return self.addresses
-
-    def _build_leadership(self) -> Leadership:
-        s = self.settings
-        if isinstance(self.kv, EtcdKV):
-            return EtcdElection(
-                self.kv, s.store_prefix, s.advertise_addr, s.leader_lease_ttl_ms,
-                on_elected=self._on_elected, on_lost=self._on_lost,
-            )
-        return SingleLeadership(
-            s.advertised,
-            next_term=self._next_single_term,
-            on_elected=self._on_elected,
-            on_lost=self._on_lost,
-        )
 
     def _next_single_term(self) -> int:
         """Bump the stored term before anything is submitted under it. It never goes back: it is
@@ -290,7 +164,7 @@ class Service:
         if self.settings.initialization_delay_ms:
             time.sleep(self.settings.initialization_delay_ms / 1000)
         state = self._load_state()
-        if self.leadership is None or not self.leadership.is_leader() or self.leadership.term != term:
+        if not self.leadership.is_leader() or self.leadership.term != term:
             return  # lost it while loading
         if self.remotes.journal is not None:
             self.remotes.journal.restore(state.journal, state.journal_term)
@@ -304,11 +178,10 @@ class Service:
             self.queue.put_control(LoseLeadership())
 
     def _step_down(self, reason: str = "") -> None:
-        if self.leadership is not None:
-            self.leadership.step_down(reason or "fenced")
-            if isinstance(self.leadership, SingleLeadership):
-                # The only replica will not lead again in this life: it must not look healthy.
-                self._set_unhealthy("leadership", reason or "fenced")
+        self.leadership.step_down(reason or "fenced")
+        if isinstance(self.leadership, SingleLeadership):
+            # The only replica will not lead again in this life: it must not look healthy.
+            self._set_unhealthy("leadership", reason or "fenced")
 
     # ------------------------------------------------------------ health
 
@@ -399,8 +272,7 @@ class Service:
         loop = asyncio.get_running_loop()
         # Commit what was handled while this replica's term still holds (etcd: before the lease goes).
         await loop.run_in_executor(None, self._flush_quietly, min(remaining(), 2.0))
-        if self.leadership is not None:
-            await loop.run_in_executor(None, self.leadership.resign)
+        await loop.run_in_executor(None, self.leadership.resign)
         self._transitions.shutdown(wait=False, cancel_futures=True)
         drained = self.runtime.stop(timeout=remaining())
         committed = self.store.stop(timeout=remaining())

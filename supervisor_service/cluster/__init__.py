@@ -1,4 +1,4 @@
-"""Leadership: one replica alone, or a lease election on etcd."""
+"""Who leads: one replica alone, or a lease election on etcd; `open_cluster` opens a store with its leadership."""
 
 from supervisor_service.cluster.etcd import (
     EtcdElection,
@@ -7,9 +7,13 @@ from supervisor_service.cluster.leadership import (
     Leadership,
     SingleLeadership,
 )
+from supervisor_service.cluster.open import (
+    open_cluster,
+)
 
 __all__ = [
     "EtcdElection",
     "Leadership",
     "SingleLeadership",
+    "open_cluster",
 ]

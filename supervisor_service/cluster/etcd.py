@@ -1,4 +1,14 @@
-"""Leader election on etcd: a lease, a campaign key whose create revision is the leader term."""
+"""Leader election on etcd: a lease, a campaign key whose create revision is the leader term (docs/design.md §6).
+
+A replica becomes leader by creating `<prefix>/leader` (value: its advertised
+address) under a lease, in a transaction that succeeds only if the key does
+not exist. The leader term is the revision of that write, so it grows with
+every new leadership. The leader renews the lease every ttl/3 and considers
+itself leader only until `last renewal sent + ttl - margin`: it steps down
+before the lease can expire at the server, so two leaders never act at once.
+The store's writes are fenced by the same key (`store/etcd.py`). The election
+runs on the store's etcd connection (`EtcdConnection`), on its event loop.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Who leads. One replica (SQLite or memory store) always does; several elect one through etcd.
 
 Both implementations answer `is_leader()`, `leader_addr()` and `term` from
-any thread; `EtcdElection` lives in `supervisor_service.etcd`.
+any thread; `EtcdElection` is in `cluster/etcd.py`, and `open_cluster`
+(`cluster/open.py`) picks one of them with the store they go with.
 """
 
 from __future__ import annotations

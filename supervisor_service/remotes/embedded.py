@@ -73,7 +73,6 @@ class DryRunJournal:
         self._entries: deque[JournalEntry] = deque(maxlen=capacity)
         self._ids = itertools.count(1)
         self._highest_term = 0
-        self.total_recorded = 0
 
     def _answer(self, entry: JournalEntry) -> MigrationResult:
         return MigrationResult(submitted=entry.region_ids, procedure_id=entry.procedure_id)
@@ -107,7 +106,6 @@ class DryRunJournal:
                     request_id=task.request_id,
                 )
             )
-            self.total_recorded += 1
             if self._persist is not None:
                 self._persist(self._entries[-1], self._highest_term)
             return self._answer(self._entries[-1])

@@ -1,13 +1,9 @@
-"""The three services failover needs: PeerLookup, Selector, RegionMigration.
+"""The gRPC clients of the real cluster's PeerLookup, Selector and RegionMigration, and their Peer conversions.
 
-Each has a gRPC client (the real cluster's services) and an embedded
-implementation (so the supervisor runs with nothing else around):
-
-- PeerLookup answers from the datanodes' own heartbeats (`peer_addr`).
-- Selector picks round-robin among datanodes heard from recently.
-- RegionMigration is a dry-run journal: it records each decision and moves nothing.
-
-All are called from failover worker threads, never from the supervisor thread.
+Every call has a deadline and fails with RemoteError (StaleLeaderTerm when
+RegionMigration refuses the leader term). The embedded implementations are
+in `embedded.py`; `build.py` picks one of the two for each service. All are
+called from failover worker threads, never from the supervisor thread.
 """
 
 from __future__ import annotations
@@ -18,17 +14,13 @@ from supervisor_service.core import MigrationResult, MigrationState, MigrationTa
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes.base import RemoteError, StaleLeaderTerm
 
-# ---------------------------------------------------------------- embedded
-
-
-# ---------------------------------------------------------------- gRPC clients
-
 
 def _peer_from_pb(peer: pb.Peer) -> Peer:
     return Peer(peer.id, peer.addr)
 
 
 def peer_to_pb(peer: Peer) -> pb.Peer:
+    """A Peer on the wire (also the edge's, for the journal it reports)."""
     return pb.Peer(id=peer.id, addr=peer.addr)
 
 

@@ -1,19 +1,14 @@
-"""etcd v3 for several replicas: the state store backend and leader election with a lease.
+"""etcd v3 as the state store of several replicas: the client connection and the backend (docs/design.md §6).
 
 aetcd is an asyncio client; it runs here on a private event loop in its own
 thread (`EtcdConnection`), so the store's writer thread and the election
-never share the gRPC server's loop. Several endpoints are tried in turn.
+(`cluster/etcd.py`, which shares the connection) never share the gRPC
+server's loop. Several endpoints are tried in turn.
 
-Election: a replica becomes leader by creating `<prefix>/leader` (value: its
-advertised address) under a lease, in a transaction that succeeds only if the
-key does not exist. The leader term is the revision of that write, so it
-grows with every new leadership. The leader renews the lease every ttl/3 and
-considers itself leader only until `last renewal sent + ttl - margin`: it
-steps down before the lease can expire at the server, so two leaders never
-act at once. Every store write carries the term it was made under and is a
-transaction that also checks that the leader key's create revision is still
-that term: a deposed leader's write is refused (`FencedOut`), however late
-it arrives. There is no unfenced write to etcd.
+Every store write carries the term it was made under and is a transaction
+that also checks that the leader key's create revision is still that term:
+a deposed leader's write is refused (`FencedOut`), however late it arrives.
+There is no unfenced write to etcd.
 """
 
 from __future__ import annotations

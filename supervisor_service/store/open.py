@@ -1,9 +1,10 @@
-"""Opens the backend a `store` setting names."""
+"""Opens the backend a `store` setting names (`sqlite`, `memory`, `etcd://host:port[,host:port]`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from supervisor_service.store.etcd import EtcdKV
 from supervisor_service.store.kv import KV, MemoryKV, StoreError
 from supervisor_service.store.sqlite import SqliteKV
 
@@ -29,7 +30,5 @@ def open_kv(store: str, data_dir: Path, *, allow_new_store: bool = False) -> KV:
     if store == "memory":
         return MemoryKV()
     if store.startswith("etcd://"):
-        from supervisor_service.store.etcd import EtcdKV
-
         return EtcdKV(parse_endpoints(store))
     raise StoreError(f"unknown store {store!r}: use sqlite, memory or etcd://host:port[,host:port]")

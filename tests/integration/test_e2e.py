@@ -295,9 +295,8 @@ def test_embedded_services_journal_the_failover(service, cluster_factory):
 def test_heartbeat_responses_name_the_bound_leader_address(service, cluster_factory):
     """A single replica on port 0 must tell clients the address it is bound to, not "127.0.0.1:0".
 
-    Fails today: `Service.start` builds `SingleLeadership(s.advertise_addr or s.grpc_addr)` before the
-    port is bound (supervisor_service/app.py, `_build_leadership`), and only an `EtcdElection` is told
-    the bound address afterwards.
+    The leadership is built (`open_cluster`) before the port is bound; `Service.start` gives it the
+    bound address before it starts, whichever kind it is.
     """
     svc = service(**FAST)
     cluster = cluster_factory(svc.addresses.grpc)

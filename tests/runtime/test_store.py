@@ -1,4 +1,6 @@
-"""The state store: encoding of every change, group commits, journal trimming, etcd backend and fencing."""
+"""The state store's writer: group commits, transaction boundaries, fencing, the bounded queue, and one
+failover decision as one transaction. (The codec alone: tests/unit/test_store_codec.py; a real etcd:
+tests/integration/test_store_etcd.py.)"""
 
 from __future__ import annotations
 
@@ -8,27 +10,37 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
+from supervisor_service.app.metrics import Metrics
 from supervisor_service.core import (
     ClockMark,
     CountsDrop,
     CountsSet,
-    FakeClock,
+    FailoverPolicy,
+    Heartbeat,
     InFlightDrop,
     InFlightRecord,
     InFlightSet,
     JournalAppend,
     JournalEntry,
     MaintenanceSet,
-    MigrationTask,
+    MigrationResult,
     Peer,
+    PhiAccrualOptions,
     RegistryAdd,
     RegistryRemove,
+    SelectionDone,
+    SelectPeers,
+    SubmissionDone,
+    SubmitMigration,
+    Supervisor,
     TermSet,
+    Tick,
 )
-from supervisor_service.remotes import DryRunJournal, StaleLeaderTerm
-from supervisor_service.store import FencedOut, MemoryKV, StateStore, decode_maintenance, parse_endpoints
-from tests.support.servers import EtcdServer
+from supervisor_service.store import EtcdKV, FencedOut, MemoryKV, StateStore, StoreError
+from supervisor_service.store.txn import txn_bytes  # internal to the writer: how it measures a transaction
+from tests.support import store_golden as golden
 
 
 def _u64(*ids: int) -> np.ndarray:
@@ -121,101 +133,25 @@ def test_changes_submitted_together_are_one_commit():
     store.stop(5)
 
 
-def test_first_formats_still_read():
-    """Maintenance without a mark, and in-flight records of one key per region (read for their upgrade)."""
-    import json
-
-    from supervisor_service.core import LegacyInFlight
-    from supervisor_service.store import decode_state
-
-    raw = {
-        "/c/maintenance": json.dumps({"enabled": True, "until_ms": 9, "datanodes": [[4, 7]]}).encode(),
-        f"/c/inflight/{5:020d}": json.dumps({"datanode_id": 1, "procedure_id": "p", "deadline_ms": 8}).encode(),
-    }
-    state = decode_state(raw, "/c/")
-    assert (state.maintenance, state.maintenance_until_ms, state.datanode_maintenance) == (True, 9, {4: 7})
-    assert state.maintenance_mark is None
-    assert state.inflight == {} and state.legacy_inflight == {f"{5:020d}": LegacyInFlight(5, 1, "p", 8)}
-
-
-def test_first_maintenance_format_still_reads():
-    assert decode_maintenance(b"1") == (True, 0, {})
-    assert decode_maintenance(b"0") == (False, 0, {})
-    assert decode_maintenance(None) == (False, 0, {})
-
-
-def test_parse_endpoints_names_the_bad_part():
-    assert parse_endpoints("etcd://a:1,b:2") == [("a", 1), ("b", 2)]
-    with pytest.raises(ValueError, match="'b'"):
-        parse_endpoints("etcd://a:1,b")
-
-
-def test_dry_run_journal_fences_a_lower_term():
-    journal = DryRunJournal(FakeClock())
-    task = MigrationTask(1, 1, Peer(1), Peer(2), (10,), 120_000, leader_term=5)
-    journal.submit(task)
-    with pytest.raises(StaleLeaderTerm):
-        journal.submit(MigrationTask(2, 1, Peer(1), Peer(2), (11,), 120_000, leader_term=4))
-    journal.restore([], highest_term=9)
-    with pytest.raises(StaleLeaderTerm):
-        journal.submit(task)
-
-
-# ---------------------------------------------------------------- etcd
-
-
-@pytest.mark.realtime
-def test_etcd_kv_commits_reads_and_fences_every_write(tmp_path):
-    from supervisor_service.store import EtcdKV
-
-    etcd = EtcdServer(str(tmp_path))
-    kv = EtcdKV(parse_endpoints(f"etcd://{etcd.endpoint}"))
-    try:
-        term = kv.conn.run(_put_leader(kv, b"/p/leader"))
-        fence = ("/p/leader", term)
-        puts = {f"/p/k{i:04d}": str(i).encode() for i in range(kv.max_ops)}  # the most one transaction takes
-        kv.commit(puts, set(), fence)
-        assert {k: v for k, v in kv.read_prefix("/p/k").items()} == puts
-        kv.commit({}, {"/p/k0000"}, fence)
-        assert "/p/k0000" not in kv.read_prefix("/p/")
-        # A write without a term, or under a term that is not the leader key's create revision, never lands.
-        with pytest.raises(FencedOut):
-            kv.commit({"/p/x": b"1"}, set())
-        with pytest.raises(FencedOut):
-            kv.commit({"/p/y": b"1"}, set(), ("/p/leader", term + 1000))
-        assert "/p/x" not in kv.read_prefix("/p/") and "/p/y" not in kv.read_prefix("/p/")
-    finally:
-        kv.close()
-        etcd.stop()
-
-
-async def _put_leader(kv, key: bytes) -> int:
-    """Create `key` as an election would; its create revision is the term."""
-    client = await kv.conn.client()
-    await client.put(key, b"test")
-    return (await client.get(key)).create_revision
-
-
-async def _get_revision(kv, key: bytes) -> int:
-    client = await kv.conn.client()
-    return (await client.get(key)).create_revision
-
-
 # ---------------------------------------------------------------- transaction boundaries and fencing
 
 
 class _RecordingKV(MemoryKV):
-    """A MemoryKV with transaction limits that records the keys of every transaction."""
+    """A MemoryKV with transaction limits that records every transaction (one per `commit` call): its keys in
+    `transactions`, its puts and deletes in `log`."""
 
     def __init__(self, max_ops: int | None = None, max_bytes: int | None = None) -> None:
         super().__init__()
         self.max_ops, self.max_bytes = max_ops, max_bytes
         self.transactions: list[set[str]] = []
+        self.log: list[tuple[dict[str, bytes], set[str]]] = []
 
     def commit(self, puts, deletes, fence=None):
         assert self.max_ops is None or len(puts) + len(deletes) <= self.max_ops
+        assert self.max_bytes is None or txn_bytes(puts, deletes) <= self.max_bytes
         super().commit(puts, deletes, fence)
         self.transactions.append(set(puts) | set(deletes))
+        self.log.append((dict(puts), set(deletes)))
 
 
 def _registry_call(first_datanode: int, n: int) -> list:
@@ -293,8 +229,6 @@ def _seeded(kv: MemoryKV, term: int) -> None:
 
 
 def test_write_of_an_ended_term_is_answered_at_once_and_never_retried():
-    from supervisor_service.store import StoreError
-
     kv = _GatedKV()
     _seeded(kv, 1)
     held = {1}
@@ -376,41 +310,6 @@ def _wait_for(predicate, timeout: float = 5) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.realtime
-def test_each_submit_call_is_one_etcd_transaction(tmp_path):
-    """Calls the size of a failover step, many at once: each lands in one revision (one transaction)."""
-    from supervisor_service.store import EtcdKV
-
-    etcd = EtcdServer(str(tmp_path))
-    kv = EtcdKV(parse_endpoints(f"etcd://{etcd.endpoint}"))
-    store = StateStore(kv, "/p", flush_interval_s=0.3)
-    try:
-        term = kv.conn.run(_put_leader(kv, b"/p/leader"))
-        store.load()
-        store.start()
-        calls = [_registry_call(1000 * c, 50) for c in range(6)]  # 300 keys: more than two transactions
-        done = []
-        for changes in calls:
-            e = threading.Event()
-            store.submit(changes, lambda exc, e=e: e.set(), term=term)
-            done.append(e)
-        _wait_all(done)
-        revisions = kv.conn.run(_mod_revisions(kv, "/p/registry/"))
-        for c in range(6):
-            of_call = {revisions[f"/p/registry/{1000 * c + i:020d}"] for i in range(50)}
-            assert len(of_call) == 1, f"call {c} spans revisions {sorted(of_call)}"
-        assert len(set(revisions.values())) == 3  # two calls (100 ops) per transaction of at most 128
-    finally:
-        store.stop(5)
-        kv.close()
-        etcd.stop()
-
-
-async def _mod_revisions(kv, prefix: str) -> dict[str, int]:
-    client = await kv.conn.client()
-    return {item.key.decode(): item.mod_revision for item in await client.get_prefix(prefix.encode())}
-
-
 def test_a_failing_callback_neither_ends_the_writer_nor_hides_uncommitted_writes(caplog):
     """A completion callback that raises (a caller's bug, or a worker pool already shut down) is
     logged; the writer goes on committing what is behind it, and a clean stop says so truthfully."""
@@ -429,3 +328,104 @@ def test_a_failing_callback_neither_ends_the_writer_nor_hides_uncommitted_writes
     assert StateStore(kv, "/cb").load().registry[1].tolist() == [10, 11]
     assert any(r.getMessage() == "store_callback_failed" for r in caplog.records)
     assert store.stop(5)
+
+
+def test_the_writer_stores_the_golden_bytes():
+    """The golden run through the writer, one call per transaction (see tests/support/store_golden.py)."""
+    kv = _RecordingKV()
+    for prefix, calls in ((golden.PREFIX, golden.CALLS), (golden.PREFIX.rstrip("/"), golden.RELOADED_CALLS)):
+        store = StateStore(kv, prefix, flush_interval_s=0, journal_capacity=golden.JOURNAL_CAPACITY)
+        store.load()
+        store.start()
+        try:
+            for changes in calls:
+                _apply(store, changes)
+        finally:
+            store.stop(5)
+    assert kv.log == golden.TRANSACTIONS
+
+
+# ---------------------------------------------------------------- the bounded queue
+
+
+def test_a_full_queue_refuses_a_write_at_once_and_loses_none_it_took(caplog):
+    caplog.set_level(logging.ERROR, logger="supervisor_service.store")
+    kv = _GatedKV()
+    registry = CollectorRegistry()
+    store = StateStore(kv, "/c", flush_interval_s=0, max_pending=3, metrics=Metrics(registry))
+    store.load()
+    store.start()
+    try:
+        kv.gate.clear()  # the store hangs: nothing commits
+        answers: dict[int, list] = {i: [] for i in range(5)}
+        for i in range(5):
+            store.submit([RegistryAdd(1, _u64(i))], answers[i].append)
+            if i == 0:
+                assert kv.entered.wait(5)  # the first is with the backend (still queued until it answers)
+        # The fourth and fifth found three writes queued: refused at once, with an error saying so.
+        for i in (3, 4):
+            [error] = answers[i]
+            assert isinstance(error, StoreError) and error.reason == "queue_full"
+            assert "not committed" in str(error) and "3 writes are already waiting" in str(error)
+        assert all(answers[i] == [] for i in range(3))
+        assert registry.get_sample_value("supervisor_store_errors_total", {"reason": "queue_full"}) == 2
+        assert registry.get_sample_value("supervisor_store_pending_writes") == 3
+        full = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "store_queue_full"]
+        assert full == [{"pending": 3, "max_pending": 3, "error": "the store is not keeping up"}]  # once per interval
+        with pytest.raises(StoreError, match="already waiting"):
+            store.flush()
+        kv.gate.set()
+        _wait_for(lambda: all(answers[i] for i in range(3)))
+        assert all(answers[i] == [None] for i in range(3))
+        assert StateStore(kv, "/c").load().registry[1].tolist() == [0, 1, 2]
+        _apply(store, [RegistryAdd(1, _u64(5))])  # room again
+    finally:
+        store.stop(5)
+
+
+# ---------------------------------------------------------------- one decision, one transaction
+
+
+def test_one_failover_of_a_datanode_is_one_store_transaction():
+    """A datanode of 50,000 regions fails: the decision (the intent of each target's migration) and each
+    accepted submission (its record and the failover counts) are each one KV.commit, within etcd's limits."""
+    kv = _RecordingKV(max_ops=EtcdKV.max_ops, max_bytes=EtcdKV.max_bytes)
+    kv.data["/p/term"] = b"1"
+    store = StateStore(kv, "/p", flush_interval_s=0)
+    store.load()
+    store.start()
+    sup = Supervisor(PhiAccrualOptions(), Metrics(CollectorRegistry()), FailoverPolicy(), leader_term=1)
+
+    def handle(event, now: int) -> list:
+        """As the runtime hands over one event's changes: one submit() under the leader term."""
+        sup.handle(event, now)
+        changes = sup.drain_changes()
+        if changes:
+            store.submit(changes, term=sup.leader_term)
+        store.flush()
+        return sup.drain_outbox()
+
+    try:
+        regions = np.arange(1, 50_001, dtype=np.uint64)
+        for i in range(5):
+            handle(Heartbeat(1, regions, i * 1000), i * 1000)
+        [select] = [e for e in handle(Tick(), 60_000) if isinstance(e, SelectPeers)]
+        assert len(select.job.region_ids) == 50_000
+        targets = (Peer(5, "dn5:4001"), Peer(6, "dn6:4001"))
+        kv.log.clear()
+        effects = handle(SelectionDone(select.job, Peer(1, "dn1:4001"), targets * 25_000), 60_000)
+        tasks = [e.task for e in effects if isinstance(e, SubmitMigration)]
+        assert len(tasks) == 2
+        [(puts, deletes)] = kv.log  # the decision: one transaction
+        assert set(puts) == {f"/p/inflight/{task.request_id}" for task in tasks} and not deletes
+        for task in tasks:
+            kv.log.clear()
+            handle(SubmissionDone(task, MigrationResult(submitted=task.region_ids, procedure_id=f"p-{task.to_peer.id}")),
+                   60_100)
+            [(puts, deletes)] = kv.log  # the accepted submission: one transaction
+            assert set(puts) == {f"/p/inflight/{task.request_id}", "/p/counts/00000000000000000001"}
+        state = StateStore(kv, "/p").load()
+        assert {r.procedure_id for r in state.inflight.values()} == {"p-5", "p-6"}
+        assert len(state.failover_counts) == 50_000
+    finally:
+        store.stop(5)
