@@ -70,10 +70,10 @@ from supervisor_service.core.options import (
     FailoverPolicy,
     GuardSettings,
 )
-from supervisor_service.core.supervisor import (
-    DumpSnapshot,
-    Supervisor,
-)
+from supervisor_service.core.ports import CoreMetrics
+from supervisor_service.core.snapshot import DumpSnapshot
+from supervisor_service.core.status import CoreStatus
+from supervisor_service.core.supervisor import Supervisor
 from supervisor_service.core.table import (
     DetectorTable,
     as_region_array,
@@ -95,6 +95,8 @@ __all__ = [
     "Clear",
     "Clock",
     "ClockMark",
+    "CoreMetrics",
+    "CoreStatus",
     "CountsDrop",
     "CountsSet",
     "DONE_CATEGORIES",
