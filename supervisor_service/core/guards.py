@@ -229,7 +229,3 @@ class Guards:
     def flapping(self) -> set[int]:
         """Datanodes that came back `flap_threshold` times or more within the window."""
         return {d for d, node in self._nodes.items() if len(node.recoveries) >= self.s.flap_threshold}
-
-
-# Reasons to hold all failover on a tick (the order is the order they are checked in).
-HOLD_REASONS = ("maintenance", "warmup", "local_pause", "overload", "mass_failure")

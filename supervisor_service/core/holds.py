@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from supervisor_service.core.guards import HOLD_REASONS, Guards
+from supervisor_service.core.guards import Guards
 from supervisor_service.core.logs import log_event
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.options import FailoverPolicy
 from supervisor_service.core.ports import CoreMetrics
 
 log = logging.getLogger("supervisor_service.supervisor")
+
+# Reasons to hold all failover on a tick (the order is the order they are checked in).
+HOLD_REASONS = ("maintenance", "warmup", "local_pause", "overload", "mass_failure")
 
 
 class HoldLog:

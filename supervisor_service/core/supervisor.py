@@ -92,27 +92,24 @@ class Supervisor:
         # Durations that outlive this process are stored with a mark of this clock (see ClockBase).
         clock = clock_base or ClockBase()
         out = self._out = Outbox()
-        ids = Ids()
-        held_log = HoldLog(policy)
-        self._leadership = Leadership(metrics, is_leader, leader_term)
-        backoff = ResubmitBackoff(policy)
-        self._registry = registry = Registry(self.table, policy, out, backoff)
-        self._detection = detection = Detection(self.table, metrics)
-        self._maintenance = Maintenance(policy, metrics, clock, detection, out, maintenance)
-        self._warmup = Warmup(policy)
-        self._holds = Holds(metrics, self._maintenance, self._warmup, guards)
-        self._inflight = inflight = InFlight()
-        self._migrations = Migrations(policy, metrics, out, inflight, registry, backoff, self._maintenance,
-                                      self._leadership, ids, clock, held_log)
-        self._planner = Planner(metrics, out, registry, detection, self._maintenance, self._holds, guards, inflight,
-                                backoff, ids, held_log)
-        self._targets = TargetSelection(policy, metrics, registry, self._maintenance, self._holds, guards, inflight,
-                                        self._migrations, self._leadership, ids, held_log)
-        self._recovery = Recovery(policy, metrics, out, self._leadership, registry, detection, self._maintenance,
-                                  self._planner, inflight, self._migrations, backoff, self._warmup, self._holds,
-                                  guards, ids, clock)
-        self._backoff = backoff
-        self._snapshots = Snapshots(registry, inflight, self._leadership, self._maintenance, self._holds, guards)
+        ids, held_log = Ids(), HoldLog(policy)
+        leadership = self._leadership = Leadership(metrics, is_leader, leader_term)
+        backoff = self._backoff = ResubmitBackoff(policy)
+        registry = self._registry = Registry(self.table, policy, out, backoff)
+        detection = self._detection = Detection(self.table, metrics)
+        maint = self._maintenance = Maintenance(policy, metrics, clock, detection, out, maintenance)
+        warmup = self._warmup = Warmup(policy)
+        holds = self._holds = Holds(metrics, maint, warmup, guards)
+        inflight = self._inflight = InFlight()
+        migrations = self._migrations = Migrations(policy, metrics, out, inflight, registry, backoff, maint,
+                                                   leadership, ids, clock, held_log)
+        planner = self._planner = Planner(metrics, out, registry, detection, maint, holds, guards, inflight, backoff,
+                                          ids, held_log)
+        self._targets = TargetSelection(policy, metrics, registry, maint, holds, guards, inflight, migrations,
+                                        leadership, ids, held_log)
+        self._recovery = Recovery(policy, metrics, out, leadership, registry, detection, maint, planner, inflight,
+                                  migrations, backoff, warmup, holds, guards, ids, clock)
+        self._snapshots = Snapshots(registry, inflight, leadership, maint, holds, guards)
         self.status: CoreStatus = self._snapshots.status()
         """The status as of the last event (replaced, never changed: any thread may read it)."""
 
