@@ -8,9 +8,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
 def describe(exc: BaseException) -> str:
     """An exception in words for a log line or an answer: its message, or its type when it has none
     (a timeout or a cancelled call would otherwise log an empty error)."""

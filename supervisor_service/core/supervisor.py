@@ -84,9 +84,7 @@ class Supervisor:
         guards: Guards | None = None,
         clock_base: ClockBase | None = None,
     ) -> None:
-        self.opts = opts
-        self.metrics = metrics
-        self.policy = policy = policy or FailoverPolicy()
+        policy = policy or FailoverPolicy()
         self.table = DetectorTable(opts)
         self.guards = guards
         # Durations that outlive this process are stored with a mark of this clock (see ClockBase).
