@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+
 def describe(exc: BaseException) -> str:
     """An exception in words for a log line or an answer: its message, or its type when it has none
     (a timeout or a cancelled call would otherwise log an empty error)."""
