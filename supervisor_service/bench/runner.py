@@ -251,7 +251,7 @@ class ServiceHost:
         if not self._started.wait(timeout) or self._error is not None:
             raise RuntimeError(f"the service did not start: {self._error!r}")
         deadline = time.monotonic() + timeout
-        while not self.service.supervisor.is_leader:
+        while not self.service.supervisor.status.is_leader:
             if time.monotonic() > deadline:
                 raise RuntimeError("the service did not become leader")
             time.sleep(0.01)

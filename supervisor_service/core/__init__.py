@@ -1,6 +1,8 @@
 """The decisions, pure: the detector and its table, events in, state changes and effects out.
 
-Imports only the standard library and numpy (docs/design.md §9)."""
+Imports only the standard library and numpy (docs/design.md §9). `Supervisor` dispatches each
+event to the concern that owns it (see its module); other threads read only the `CoreStatus`
+it publishes after every event. Metrics are whatever satisfies `CoreMetrics`."""
 
 from supervisor_service.core.changes import (
     Change,
@@ -58,10 +60,10 @@ from supervisor_service.core.events import (
     Tick,
 )
 from supervisor_service.core.guards import (
-    HOLD_REASONS,
     Guards,
     TokenBucket,
 )
+from supervisor_service.core.holds import HOLD_REASONS
 from supervisor_service.core.logs import (
     describe,
     log_event,
@@ -70,11 +72,10 @@ from supervisor_service.core.options import (
     FailoverPolicy,
     GuardSettings,
 )
+from supervisor_service.core.ports import CoreMetrics
+from supervisor_service.core.snapshot import DumpSnapshot
 from supervisor_service.core.status import CoreStatus
-from supervisor_service.core.supervisor import (
-    DumpSnapshot,
-    Supervisor,
-)
+from supervisor_service.core.supervisor import Supervisor
 from supervisor_service.core.table import (
     DetectorTable,
     as_region_array,
@@ -96,6 +97,7 @@ __all__ = [
     "Clear",
     "Clock",
     "ClockMark",
+    "CoreMetrics",
     "CoreStatus",
     "CountsDrop",
     "CountsSet",

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from supervisor_service.core.types import DetectingRegion, Peer
+from supervisor_service.core.types import DetectingRegion, Peer, RegionArray
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +56,7 @@ class LegacyInFlight:
 
 @dataclass(slots=True)
 class StoredState:
-    registry: dict[int, np.ndarray] = field(default_factory=dict)
+    registry: dict[int, RegionArray] = field(default_factory=dict)
     maintenance: bool = False
     maintenance_until_ms: int = 0  # on the writer's clock; see maintenance_mark
     datanode_maintenance: dict[int, int] = field(default_factory=dict)
@@ -78,13 +76,13 @@ class StoredState:
 @dataclass(frozen=True, slots=True)
 class RegistryAdd:
     datanode_id: int
-    region_ids: np.ndarray
+    region_ids: RegionArray
 
 
 @dataclass(frozen=True, slots=True)
 class RegistryRemove:
     datanode_id: int
-    region_ids: np.ndarray
+    region_ids: RegionArray
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from supervisor_service.core.changes import ClockMark
+
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
@@ -24,6 +26,18 @@ class ClockBase:
 
     def monotonic_ms(self, now_ms: int) -> int:
         return now_ms - self.offset_ms
+
+    def mark(self, now_ms: int) -> ClockMark:
+        """Where a duration stored at `now_ms` was measured (see ClockMark)."""
+        return ClockMark(self.boot_id, self.monotonic_ms(now_ms), now_ms)
+
+    def elapsed_since(self, mark: ClockMark | None, now_ms: int) -> int:
+        """Time since `mark` as measured by the machine's monotonic clock, when it was written on this
+        boot; 0 otherwise (another machine, a reboot: the elapsed time is unknowable, and assuming
+        none can only extend what runs, never end it early)."""
+        if mark is None or not mark.boot_id or mark.boot_id != self.boot_id:
+            return 0
+        return max(0, self.monotonic_ms(now_ms) - mark.monotonic_ms)
 
 
 class Clock(Protocol):

@@ -1,4 +1,4 @@
-"""Phi accrual failure detector: the scalar reference (DESIGN.md section 2).
+"""Phi accrual failure detector: the scalar reference (docs/design.md §2).
 
 This is the definition every faster structure is checked against. Time is in
 integer milliseconds. The population variance is computed exactly with

@@ -1,7 +1,8 @@
-"""Typed events of the supervisor thread, the domain types they carry, and the bounded queue.
+"""Typed events of the supervisor thread: one frozen dataclass each, and their union (docs/design.md §3).
 
-Producers (gRPC handlers, the ticker, failover workers) only enqueue; the
-supervisor thread is the single consumer.
+Producers (gRPC handlers, the ticker, failover workers) only enqueue (`runtime.EventQueue`);
+the supervisor thread is the single consumer. An event that carries a `reply` future gets
+the value `Supervisor.handle` returns, once the state changes it made are durable.
 """
 
 from __future__ import annotations
@@ -10,19 +11,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from supervisor_service.core.types import (
     DetectingRegion,
     MigrationResult,
     MigrationState,
     MigrationTask,
     Peer,
+    RegionArray,
     SelectJob,
 )
 
 if TYPE_CHECKING:
-    from supervisor_service.core.changes import StoredState
+    from supervisor_service.core.changes import MaintenanceSet, StoredState
+    from supervisor_service.core.snapshot import DumpSnapshot
 
 
 # ---------------------------------------------------------------- events
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     datanode_id: int
-    region_ids: np.ndarray  # sorted, unique uint64
+    region_ids: RegionArray  # sorted, unique uint64
     ts_millis: int
     received_monotonic: float = 0.0  # Clock.monotonic() at receipt (0: unknown); receipt-to-applied latency
     known_only: bool = False  # refresh only the regions already watched, create none (more than one heartbeat may add)
@@ -40,24 +41,24 @@ class Heartbeat:
 @dataclass(frozen=True, slots=True)
 class Register:
     regions: tuple[DetectingRegion, ...]
-    reply: Future | None = None
+    reply: Future[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Deregister:
     regions: tuple[DetectingRegion, ...]
-    reply: Future | None = None
+    reply: Future[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Reset:
     regions: tuple[DetectingRegion, ...]
-    reply: Future | None = None
+    reply: Future[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Clear:
-    reply: Future | None = None
+    reply: Future[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class Dump:
-    reply: Future
+    reply: Future[DumpSnapshot]
     datanode_ids: frozenset[int] | None = None
 
 
@@ -78,7 +79,7 @@ class SetMaintenance:
     """Global maintenance, or per datanode when `datanode_ids` is set; `ttl_ms` > 0 makes it expire."""
 
     enabled: bool
-    reply: Future | None = None
+    reply: Future[MaintenanceSet] | None = None
     datanode_ids: tuple[int, ...] = ()
     ttl_ms: int = 0
 
@@ -87,7 +88,7 @@ class SetMaintenance:
 class ReleaseHold:
     """An operator lets a held mass failure fail over."""
 
-    reply: Future | None = None
+    reply: Future[bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +157,4 @@ Event = (
     | LoseLeadership
     | Stop
 )
-
-
-# ---------------------------------------------------------------- queue
-
 

@@ -1,4 +1,4 @@
-"""Guards against false and runaway failovers (DESIGN.md section 6).
+"""Guards against false and runaway failovers (docs/design.md §5).
 
 The original supervisor fails over whatever crosses the phi threshold. These
 guards, each borrowed from a system that learnt it the hard way, sit between
@@ -58,8 +58,8 @@ class TokenBucket:
 @dataclass(slots=True)
 class _Datanode:
     failed_since: int | None = None  # first crossing of the current failure
-    recoveries: deque = field(default_factory=deque)  # times it came back
-    failovers: deque = field(default_factory=deque)  # times its regions were submitted
+    recoveries: deque[int] = field(default_factory=deque)  # times it came back
+    failovers: deque[int] = field(default_factory=deque)  # times its regions were submitted
 
 
 class Guards:
@@ -88,7 +88,9 @@ class Guards:
         self._now = 0  # the last tick's time
         self._mass_recovery_until = 0  # a cleared mass failure is still held until then
         self._nodes: dict[int, _Datanode] = {}
-        self.active_holds: tuple[str, ...] = ()  # published for status reads
+        # The holds of the last tick, as `Holds.publish` mirrors them: read by the edge until it reads
+        # CoreStatus.holds (the core's own holds live in `holds.Holds`).
+        self.active_holds: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ per tick
 
@@ -112,7 +114,8 @@ class Guards:
             reason = "overload"
         return reason
 
-    def stall_detected(self, now: int) -> bool:
+    def local_pause_held(self, now: int) -> bool:
+        """Whether convictions are still held after a stall (as the last `observe_tick` found it)."""
         return now < self._pause_hold_until
 
     def track(self, failed: set[int], silent: int, datanodes: int, now: int) -> None:
@@ -186,7 +189,7 @@ class Guards:
         n = sum(1 for t in node.failovers if t < node.failed_since)
         if n == 0:
             return 0
-        delay = min(s.flap_backoff_max_ms, s.flap_backoff_base_ms * 2 ** (n - 1))
+        delay = min(s.flap_backoff_max_ms, s.flap_backoff_base_ms * (1 << (n - 1)))
         return node.failed_since + delay
 
     def take_global(self, now: int) -> bool:
@@ -214,11 +217,8 @@ class Guards:
         if self.s.target_holddown_ms <= 0:
             return set()
         out = {d for d, until in self._holddown.items() if until > now}
-        out.update(
-            d for d, node in self._nodes.items()
-            if node.failed_since is not None or len(node.recoveries) >= self.s.flap_threshold
-        )
-        return out
+        out.update(d for d, node in self._nodes.items() if node.failed_since is not None)
+        return out | self.flapping()
 
     def note_failover(self, datanode_id: int, now: int) -> None:
         """Regions of `datanode_id` were submitted: count it for backoff, hold it down as a target."""
@@ -227,8 +227,5 @@ class Guards:
             self._holddown[datanode_id] = now + self.s.target_holddown_ms
 
     def flapping(self) -> set[int]:
+        """Datanodes that came back `flap_threshold` times or more within the window."""
         return {d for d, node in self._nodes.items() if len(node.recoveries) >= self.s.flap_threshold}
-
-
-# Reasons to hold all failover on a tick (the order is the order they are checked in).
-HOLD_REASONS = ("maintenance", "warmup", "local_pause", "overload", "mass_failure")

@@ -6,8 +6,7 @@ JSON lines when stderr is not a terminal (for log shippers), `event key=value` o
 from __future__ import annotations
 
 import logging
-
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+from collections.abc import Sequence
 
 
 def describe(exc: BaseException) -> str:
@@ -21,3 +20,7 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: object) 
         logger.log(level, event, extra={"fields": fields})
 
 
+def sample(regions: Sequence[int], limit: int = 5) -> str:
+    """The first region ids, and how many there are in all, for a log line."""
+    shown = ",".join(str(r) for r in regions[:limit])
+    return shown + (f",... ({len(regions)} in all)" if len(regions) > limit else "")

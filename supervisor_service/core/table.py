@@ -12,7 +12,7 @@ groups whose states become identical again (once the divergent samples slide
 out of the window) are merged back.
 
 A group's state evolves exactly as the scalar reference detector
-(`supervisor_service.detector`): the same integer sums and the same `phi_from`,
+(`core.detector`): the same integer sums and the same `phi_from`,
 so phi agrees bit for bit. The table is not thread-safe by design: only the
 supervisor thread touches it.
 """
@@ -25,11 +25,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from supervisor_service.core.detector import PhiAccrualOptions, phi_from, stats_from_sums
+from supervisor_service.core.types import RegionArray
 
-_EMPTY_U64 = np.empty(0, dtype=np.uint64)
-_EMPTY_I64 = np.empty(0, dtype=np.int64)
+GroupIds = npt.NDArray[np.int64]
+"""Per region of a datanode (parallel to its sorted region ids), the id of its history group."""
+Positions = npt.NDArray[np.intp]
+"""Indexes into a datanode's sorted region ids."""
+
+_EMPTY_U64: RegionArray = np.empty(0, dtype=np.uint64)
+_EMPTY_I64: GroupIds = np.empty(0, dtype=np.int64)
 
 
 class _Group:
@@ -105,8 +112,8 @@ class _Node:
     __slots__ = ("regions", "gids", "groups", "next_gid")
 
     def __init__(self) -> None:
-        self.regions: np.ndarray = _EMPTY_U64
-        self.gids: np.ndarray = _EMPTY_I64
+        self.regions: RegionArray = _EMPTY_U64
+        self.gids: GroupIds = _EMPTY_I64
         self.groups: dict[int, _Group] = {}
         self.next_gid = 0
 
@@ -116,7 +123,7 @@ class _Node:
         self.groups[gid] = grp
         return gid
 
-    def locate(self, region_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def locate(self, region_ids: RegionArray) -> tuple[Positions, npt.NDArray[np.bool_]]:
         """Positions in `regions` of the sorted ids, and a mask of which are present."""
         pos = np.searchsorted(self.regions, region_ids)
         if self.regions.size == 0:
@@ -124,14 +131,14 @@ class _Node:
         present = self.regions[np.minimum(pos, self.regions.size - 1)] == region_ids
         return pos, present
 
-    def insert_fresh(self, pos: np.ndarray, region_ids: np.ndarray, ts: int, opts: PhiAccrualOptions) -> int:
+    def insert_fresh(self, pos: Positions, region_ids: RegionArray, ts: int, opts: PhiAccrualOptions) -> int:
         """Insert absent regions (sorted, with their insertion positions) as one fresh group."""
         gid = self.add_group(_Group.fresh(int(region_ids.size), ts, opts))
         self.regions = np.insert(self.regions, pos, region_ids)
         self.gids = np.insert(self.gids, pos, gid)
         return gid
 
-    def remove_at(self, idx: np.ndarray) -> None:
+    def remove_at(self, idx: Positions) -> None:
         gids, counts = np.unique(self.gids[idx], return_counts=True)
         for gid, count in zip(gids.tolist(), counts.tolist()):
             grp = self.groups[gid]
@@ -174,12 +181,12 @@ class GroupSnapshot:
 @dataclass(frozen=True, slots=True)
 class NodeSnapshot:
     datanode_id: int
-    regions: np.ndarray  # sorted uint64, a copy
-    gids: np.ndarray  # parallel to regions, a copy
+    regions: RegionArray  # sorted, a copy
+    gids: GroupIds  # parallel to regions, a copy
     groups: dict[int, GroupSnapshot]
 
 
-def as_region_array(region_ids: object) -> np.ndarray:
+def as_region_array(region_ids: object) -> RegionArray:
     """Sorted, de-duplicated uint64 array of region ids.
 
     Datanodes send their region ids sorted and unique, so that case is checked
@@ -195,7 +202,7 @@ def as_region_array(region_ids: object) -> np.ndarray:
     return arr
 
 
-def _same_regions(a: np.ndarray, b: np.ndarray) -> bool:
+def _same_regions(a: RegionArray, b: RegionArray) -> bool:
     """`np.array_equal` for two uint64 region arrays, without its overhead (the steady-state check)."""
     if a.size != b.size:
         return False
@@ -232,7 +239,7 @@ class DetectorTable:
 
     # ------------------------------------------------------------ updates
 
-    def heartbeat(self, datanode_id: int, region_ids: np.ndarray, ts: int, create: bool = True) -> np.ndarray:
+    def heartbeat(self, datanode_id: int, region_ids: RegionArray, ts: int, create: bool = True) -> RegionArray:
         """Apply one heartbeat of `datanode_id` naming the sorted unique `region_ids` at `ts`.
 
         Creates missing detectors (unless `create` is false: then only the existing ones are
@@ -275,7 +282,7 @@ class DetectorTable:
             del self._nodes[datanode_id]
         return created
 
-    def register(self, datanode_id: int, region_ids: np.ndarray, ts: int) -> int:
+    def register(self, datanode_id: int, region_ids: RegionArray, ts: int) -> int:
         """Create the missing detectors with a heartbeat at `ts`; existing ones are untouched."""
         node = self._nodes.get(datanode_id)
         if node is None:
@@ -290,7 +297,7 @@ class DetectorTable:
             del self._nodes[datanode_id]
         return created
 
-    def deregister(self, datanode_id: int, region_ids: np.ndarray) -> int:
+    def deregister(self, datanode_id: int, region_ids: RegionArray) -> int:
         """Remove the named detectors; returns how many existed."""
         node = self._nodes.get(datanode_id)
         if node is None:
@@ -304,7 +311,7 @@ class DetectorTable:
                 del self._nodes[datanode_id]
         return removed
 
-    def reset(self, datanode_id: int, region_ids: np.ndarray, ts: int) -> int:
+    def reset(self, datanode_id: int, region_ids: RegionArray, ts: int) -> int:
         """Replace each named detector with a fresh one heartbeat at `ts` (creating absent ones)."""
         self.deregister(datanode_id, region_ids)
         return self.register(datanode_id, region_ids, ts)
@@ -331,7 +338,7 @@ class DetectorTable:
         _, present = node.locate(np.array([region_id], dtype=np.uint64))
         return bool(present[0])
 
-    def regions_of(self, datanode_id: int) -> np.ndarray:
+    def regions_of(self, datanode_id: int) -> RegionArray:
         node = self._nodes.get(datanode_id)
         return _EMPTY_U64 if node is None else node.regions
 
@@ -344,7 +351,7 @@ class DetectorTable:
                 return node.groups[int(node.gids[pos[0]])].phi(int(ts))
         raise KeyError((datanode_id, region_id))
 
-    def phis(self, datanode_id: int, region_ids: np.ndarray, ts: int) -> dict[int, float]:
+    def phis(self, datanode_id: int, region_ids: RegionArray, ts: int) -> dict[int, float]:
         """phi of each named detector that exists (absent ones are left out)."""
         node = self._nodes.get(datanode_id)
         if node is None:
@@ -354,7 +361,7 @@ class DetectorTable:
         gids = node.gids[pos[present]].tolist()
         return {r: by_group[g] for r, g in zip(region_ids[present].tolist(), gids)}
 
-    def failed(self, ts: int) -> Iterator[tuple[int, np.ndarray]]:
+    def failed(self, ts: int) -> Iterator[tuple[int, RegionArray]]:
         """(datanode, sorted failed region ids) for every datanode with phi >= threshold somewhere."""
         threshold = self.opts.threshold
         for datanode_id, node in self._nodes.items():
@@ -383,15 +390,6 @@ class DetectorTable:
             if quiet > silence_ms and quiet > SILENT_INTERVALS * newest.total / len(newest.intervals):
                 silent.append(datanode_id)
         return silent
-
-    def alive_datanodes(self, ts: int) -> set[int]:
-        """Datanodes with at least one available detector at `ts`."""
-        threshold = self.opts.threshold
-        return {
-            datanode_id
-            for datanode_id, node in self._nodes.items()
-            if any(grp.phi(ts) < threshold for grp in node.groups.values())
-        }
 
     def snapshot(self, datanode_ids: set[int] | None = None) -> list[NodeSnapshot]:
         """A consistent copy of (part of) the table; cheap: arrays are copied, rows are not built."""

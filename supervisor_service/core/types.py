@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
 
 DetectingRegion = tuple[int, int]
 """(datanode_id, region_id)."""
+
+RegionArray: TypeAlias = npt.NDArray[np.uint64]
+"""Region ids of one datanode: a sorted, de-duplicated uint64 array (see `as_region_array`)."""
 
 
 def region_label(region_id: int) -> str:
@@ -45,7 +52,7 @@ class MigrationTask:
 
 @dataclass(frozen=True, slots=True)
 class MigrationResult:
-    """The answer to a SubmitRegionMigration, by category (DESIGN.md section 4)."""
+    """The answer to a SubmitRegionMigration, by category (docs/design.md §4)."""
 
     migrated: tuple[int, ...] = ()
     migrating: tuple[int, ...] = ()

@@ -436,7 +436,7 @@ def test_not_found_resubmissions_are_backed_off_limited_counted_and_held(sims, l
     assert len(sim.tasks()) <= 2, [t.to_peer.id for t in sim.tasks()]
     holds_seen: set[str] = set()
     drive(sim, policy.resubmit_window_ms - 20_000, select=rotating_selector(), submit=accept(), poll=not_found,
-          others=[(2, [20])], after_tick=lambda sim: holds_seen.update(sim.guards.active_holds))
+          others=[(2, [20])], after_tick=lambda sim: holds_seen.update(sim.sup.status.holds))
     times = [t - started for t, e in sim.effects if isinstance(e, SubmitMigration)]
     assert len(times) == 1 + policy.max_resubmissions_per_window, times
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -692,12 +692,12 @@ def test_new_leader_does_not_hold_for_a_local_pause_of_its_previous_leadership(s
     sim.advance(TICK)
     sim.beat(2, [20])
     sim.tick()
-    assert "local_pause" not in sim.guards.active_holds
+    assert "local_pause" not in sim.sup.status.holds
     assert sim.value("supervisor_failover_hold", reason="local_pause") == 0
     # A real stall of the new leader is still one.
     sim.advance(10_000)
     sim.tick()
-    assert "local_pause" in sim.guards.active_holds
+    assert "local_pause" in sim.sup.status.holds
 
 
 def test_losing_leadership_resets_the_tick_baseline():
@@ -753,11 +753,11 @@ def test_the_resubmission_backoff_of_a_region_that_recovered_is_forgotten(sims):
     heartbeat_then_die(sim, 1, (10,), others=[(2, [20])])
     not_found = lambda sim, e: StatusPolled(e.procedure_id, state=MigrationState.NOT_FOUND)  # noqa: E731
     drive(sim, 12_000, select=rotating_selector(), submit=accept(), poll=not_found, others=[(2, [20])])
-    assert sim.sup._resubmit_at, "the NOT_FOUND did not start a backoff"
+    assert sim.sup._backoff.until_ms, "the NOT_FOUND did not start a backoff"
     # Datanode 1 is back: region 10 never fails again, its backoff runs out and is dropped.
     drive(sim, policy.resubmit_window_ms + 10_000, select=rotating_selector(), submit=accept(),
           poll=not_found, others=[(1, [10]), (2, [20])])
-    assert sim.sup._resubmit_at == {} and sim.sup._unsettled == {}
+    assert sim.sup._backoff.until_ms == {} and sim.sup._backoff.ended_ms == {}
 
 
 def _answers(mode: str) -> tuple[Answer, Answer | None]:

@@ -340,11 +340,11 @@ class TestLocalPause:
         assert g.observe_tick(2000, 0, 0) is None
         assert g.observe_tick(8000, 0, 0) is None  # gap 5000 beyond the interval: not more than max
         assert g.observe_tick(14_001, 0, 0) == "local_pause"  # gap 5001
-        assert g.stall_detected(14_001)
+        assert g.local_pause_held(14_001)
         assert g.observe_tick(15_001, 0, 0) == "local_pause"  # still held
         assert g.observe_tick(19_000, 0, 0) == "local_pause"
         assert g.observe_tick(19_001, 0, 0) is None  # held until 14_001 + 5000
-        assert not g.stall_detected(19_001)
+        assert not g.local_pause_held(19_001)
         assert g.observe_tick(20_001, 5001, 0) == "local_pause"  # lag alone
         busy = Guards(GuardSettings(overload_queue_fraction=0.9))
         assert busy.observe_tick(1000, 0, 0.91) == "overload"
@@ -387,7 +387,7 @@ class TestMassFailure:
         assert line["failed_fraction"] == pytest.approx(0.6)
         assert line["datanodes"] == 6
         assert "hold release" in line["release"]
-        assert sim.guards.active_holds == ("mass_failure",)
+        assert sim.sup.status.holds == ("mass_failure",)
         assert sim.handle(Dump(Future())).holds == ("mass_failure",)
 
     def test_one_of_ten_fails_over(self):

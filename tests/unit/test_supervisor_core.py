@@ -845,7 +845,7 @@ def test_status_succeeded_deregisters():
     assert not sim.sup.table.contains(1, 10)
     assert not sim.sup.table.contains(1, 11)
     assert sim.sup.failover_counts == {}
-    assert sim.sup._count_touched == {}  # nothing kept about a region that left (no growth per failover)
+    assert sim.sup._registry._count_touched == {}  # nothing kept about a region that left (no growth per failover)
     assert sim.value("supervisor_migrations_in_flight") == 0
     assert sim.dump(poll_at).migrating == frozenset()
     assert sim.tick(poll_at + 10**6) == []
