@@ -46,7 +46,7 @@ class TestTraces:
         trace = ev.generate("supervisor_stalls", CFG)
         assert trace.stalls
         for t, _ in trace.arrivals:
-            assert ev._inside(trace.stalls, t) is None
+            assert ev.inside(trace.stalls, t) is None
 
     def test_every_kind_has_a_description(self):
         for kind, (_, _, description) in ev.TRACE_KINDS.items():
