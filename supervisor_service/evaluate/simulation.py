@@ -145,7 +145,7 @@ class Simulation:
         self.trace, self.variant = trace, variant
         self.migration_ms, self.latency = migration_ms, call_latency_ms
         self.clock = FakeClock(start_ms=0)
-        metrics = Metrics(CollectorRegistry())
+        self.metrics = metrics = Metrics(CollectorRegistry())
         guards = Guards(variant.guards) if variant.guards is not None else None
         self.supervisor = Supervisor(variant.opts, metrics, variant.policy, guards=guards)
         self.directory = PeerDirectory(self.clock)

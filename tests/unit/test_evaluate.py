@@ -100,6 +100,17 @@ class TestScoring:
         held = np.concatenate(list(sim.holding.values()))
         assert np.array_equal(np.sort(held), np.sort(np.concatenate(list(sim.trace.regions.values()))))
 
+    def test_the_replay_runs_the_runtimes_consumer_and_effect_runner(self):
+        """What is evaluated is what runs: every event passes the consumer, every call the effect runner."""
+        sim = ev.Simulation(ev.generate("crashes", CFG), ev.variant_of(Settings()))
+        r = sim.run()
+        sample = sim.metrics.registry.get_sample_value
+        assert sample("supervisor_events_total", {"type": "Tick"}) == CFG.duration_ms // 1000 - 1
+        assert sample("supervisor_events_total", {"type": "Heartbeat"}) > 0
+        submitted = sample("supervisor_remote_call_duration_seconds_count",
+                           {"service": "RegionMigration", "method": "SubmitRegionMigration"})
+        assert submitted == sample("supervisor_events_total", {"type": "SubmissionDone"}) >= r.failovers > 0
+
 
 class TestRecordedTraces:
     def write(self, path: Path, rows: list[str]) -> Path:
