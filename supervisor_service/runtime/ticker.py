@@ -21,9 +21,10 @@ class _TicksPending(Protocol):
 class Ticker:
     """Sends Clear once, then Tick every `interval_s` on the clock's monotonic time; missed ticks are skipped.
 
-    Time is read only through `clock`. The thread waits for the next due time on an Event (which
-    `stop` sets); everything else it does when it wakes is `tick_once`, which a test can call
-    itself after `begin`, moving a FakeClock instead of waiting.
+    Time is read only through `clock`. The thread waits on an Event (which `stop` sets) for as
+    long as the clock says is left until the next due time, until the clock has reached it;
+    then it calls `tick_once`, which a test can call itself after `begin`, moving a FakeClock
+    instead of waiting.
     """
 
     def __init__(
@@ -92,7 +93,10 @@ class Ticker:
     def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             wait = self._due - self._clock.monotonic()
-            if wait > 0 and stop.wait(wait):
-                return
+            if wait > 0:
+                # Then look at the clock again: a tick never leaves before it is due on it.
+                if stop.wait(wait):
+                    return
+                continue
             if not self.tick_once():
                 return

@@ -460,13 +460,30 @@ def test_a_stopped_ticker_enqueues_nothing_more():
     assert drain(q) == [] and not runtime.tick_pending.is_set()
 
 
-def test_ticker_thread_on_a_clock_that_does_not_move_waits_for_stop():
-    clock = FakeClock()
+class CountingClock(FakeClock):
+    """A fake clock that does not move and counts its monotonic readings; `looked` is set at the `n`-th."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.reads, self._n, self.looked = 0, n, threading.Event()
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        if self.reads >= self._n:
+            self.looked.set()
+        return super().monotonic()
+
+
+def test_ticker_thread_sends_no_tick_before_the_clock_reaches_its_due_time():
+    clock = CountingClock(n=6)
     q = EventQueue(16, clock=clock)
     ticker = Ticker(q, Pending(), clock, Metrics(CollectorRegistry()), 0.01)
-    ticker.start(clear=False)
-    ticker.stop()  # returns once the thread ended (joined), before the fake clock reached a tick
-    assert drain(q) == []
+    ticker.start(clear=False)  # one reading for the first due time, then one per wake-up of the thread
+    try:
+        assert clock.looked.wait(JOIN_S)  # the thread woke and looked at the clock several times
+    finally:
+        ticker.stop()
+    assert drain(q) == []  # each time the tick was not yet due on the clock
 
 
 # ---------------------------------------------------------------- get_batch
