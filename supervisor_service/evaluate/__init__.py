@@ -19,6 +19,8 @@ from supervisor_service.evaluate.simulation import (
     variant_of,
 )
 from supervisor_service.evaluate.sweep import (
+    DEFAULT_PAUSES_MS,
+    DEFAULT_THRESHOLDS,
     evaluate,
 )
 from supervisor_service.evaluate.traces import (
@@ -32,6 +34,8 @@ from supervisor_service.evaluate.traces import (
 )
 
 __all__ = [
+    "DEFAULT_PAUSES_MS",
+    "DEFAULT_THRESHOLDS",
     "NEVER",
     "Report",
     "RunResult",
