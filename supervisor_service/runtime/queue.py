@@ -1,14 +1,13 @@
-"""The bounded event queue of the supervisor thread: many producers, one consumer (docs/design.md §3)."""
+"""The bounded event queue of the supervisor thread: many producers, one consumer (docs/design.md §3.3)."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 
 import numpy as np
 
-from supervisor_service.core import Event, Heartbeat
+from supervisor_service.core import Clock, Event, Heartbeat, SystemClock
 
 
 class QueueFull(Exception):
@@ -17,9 +16,6 @@ class QueueFull(Exception):
 
 class QueueClosed(Exception):
     """The supervisor thread is gone or shutting down; nothing more is accepted."""
-
-
-_monotonic = time.monotonic  # bound once: the stamp of every queued event
 
 
 HEARTBEAT_OVERHEAD_BYTES = 256
@@ -57,16 +53,27 @@ class EventQueue:
     large, when the queue has room). And `offer_heartbeat` folds a stream's
     heartbeat into its previous one when that one still waits with the same
     regions: it takes no room at all.
+
+    Time is read only through `clock` (the system clock by default): the stamp of each queued
+    event (`oldest_age`) and the deadline of `put`. A wait for room is a real wait on a
+    Condition, at most the time left on that clock; with a clock that does not move, it ends
+    only when room is made or the queue is closed.
     """
 
     def __init__(
-        self, capacity: int, *, max_heartbeat_bytes: int | None = None, datanode_fraction: float = 1.0
+        self,
+        capacity: int,
+        *,
+        max_heartbeat_bytes: int | None = None,
+        datanode_fraction: float = 1.0,
+        clock: Clock | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"event queue capacity must be >= 1, got {capacity}")
         if not 0 < datanode_fraction <= 1:
             raise ValueError(f"datanode_fraction must be in (0, 1], got {datanode_fraction}")
         self.capacity = capacity
+        self._monotonic = (clock or SystemClock()).monotonic  # bound once: the stamp of every queued event
         self.max_heartbeat_bytes = max_heartbeat_bytes
         self._datanode_events = max(1, int(capacity * datanode_fraction))
         self._datanode_bytes = None if max_heartbeat_bytes is None else max_heartbeat_bytes * datanode_fraction
@@ -97,8 +104,9 @@ class EventQueue:
         return self._heartbeat_bytes
 
     def oldest_age(self) -> float:
+        """Seconds the oldest queued event has waited (0 when the queue is empty)."""
         try:
-            return max(0.0, time.monotonic() - self._items[0].at)
+            return max(0.0, self._monotonic() - self._items[0].at)
         except IndexError:
             return 0.0
 
@@ -165,7 +173,7 @@ class EventQueue:
                 queued[0] += 1
                 queued[1] += cost
             self._heartbeat_bytes = total + cost
-            entry = Queued(event, True, _monotonic(), cost, self._barrier)
+            entry = Queued(event, True, self._monotonic(), cost, self._barrier)
             self._items.append(entry)
             self._external += 1
             if self._getters:
@@ -196,7 +204,7 @@ class EventQueue:
 
     def put(self, event: Event, timeout: float) -> None:
         """Enqueue, waiting up to `timeout` seconds for room; raises QueueFull or QueueClosed."""
-        deadline = time.monotonic() + timeout
+        deadline = self._monotonic() + timeout
         with self._lock:
             while True:
                 if self._closed:
@@ -204,7 +212,7 @@ class EventQueue:
                 if self._refusal(event) is None:
                     self._push(event, external=True)
                     return
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self._monotonic()
                 if remaining <= 0:
                     raise QueueFull(f"event queue full ({self.capacity} events)")
                 self._not_full.wait(remaining)
@@ -226,7 +234,7 @@ class EventQueue:
             else:
                 queued[0] += 1
                 queued[1] += cost
-        entry = Queued(event, external, _monotonic(), cost, self._barrier)
+        entry = Queued(event, external, self._monotonic(), cost, self._barrier)
         self._items.append(entry)
         if external:
             self._external += 1

@@ -26,7 +26,7 @@ def test_heartbeats_with_a_receipt_stamp_are_timed_until_applied():
     clock.advance(30)  # the event waited 30 ms in the queue
     queue.offer(Heartbeat(7, regions, clock.now_ms()))  # no stamp: not timed
     queue.put_control(Stop())
-    runtime._run()  # the consumer loop, on this thread, until Stop
+    runtime.consumer.run()  # the consumer loop, on this thread, until Stop
     assert len(runtime.supervisor.table) == 3
     assert registry.get_sample_value(f"{NAME}_count") == 1
     assert abs(registry.get_sample_value(f"{NAME}_sum") - 0.030) < 1e-6  # fake seconds are ~1.7e9: float rounding
@@ -58,7 +58,7 @@ def test_a_tick_between_runs_of_heartbeats_sees_the_queue_behind_it():
     for datanode_id in (3, 4, 5):
         queue.offer(Heartbeat(datanode_id, np.array([1], dtype=np.uint64), clock.now_ms()))
     queue.put_control(Stop())
-    runtime._run()
+    runtime.consumer.run()
     assert seen == [("Heartbeat", None)] * 2 + [("Tick", 0.3)] + [("Heartbeat", None)] * 3
     assert registry.get_sample_value("supervisor_events_total", {"type": "Heartbeat"}) == 5
     assert len(supervisor.table) == 5
@@ -85,7 +85,7 @@ def test_a_submission_of_an_ended_term_is_not_sent_and_does_not_depose_the_curre
                                 on_fenced=fenced.append)
     task = MigrationTask(task_id=1, datanode_id=3, from_peer=Peer(3), to_peer=Peer(5, "dn5:1"),
                          region_ids=(30,), timeout_ms=1000, leader_term=1, request_id="1-x")
-    runtime._submit(SubmitMigration(task))
+    runtime.effects.run(SubmitMigration(task))
     [answer] = queue.drain()
     assert isinstance(answer, SubmissionDone) and "term 1 ended" in answer.error
     assert sent == [] and fenced == []

@@ -1,4 +1,5 @@
-"""The bounded event queue of the supervisor thread (supervisor_service.events.EventQueue)."""
+"""The bounded event queue of the supervisor thread (supervisor_service.runtime.EventQueue), and the ticker
+that feeds it, both on an injected clock."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
-from supervisor_service.core import Clear, Heartbeat, Stop, Tick
-from supervisor_service.runtime import HEARTBEAT_OVERHEAD_BYTES, EventQueue, QueueClosed, QueueFull
+from supervisor_service.app.metrics import Metrics
+from supervisor_service.core import Clear, FakeClock, Heartbeat, Stop, Tick
+from supervisor_service.runtime import HEARTBEAT_OVERHEAD_BYTES, EventQueue, QueueClosed, QueueFull, Ticker
 
 # Generous bound for anything a helper thread must finish: the tests wait on events, not on sleeps.
 JOIN_S = 5.0
@@ -340,6 +343,147 @@ def test_oldest_age_follows_the_monotonic_clock(monkeypatch):
     real = time.monotonic
     monkeypatch.setattr(time, "monotonic", lambda: real() + 100.0)
     assert 100.0 <= q.oldest_age() < 100.0 + JOIN_S
+
+
+def test_oldest_age_is_measured_on_the_injected_clock():
+    clock = FakeClock()
+    q = EventQueue(4, clock=clock)
+    q.put_control(ev(0))
+    assert q.oldest_age() == 0.0  # the clock has not moved
+    clock.advance(250)
+    q.offer(ev(1))
+    clock.advance(750)
+    assert q.oldest_age() == pytest.approx(1.0)  # from the first event, not the newest
+    q.get(timeout=0)
+    assert q.oldest_age() == pytest.approx(0.75)
+    q.get(timeout=0)
+    assert q.oldest_age() == 0.0
+
+
+def test_a_heartbeat_is_stamped_on_the_injected_clock():
+    clock = FakeClock()
+    q = EventQueue(4, clock=clock)
+    q.offer_heartbeat(hb(1), None)
+    clock.advance(2000)
+    assert q.oldest_age() == pytest.approx(2.0)
+
+
+class JumpingClock(FakeClock):
+    """A fake clock that moves 100 s every time it is read: a shorter deadline passes at the next read."""
+
+    def monotonic(self) -> float:
+        value = super().monotonic()
+        self.advance(100_000)
+        return value
+
+
+def test_the_deadline_of_put_is_on_the_injected_clock():
+    q = EventQueue(1, clock=JumpingClock())
+    q.put(ev(0), timeout=0)
+    t, result = run_in_thread(lambda: q.put(ev(1), timeout=60))  # 60 s on the system clock
+    t.join(JOIN_S)
+    assert not t.is_alive() and isinstance(result.get("error"), QueueFull)
+    assert drain(q) == [ev(0)]
+
+
+def test_a_put_waiting_on_a_clock_that_does_not_move_is_let_in_by_room_made():
+    q = EventQueue(1, clock=FakeClock())
+    q.put(ev(0), timeout=0)
+    t, result = run_in_thread(lambda: q.put(ev(1), timeout=0.01))  # never expires: the clock stands still
+    wait_until_blocked(t)
+    assert q.get(timeout=0) == ev(0)
+    t.join(JOIN_S)
+    assert not t.is_alive() and "error" not in result
+    assert drain(q) == [ev(1)]
+
+
+# ---------------------------------------------------------------- the ticker on a fake clock
+
+
+class Pending:
+    """What the ticker needs of the runtime: the flag of a queued Tick (the consumer clears it)."""
+
+    def __init__(self) -> None:
+        self.tick_pending = threading.Event()
+
+
+def stepped_ticker(interval_s: float = 1.0):
+    """A ticker begun but not started: the test moves the clock and calls tick_once, as its thread would."""
+    clock = FakeClock()
+    q = EventQueue(16, clock=clock)
+    runtime = Pending()
+    registry = CollectorRegistry()
+    ticker = Ticker(q, runtime, clock, Metrics(registry), interval_s)
+    ticker.begin()
+    assert drain(q) == [Clear()]
+    return ticker, clock, q, runtime, lambda: registry.get_sample_value("supervisor_ticks_skipped_total")
+
+
+def test_ticker_enqueues_each_due_tick_in_phase():
+    ticker, clock, q, runtime, skipped = stepped_ticker()
+    start = clock.monotonic()
+    assert ticker.next_due == start + 1.0
+    for n in (1, 2, 3):
+        clock.advance(1000)
+        assert ticker.tick_once()
+        assert drain(q) == [Tick(due_monotonic=start + n)]
+        runtime.tick_pending.clear()  # as the consumer does when it takes the tick
+    assert ticker.next_due == start + 4.0 and skipped() == 0
+
+
+def test_ticker_skips_a_tick_due_while_the_previous_one_is_still_queued():
+    ticker, clock, q, runtime, skipped = stepped_ticker()
+    start = clock.monotonic()
+    clock.advance(1000)
+    assert ticker.tick_once()
+    assert runtime.tick_pending.is_set()
+    clock.advance(1000)
+    assert ticker.tick_once()  # the first one was not taken: this one is skipped
+    assert drain(q) == [Tick(due_monotonic=start + 1)]
+    assert skipped() == 1 and ticker.next_due == start + 3.0
+
+
+def test_ticker_skips_the_ticks_it_slept_through_and_keeps_the_phase():
+    ticker, clock, q, _, skipped = stepped_ticker()
+    start = clock.monotonic()
+    clock.advance(5500)  # a stall: due at 1, 2, 3, 4, 5; woken at 5.5
+    assert ticker.tick_once()
+    assert drain(q) == [Tick(due_monotonic=start + 5)]  # the latest one due, the four before it skipped
+    assert skipped() == 4 and ticker.next_due == start + 6.0
+
+
+def test_a_stopped_ticker_enqueues_nothing_more():
+    ticker, clock, q, runtime, _ = stepped_ticker()
+    ticker.stop()
+    clock.advance(1000)
+    assert not ticker.tick_once()
+    assert drain(q) == [] and not runtime.tick_pending.is_set()
+
+
+class CountingClock(FakeClock):
+    """A fake clock that does not move and counts its monotonic readings; `looked` is set at the `n`-th."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.reads, self._n, self.looked = 0, n, threading.Event()
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        if self.reads >= self._n:
+            self.looked.set()
+        return super().monotonic()
+
+
+def test_ticker_thread_sends_no_tick_before_the_clock_reaches_its_due_time():
+    clock = CountingClock(n=6)
+    q = EventQueue(16, clock=clock)
+    ticker = Ticker(q, Pending(), clock, Metrics(CollectorRegistry()), 0.01)
+    ticker.start(clear=False)  # one reading for the first due time, then one per wake-up of the thread
+    try:
+        assert clock.looked.wait(JOIN_S)  # the thread woke and looked at the clock several times
+    finally:
+        ticker.stop()
+    assert drain(q) == []  # each time the tick was not yet due on the clock
 
 
 # ---------------------------------------------------------------- get_batch

@@ -46,7 +46,7 @@ class TestTraces:
         trace = ev.generate("supervisor_stalls", CFG)
         assert trace.stalls
         for t, _ in trace.arrivals:
-            assert ev._inside(trace.stalls, t) is None
+            assert ev.inside(trace.stalls, t) is None
 
     def test_every_kind_has_a_description(self):
         for kind, (_, _, description) in ev.TRACE_KINDS.items():
@@ -99,6 +99,17 @@ class TestScoring:
         assert sim.holding[victim].size == 0
         held = np.concatenate(list(sim.holding.values()))
         assert np.array_equal(np.sort(held), np.sort(np.concatenate(list(sim.trace.regions.values()))))
+
+    def test_the_replay_runs_the_runtimes_consumer_and_effect_runner(self):
+        """What is evaluated is what runs: every event passes the consumer, every call the effect runner."""
+        sim = ev.Simulation(ev.generate("crashes", CFG), ev.variant_of(Settings()))
+        r = sim.run()
+        sample = sim.metrics.registry.get_sample_value
+        assert sample("supervisor_events_total", {"type": "Tick"}) == CFG.duration_ms // 1000 - 1
+        assert sample("supervisor_events_total", {"type": "Heartbeat"}) > 0
+        submitted = sample("supervisor_remote_call_duration_seconds_count",
+                           {"service": "RegionMigration", "method": "SubmitRegionMigration"})
+        assert submitted == sample("supervisor_events_total", {"type": "SubmissionDone"}) >= r.failovers > 0
 
 
 class TestRecordedTraces:
