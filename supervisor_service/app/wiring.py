@@ -73,6 +73,7 @@ def build_parts(
         s.event_queue_size,
         max_heartbeat_bytes=s.max_queued_heartbeat_bytes,
         datanode_fraction=s.max_queue_fraction_per_datanode,
+        clock=clock,
     )
     metrics.bind_queue(lambda: len(queue), queue.oldest_age)
     metrics.queue_heartbeat_bytes.set_function(lambda: queue.heartbeat_bytes)

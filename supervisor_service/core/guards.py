@@ -90,7 +90,6 @@ class Guards:
         self._nodes: dict[int, _Datanode] = {}
         # The holds of the last tick, as `Holds.publish` mirrors them: read by the edge until it reads
         # CoreStatus.holds (the core's own holds live in `holds.Holds`).
-        self.active_holds: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ per tick
 

@@ -112,8 +112,6 @@ class Holds:
 
     def publish(self, holds: tuple[str, ...]) -> None:
         self.current = holds
-        if self._guards is not None:
-            self._guards.active_holds = holds  # read by the edge until it reads CoreStatus.holds
         m = self._metrics
         for reason in HOLD_REASONS:
             m.failover_hold.labels(reason=reason).set(int(reason in holds))

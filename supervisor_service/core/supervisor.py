@@ -201,7 +201,7 @@ class Supervisor:
     def failover_counts(self) -> dict[DetectingRegion, int]:
         return self._registry.failover_counts
 
-    # Read by the edge until it reads `status` (plain attribute loads; written only by handle).
+    # For the supervisor thread and single-threaded tests; every other thread reads `status`.
     @property
     def is_leader(self) -> bool:
         return self._leadership.leads

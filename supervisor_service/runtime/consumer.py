@@ -205,7 +205,7 @@ class SupervisorRuntime:
         self.store = store
         self._on_death = on_death
         self.effects = EffectRunner(
-            remotes, metrics, self._report, leader_term=lambda: supervisor.leader_term,
+            remotes, metrics, self._report, leader_term=lambda: supervisor.status.term,
             is_leader=is_leader, on_fenced=on_fenced, workers=workers,
         )
         self.consumer = Consumer(supervisor, queue, clock, metrics, self.effects.start, store=store)

@@ -57,7 +57,7 @@ def test_a_refused_term_makes_the_replica_step_down(service):
     with SupervisorClient(svc.addresses.grpc, follow_leader=False) as client:
         client.register([(1, 10)])
         _wait_for(lambda: migration.calls >= 1)
-        _wait_for(lambda: not svc.supervisor.is_leader)
+        _wait_for(lambda: not svc.supervisor.status.is_leader)
         assert not svc.leadership.is_leader()
         with pytest.raises(grpc.RpcError) as err:
             client.register([(1, 11)])

@@ -104,7 +104,7 @@ def started(loop_thread):
         service, registry = make_service(**overrides)
         services.append(service)
         loop_thread.run(service.start())
-        wait_until(lambda: service.supervisor.is_leader, what="leadership")
+        wait_until(lambda: service.supervisor.status.is_leader, what="leadership")
         channel = grpc.insecure_channel(service.addresses.grpc)
         return SimpleNamespace(
             service=service,
@@ -456,7 +456,7 @@ def test_reads_while_the_leader_loads_its_state_are_unavailable_not_stale(servic
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "loading its state" in info.value.details()
         deadline = time.monotonic() + 15
-        while not svc.supervisor.is_leader:
+        while not svc.supervisor.status.is_leader:
             assert time.monotonic() < deadline, "never became leader"
             time.sleep(0.02)
         assert stub.GetMaintenanceMode(pb.GetMaintenanceModeRequest(), timeout=5).is_leader

@@ -64,7 +64,7 @@ class Running:
         # The leader's state is loaded on a transition thread after start() returns; wait for it so
         # that no BecomeLeader rebuilds the table under a test.
         deadline = time.monotonic() + 10
-        while wait_leader and not self.service.supervisor.is_leader:
+        while wait_leader and not self.service.supervisor.status.is_leader:
             assert time.monotonic() < deadline, "the single replica did not become leader"
             time.sleep(0.005)
         self.addr = self.service.addresses.grpc
@@ -714,7 +714,7 @@ def test_a_write_acknowledged_while_becoming_leader_is_not_lost():
                 assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION), exc
                 time.sleep(0.05)
         deadline = time.monotonic() + 5
-        while not running.service.supervisor.is_leader and time.monotonic() < deadline:
+        while not running.service.supervisor.status.is_leader and time.monotonic() < deadline:
             time.sleep(0.01)
         # Acknowledged: it is watched from now on.
         pairs = {(r.datanode_id, r.region_id) for r in dump_rows(running.stub)}

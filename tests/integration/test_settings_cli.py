@@ -322,7 +322,7 @@ def service_addr():
     thread.start()
     assert started.wait(15), "service did not start"
     deadline = time.monotonic() + 10
-    while not service.supervisor.is_leader:
+    while not service.supervisor.status.is_leader:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     addr = service.addresses.grpc

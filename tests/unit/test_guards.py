@@ -536,7 +536,7 @@ class TestMassFailure:
             f"6 of 10 cut at once, failed over before the hold: {picked} "
             f"(mass_failure_silence_ms={s.mass_failure_silence_ms}, detection ~3.8 s)"
         )
-        assert guards.active_holds == ("mass_failure",)
+        assert sup.status.holds == ("mass_failure",)
 
     def test_off(self):
         sim = Sim(GuardSettings(max_failed_datanode_fraction=1.0))

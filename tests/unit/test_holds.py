@@ -49,13 +49,6 @@ def test_maintenance_and_warmup_hold_without_guards():
     assert h.current == ()
 
 
-def test_publish_mirrors_the_holds_for_the_guards_readers():
-    guards = Guards(GuardSettings())
-    h, *_ = holds(guards)
-    h.publish(("overload", "resubmit_backoff"))
-    assert guards.active_holds == ("overload", "resubmit_backoff")
-
-
 def test_warmup_ends_at_its_grace_or_when_enough_datanodes_were_heard():
     w = Warmup(POLICY)
     assert not w.active(0), "no warm-up before a leadership"
