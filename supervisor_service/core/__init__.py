@@ -69,6 +69,8 @@ from supervisor_service.core.logs import (
 from supervisor_service.core.options import (
     FailoverPolicy,
     GuardSettings,
+    Option,
+    settable_fields,
 )
 from supervisor_service.core.supervisor import (
     DumpSnapshot,
@@ -123,6 +125,7 @@ __all__ = [
     "MigrationResult",
     "MigrationState",
     "MigrationTask",
+    "Option",
     "Peer",
     "PhiAccrualFailureDetector",
     "PhiAccrualOptions",
@@ -153,5 +156,6 @@ __all__ = [
     "log_event",
     "phi_from",
     "region_label",
+    "settable_fields",
     "stats_from_sums",
 ]
