@@ -1,6 +1,8 @@
 """`supervisor-service evaluate`: synthetic traces, the simulated replay, scoring, the detection-quality report."""
 
 from supervisor_service.evaluate.simulation import (
+    DEFAULT_PAUSES_MS,
+    DEFAULT_THRESHOLDS,
     NEVER,
     TRACE_KINDS,
     RunResult,
@@ -16,6 +18,8 @@ from supervisor_service.evaluate.simulation import (
 )
 
 __all__ = [
+    "DEFAULT_PAUSES_MS",
+    "DEFAULT_THRESHOLDS",
     "NEVER",
     "RunResult",
     "Simulation",
