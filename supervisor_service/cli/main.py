@@ -50,7 +50,21 @@ _SERVE_FLAGS = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors are one line, like every other error of the CLI."""
+    """Usage errors are one line, like every other error of the CLI.
+
+    `add_flags(parser)`, if given, adds the parser's flags when it first parses: `serve`'s and
+    `evaluate`'s come from the settings and the evaluation, imports the other commands do without.
+    """
+
+    def __init__(self, *args, add_flags=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_flags = add_flags
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._add_flags is not None:
+            add_flags, self._add_flags = self._add_flags, None
+            add_flags(self)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"supervisor-service: error: {message} (see `{self.prog} --help`)\n")
@@ -134,10 +148,47 @@ def _add_setting_flag(parser: argparse.ArgumentParser, name: str) -> None:
                         help=text.replace("%", "%%"))
 
 
-def _parser() -> argparse.ArgumentParser:
-    from supervisor_service import evaluate as ev
-    from supervisor_service.app.settings import Settings
+def _serve_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--config", metavar="FILE", help="TOML file of settings (names as in the README, lower case)")
+    for name in _SERVE_FLAGS:
+        _add_setting_flag(serve, name)
+    serve.add_argument(
+        "--new-store", dest="allow_new_store", action="store_const", const=True, default=None,
+        help="begin from an empty state although data_dir held a store whose database is missing (setting allow_new_store)",
+    )
 
+
+def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
+    from supervisor_service import evaluate as ev
+
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings to evaluate (default: the defaults "
+                        "and SUPERVISOR_* variables)")
+    parser.add_argument("--trace", action="append", default=[], metavar="FILE.csv",
+                        help="a recorded trace of datanode_id,region_id,timestamp_ms rows, instead of the generated "
+                        "ones (repeatable)")
+    trace = ev.TraceConfig()  # the defaults of the generated traces
+    parser.add_argument("--datanodes", type=int, default=trace.datanodes,
+                        help=f"datanodes per generated trace (default {trace.datanodes})")
+    parser.add_argument("--regions", type=int, default=trace.regions,
+                        help=f"regions per datanode (default {trace.regions})")
+    parser.add_argument("--interval-ms", type=int, default=trace.interval_ms,
+                        help=f"heartbeat interval of the datanodes (default {trace.interval_ms})")
+    parser.add_argument("--hours", type=float, default=trace.hours,
+                        help=f"simulated hours per trace (default {trace.hours:g})")
+    parser.add_argument("--seed", type=int, default=trace.seed,
+                        help=f"seed of the generated traces (default {trace.seed})")
+    thresholds = ",".join(f"{t:g}" for t in ev.DEFAULT_THRESHOLDS)
+    parser.add_argument("--thresholds", default=thresholds, metavar="LIST",
+                        help=f"phi thresholds of the sweep (default {thresholds})")
+    pauses = ",".join(f"{p / 1000:g}" for p in ev.DEFAULT_PAUSES_MS)
+    parser.add_argument("--pauses", default=pauses, metavar="LIST",
+                        help=f"acceptable heartbeat pauses of the sweep, seconds (default {pauses})")
+    parser.add_argument("--quick", action="store_true", help="a quarter of an hour per trace and a smaller sweep")
+    parser.add_argument("--processes", type=int, default=0, help="worker processes (default: one per core)")
+    parser.add_argument("--out", default=".", metavar="DIR", help="where to write the report (default: .)")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="supervisor-service",
         description="Region failover supervisor: detects failed datanodes by phi-accrual and fails their "
@@ -146,14 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the service (until SIGTERM or SIGINT)")
-    serve.add_argument("--config", metavar="FILE", help="TOML file of settings (names as in the README, lower case)")
-    for name in _SERVE_FLAGS:
-        _add_setting_flag(serve, name)
-    serve.add_argument(
-        "--new-store", dest="allow_new_store", action="store_const", const=True, default=None,
-        help="begin from an empty state although data_dir held a store whose database is missing (setting allow_new_store)",
-    )
+    sub.add_parser("serve", help="run the service (until SIGTERM or SIGINT)", add_flags=_serve_flags)
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)
@@ -163,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             metavar="HOST:PORT[,...]",
             help="the service's gRPC address; several replicas comma-separated or repeated: the leader is found "
-            f"among them (default: $SUPERVISOR_GRPC_ADDR or {Settings.model_fields['grpc_addr'].default})",
+            "among them (default: $SUPERVISOR_GRPC_ADDR, else the default of the setting grpc_addr)",
         )
         c.add_argument("--token", default=os.environ.get("SUPERVISOR_AUTH_TOKEN", ""),
                        help="auth token, if the service requires one (default: $SUPERVISOR_AUTH_TOKEN)")
@@ -198,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.add_argument("--markdown", action="store_true", help="as the README's markdown table")
 
-    ev_ = sub.add_parser(
+    sub.add_parser(
         "evaluate",
         help="replay heartbeat traces through the supervisor on a simulated clock and report detection quality",
         description="Replays heartbeat traces (generated from a seed, or recorded CSV files) through the real "
@@ -207,31 +251,8 @@ def _parser() -> argparse.ArgumentParser:
         "settings in effect and for a sweep of the phi threshold and the acceptable heartbeat pause. Writes "
         "DIR/detection-quality.md (and .png with matplotlib installed: pip install 'supervisor-service[plot]'). "
         "Exits 1 when a check of the report fails.",
+        add_flags=_evaluate_flags,
     )
-    ev_.add_argument("--config", metavar="FILE", help="TOML file of settings to evaluate (default: the defaults "
-                     "and SUPERVISOR_* variables)")
-    ev_.add_argument("--trace", action="append", default=[], metavar="FILE.csv",
-                     help="a recorded trace of datanode_id,region_id,timestamp_ms rows, instead of the generated "
-                     "ones (repeatable)")
-    trace = ev.TraceConfig()  # the defaults of the generated traces
-    ev_.add_argument("--datanodes", type=int, default=trace.datanodes,
-                     help=f"datanodes per generated trace (default {trace.datanodes})")
-    ev_.add_argument("--regions", type=int, default=trace.regions,
-                     help=f"regions per datanode (default {trace.regions})")
-    ev_.add_argument("--interval-ms", type=int, default=trace.interval_ms,
-                     help=f"heartbeat interval of the datanodes (default {trace.interval_ms})")
-    ev_.add_argument("--hours", type=float, default=trace.hours,
-                     help=f"simulated hours per trace (default {trace.hours:g})")
-    ev_.add_argument("--seed", type=int, default=trace.seed, help=f"seed of the generated traces (default {trace.seed})")
-    thresholds = ",".join(f"{t:g}" for t in ev.DEFAULT_THRESHOLDS)
-    ev_.add_argument("--thresholds", default=thresholds, metavar="LIST",
-                     help=f"phi thresholds of the sweep (default {thresholds})")
-    pauses = ",".join(f"{p / 1000:g}" for p in ev.DEFAULT_PAUSES_MS)
-    ev_.add_argument("--pauses", default=pauses, metavar="LIST",
-                     help=f"acceptable heartbeat pauses of the sweep, seconds (default {pauses})")
-    ev_.add_argument("--quick", action="store_true", help="a quarter of an hour per trace and a smaller sweep")
-    ev_.add_argument("--processes", type=int, default=0, help="worker processes (default: one per core)")
-    ev_.add_argument("--out", default=".", metavar="DIR", help="where to write the report (default: .)")
     return p
 
 
@@ -370,11 +391,9 @@ def _serve(args) -> int:
 def _client_command(args) -> int:
     import grpc
 
-    from supervisor_service.app.settings import Settings
     from supervisor_service.client import SupervisorClient
 
-    default = Settings.model_fields["grpc_addr"].default
-    groups = args.addr or [_addr_list(os.environ.get("SUPERVISOR_GRPC_ADDR") or default)]
+    groups = args.addr or [_addr_list(os.environ.get("SUPERVISOR_GRPC_ADDR") or _default_grpc_addr())]
     addrs = [a for group in groups for a in group]
     if args.command == "maintenance" and args.ttl_millis and args.action != "on":
         return _fail("--ttl takes a positive number of seconds, with `on` only", EXIT_USAGE)
@@ -409,6 +428,13 @@ def _client_command(args) -> int:
             detail = f"no answer from the service at {','.join(addrs)} within {args.timeout:g} s (--timeout)"
         return _fail(f"{code}: {detail}", EXIT_UNAVAILABLE)
     return EXIT_USAGE
+
+
+def _default_grpc_addr() -> str:
+    """Where the service listens unless told otherwise (the default of the setting grpc_addr)."""
+    from supervisor_service.app.settings import Settings
+
+    return Settings.model_fields["grpc_addr"].default
 
 
 def _print_maintenance(resp) -> None:
