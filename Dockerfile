@@ -2,7 +2,7 @@
 # Build stage: generate the protobuf modules and build a wheel.
 FROM python:3.11-slim AS build
 WORKDIR /src
-RUN pip install --no-cache-dir "grpcio-tools>=1.60,<2" build
+RUN pip install --no-cache-dir "grpcio-tools>=1.64,<2" build
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY supervisor_service ./supervisor_service

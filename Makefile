@@ -7,7 +7,7 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test bench soak report proto lint clean venv system-deps
+.PHONY: run test test-min bench soak report proto lint clean venv system-deps
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(PIP_INSTALL_ARGS) -e '.[dev]'
 	touch $@
 
 proto: $(PROTO_GEN)
@@ -51,6 +51,33 @@ system-deps:
 test: proto system-deps
 	$(PY) -m pytest -q
 
+# The dependency floor: every `>=` bound of pyproject.toml installed exactly, in a second venv, and
+# the unit tests and the gRPC server's tests run on it (a few minutes; the first run installs).
+# The generated protobuf code is not shared with .venv: code from a newer grpcio-tools needs a
+# protobuf at least as new at import. So the sources are copied into $(MIN_SRC), without
+# supervisor_service/_proto/supervisor, and this Makefile's own `proto` runs there with
+# VENV=$(MIN_VENV): the floor's grpcio-tools generates the copy's code, the copy is installed
+# (editable) under the floor's constraints, and the tests run in the copy. Run it with the oldest
+# Python the project supports (`make test-min PYTHON=python3.11`): each floor must install there.
+MIN_VENV := .venv-min
+MIN_SRC  := $(MIN_VENV)/src
+MIN_CONSTRAINTS := $(MIN_VENV)/constraints.txt
+
+test-min:
+	@[ -x $(MIN_VENV)/bin/python ] || $(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		reqs = p["dependencies"] + [r for extra in p["optional-dependencies"].values() for r in extra]; \
+		print("\n".join(sorted({re.sub(r"\s*>=\s*([^,;\s]+).*", r"==\1", r) for r in reqs if ">=" in r})))' \
+		> $(MIN_CONSTRAINTS)
+	rm -rf $(MIN_SRC) && mkdir -p $(MIN_SRC)
+	tar -c --exclude=__pycache__ --exclude=supervisor_service/_proto/supervisor \
+		Makefile pyproject.toml README.md protos supervisor_service tests | tar -x -C $(MIN_SRC)
+	$(MAKE) --no-print-directory -C $(MIN_SRC) proto VENV=$(CURDIR)/$(MIN_VENV) \
+		PIP_INSTALL_ARGS="-c $(CURDIR)/$(MIN_CONSTRAINTS)"
+	$(MIN_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(grpcio|protobuf|pydantic|prometheus|numpy|aetcd)'
+	cd $(MIN_SRC) && $(CURDIR)/$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/unit tests/integration/test_server.py
+
 # The scale benchmark (README "Performance"): `make bench`, or `make bench BENCH_ARGS=--quick` (under a minute).
 bench: proto
 	$(PY) -m supervisor_service.bench $(BENCH_ARGS)
@@ -63,9 +90,13 @@ soak: proto
 report: proto
 	$(VENV)/bin/supervisor-service evaluate --out docs
 
+# pyflakes, the import order (ruff), and the core type-checked strictly (mypy; see pyproject.toml).
+# Under a minute (mypy's cache makes later runs faster); not part of `make test`.
 lint: proto
 	$(PY) -m compileall -q supervisor_service tests
 	$(PY) -m pyflakes $$(find supervisor_service tests -name '*.py' -not -path '*/_proto/*')
+	$(VENV)/bin/ruff check --select I supervisor_service tests
+	$(PY) -m mypy --strict supervisor_service/core
 
 clean:
-	rm -rf $(VENV) $(PROTO_OUT)/supervisor data .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) $(PROTO_OUT)/supervisor data .pytest_cache .mypy_cache

@@ -1,8 +1,12 @@
 """Settings, read once in `main`: defaults < TOML file (`--config`) < environment (`SUPERVISOR_*`) < CLI flags.
 
-Every field has its unit in its name and a docstring; the README's
-configuration table is generated from this class (`supervisor-service
-settings --markdown`), so the two cannot drift apart.
+Every field has its unit in its name and a description. A setting that sets a
+field of the core's option dataclasses (`PhiAccrualOptions`, `FailoverPolicy`,
+`GuardSettings`) takes its default, bounds and description from that field's
+declaration (`_core`, docs/design.md §8); the settings of the service alone are
+declared here, with a docstring. The README's configuration table is generated
+from this class (`supervisor-service settings --markdown`), so the two cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from supervisor_service.core import FailoverPolicy, GuardSettings, PhiAccrualOptions
+from supervisor_service.core import FailoverPolicy, GuardSettings, Option, PhiAccrualOptions, settable_fields
 
 ENV_PREFIX = "SUPERVISOR_"
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -85,13 +89,34 @@ class ConfigError(Exception):
     """Invalid settings; the message names every bad setting."""
 
 
+CORE_OPTIONS: tuple[type, ...] = (PhiAccrualOptions, FailoverPolicy, GuardSettings)
+"""The core's option dataclasses, whose settable fields are settings."""
+_CORE_SETTINGS: dict[str, tuple[Any, Option]] = {
+    setting: (f.default, opt) for cls in CORE_OPTIONS for f, setting, opt in settable_fields(cls)
+}
+
+
+def _core(setting: str) -> Any:
+    """The field of `setting`, from the core option field it sets: its default, bounds and description."""
+    default, opt = _CORE_SETTINGS[setting]
+    return Field(
+        default if opt.setting_default is None else opt.setting_default,
+        ge=opt.ge, gt=opt.gt, le=opt.le, description=opt.doc,
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the service."""
 
     # Every number must be finite: an `inf` pause or threshold is not a setting, it is an overflow later.
+    # The docstring under a field is its description.
     model_config = SettingsConfigDict(
-        env_prefix="SUPERVISOR_", extra="forbid", validate_default=True, allow_inf_nan=False
+        env_prefix="SUPERVISOR_", extra="forbid", validate_default=True, allow_inf_nan=False,
+        use_attribute_docstrings=True,
     )
+
+    # A field `= _core("name")` is a core option's: its default, bounds and meaning are declared
+    # with that option (core/options.py, core/detector.py).
 
     # -- network
     grpc_addr: str = "127.0.0.1:50051"
@@ -118,44 +143,28 @@ class Settings(BaseSettings):
     """Deadline of each call to a remote service."""
     failover_workers: int = Field(4, ge=1, le=256)
     """Threads making remote calls for failover (they never block the supervisor thread)."""
-    migration_base_timeout_ms: int = Field(120_000, ge=1, le=86_400_000)
-    """Migration timeout per failover: timeout = this x (the region's count of accepted failovers + 1)."""
-    max_failover_timeout_ms: int = Field(1_200_000, ge=1, le=7 * 86_400_000)
-    """Cap of that timeout (at least migration_base_timeout_ms)."""
-    submit_retry_backoff_ms: int = Field(1000, ge=1, le=3_600_000)
-    """A SubmitRegionMigration that may have happened (timeout, UNAVAILABLE, ...) is sent again, to the same target with the same request_id, after this, doubling per retry ..."""
-    submit_retry_backoff_max_ms: int = Field(30_000, ge=1, le=3_600_000)
-    """... up to this."""
-    resubmit_backoff_ms: int = Field(10_000, ge=0, le=86_400_000)
-    """Regions whose decision ended without moving them (GetMigrationStatus NOT_FOUND or FAILED, peer_conflict, a refused call) wait this long before they are failed over again, doubling per such end in the window ..."""
-    resubmit_backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
-    """... up to this."""
-    max_resubmissions_per_window: int = Field(3, ge=1, le=1_000_000)
-    """At most this many such resubmissions of a region per resubmit_window_ms."""
-    resubmit_window_ms: int = Field(600_000, ge=1, le=7 * 86_400_000)
-    """The window of that limit."""
-    expiry_checkpoint_interval_ms: int = Field(15_000, ge=100, le=3_600_000)
-    """While a maintenance expiry is pending, the time it has left is stored this often: after a restart on another machine or boot it ends at most this plus the time without a leader late, never early."""
-    migration_status_poll_interval_ms: int = Field(5000, ge=1, le=3_600_000)
-    """How often an in-flight migration's status is polled."""
+    migration_base_timeout_ms: int = _core("migration_base_timeout_ms")
+    max_failover_timeout_ms: int = _core("max_failover_timeout_ms")
+    submit_retry_backoff_ms: int = _core("submit_retry_backoff_ms")
+    submit_retry_backoff_max_ms: int = _core("submit_retry_backoff_max_ms")
+    resubmit_backoff_ms: int = _core("resubmit_backoff_ms")
+    resubmit_backoff_max_ms: int = _core("resubmit_backoff_max_ms")
+    max_resubmissions_per_window: int = _core("max_resubmissions_per_window")
+    resubmit_window_ms: int = _core("resubmit_window_ms")
+    expiry_checkpoint_interval_ms: int = _core("expiry_checkpoint_interval_ms")
+    migration_status_poll_interval_ms: int = _core("migration_status_poll_interval_ms")
     journal_capacity: int = Field(10_000, ge=1, le=10_000_000)
     """Entries the embedded dry-run journal keeps (newest)."""
     selector_alive_window_ms: int = Field(0, ge=0, le=86_400_000)
     """Embedded selector: a datanode heard from within this window is a candidate; 0: the acceptable heartbeat pause."""
 
     # -- detection
-    tick_interval_ms: int = Field(1000, ge=10, le=600_000)
-    """How often failed regions are looked for."""
-    phi_threshold: float = Field(8.0, gt=0, le=1000)
-    """phi at or above which a region counts as failed."""
-    min_std_deviation_ms: float = Field(100.0, gt=0, le=3_600_000)
-    """Floor of the heartbeat interval standard deviation."""
-    acceptable_heartbeat_pause_ms: float = Field(10_000.0, ge=0, le=86_400_000)
-    """Heartbeat pause tolerated on top of the mean interval."""
-    max_sample_size: int = Field(1000, ge=2, le=100_000)
-    """Heartbeat intervals kept per detector."""
-    first_heartbeat_estimate_ms: int = Field(1000, ge=1, le=3_600_000)
-    """Interval assumed before one is seen (seeds the history with est -/+ est/4)."""
+    tick_interval_ms: int = _core("tick_interval_ms")
+    phi_threshold: float = _core("phi_threshold")
+    min_std_deviation_ms: float = _core("min_std_deviation_ms")
+    acceptable_heartbeat_pause_ms: float = _core("acceptable_heartbeat_pause_ms")
+    max_sample_size: int = _core("max_sample_size")
+    first_heartbeat_estimate_ms: int = _core("first_heartbeat_estimate_ms")
     heartbeat_clock: Literal["server", "client"] = "server"
     """Whose clock stamps heartbeats: `server` (receipt time) or `client` (the request's timestamp_millis)."""
     max_client_clock_skew_ms: int = Field(1000, ge=0, le=3_600_000)
@@ -196,52 +205,32 @@ class Settings(BaseSettings):
     """Leader lease time to live (etcd store); a leader steps down before it can expire."""
     initialization_delay_ms: int = Field(0, ge=0, le=600_000)
     """Pause between becoming leader and loading the state (lets a previous leader's last writes land)."""
-    warmup_grace_ms: int = Field(30_000, ge=0, le=86_400_000)
-    """After becoming leader, no failover for this long, unless warmup_fraction of the known datanodes reported first."""
-    warmup_fraction: float = Field(0.9, ge=0, le=1)
-    """Fraction of the known datanodes that, once heard from, ends the warm-up early."""
+    warmup_grace_ms: int = _core("warmup_grace_ms")
+    warmup_fraction: float = _core("warmup_fraction")
 
-    # -- guards (DESIGN.md section 6); each is off at the value in brackets
+    # -- guards (docs/design.md §5); each is off at the value in brackets
     guards_enabled: bool = True
     """Master switch of the guards below (false: fail over whatever crosses the threshold, as the original)."""
-    max_local_pause_ms: int = Field(5000, ge=0, le=3_600_000)
-    """A stall of the supervisor itself longer than this holds convictions [0]."""
-    local_pause_hold_ms: int = Field(5000, ge=0, le=3_600_000)
-    """How long convictions stay held after such a stall."""
-    overload_queue_fraction: float = Field(0.9, gt=0, le=1)
-    """No conviction while the event queue is fuller than this [1]."""
-    max_failed_datanode_fraction: float = Field(0.5, gt=0, le=1)
-    """Hold failover while more than this fraction of the datanodes are silent [1]."""
-    mass_failure_min_datanodes: int = Field(3, ge=1, le=1_000_000)
-    """... and at least this many datanodes are."""
-    mass_failure_silence_ms: int = Field(5000, ge=1, le=3_600_000)
-    """A datanode unheard for this long counts as silent for the mass-failure guard (capped at half the acceptable heartbeat pause, so datanodes cut together are counted before the first is convicted)."""
-    mass_failure_recovery_ms: int = Field(5000, ge=0, le=3_600_000)
-    """After a mass failure clears, failover stays held this long, so the datanodes cut off with the others can report again [0]."""
-    failover_rate_per_s: float = Field(1.0, ge=0, le=1_000_000)
-    """Global budget of datanodes failed over per second [0]."""
-    failover_burst: int = Field(10, ge=1, le=1_000_000)
-    """Burst of the global budget."""
-    target_regions_per_s: float = Field(200.0, ge=0, le=100_000_000)
-    """Regions moved to one target datanode per second [0]."""
-    target_burst_regions: int = Field(2000, ge=1, le=100_000_000)
-    """Burst of the per-target budget."""
-    target_holddown_ms: int = Field(30_000, ge=0, le=86_400_000)
-    """A datanode that failed or flaps is not a failover target for this long [0]."""
-    flap_window_ms: int = Field(600_000, ge=1, le=604_800_000)
-    """Window in which a datanode's recoveries and failovers are counted."""
-    flap_threshold: int = Field(3, ge=1, le=1_000_000)
-    """Recoveries within the window that make a datanode count as flapping."""
-    flap_backoff_base_ms: int = Field(10_000, ge=0, le=86_400_000)
-    """A datanode failing again within the window waits base x 2^(n-1) before its next failover [0]."""
-    flap_backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
-    """Cap of that backoff."""
-    failover_count_decay_ms: int = Field(1_800_000, ge=0, le=2_592_000_000)
-    """A region healthy this long after its last failover forgets its failover count [0]."""
+    max_local_pause_ms: int = _core("max_local_pause_ms")
+    local_pause_hold_ms: int = _core("local_pause_hold_ms")
+    overload_queue_fraction: float = _core("overload_queue_fraction")
+    max_failed_datanode_fraction: float = _core("max_failed_datanode_fraction")
+    mass_failure_min_datanodes: int = _core("mass_failure_min_datanodes")
+    mass_failure_silence_ms: int = _core("mass_failure_silence_ms")
+    mass_failure_recovery_ms: int = _core("mass_failure_recovery_ms")
+    failover_rate_per_s: float = _core("failover_rate_per_s")
+    failover_burst: int = _core("failover_burst")
+    target_regions_per_s: float = _core("target_regions_per_s")
+    target_burst_regions: int = _core("target_burst_regions")
+    target_holddown_ms: int = _core("target_holddown_ms")
+    flap_window_ms: int = _core("flap_window_ms")
+    flap_threshold: int = _core("flap_threshold")
+    flap_backoff_base_ms: int = _core("flap_backoff_base_ms")
+    flap_backoff_max_ms: int = _core("flap_backoff_max_ms")
+    failover_count_decay_ms: int = _core("failover_count_decay_ms")
     reject_stale_epochs: bool = True
     """Reject heartbeats whose node_epoch is older than the newest seen for that datanode, while that one was heard within acceptable_heartbeat_pause_ms (after that, a lower epoch is a new life)."""
-    rebaseline_after_maintenance: bool = True
-    """When maintenance ends, give the detectors it covered a fresh heartbeat at now."""
+    rebaseline_after_maintenance: bool = _core("rebaseline_after_maintenance")
 
     # -- process
     shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
@@ -311,58 +300,32 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls))
         return tuple(sources)
 
+    def _values_of(self, cls: type) -> dict[str, Any]:
+        """The settable fields of the option dataclass `cls`, from their settings, by field name."""
+        return {f.name: getattr(self, setting) for f, setting, _ in settable_fields(cls)}
+
     def detector_options(self) -> PhiAccrualOptions:
-        return PhiAccrualOptions(
-            threshold=self.phi_threshold,
-            min_std_deviation_ms=self.min_std_deviation_ms,
-            acceptable_heartbeat_pause_ms=self.acceptable_heartbeat_pause_ms,
-            max_sample_size=self.max_sample_size,
-            first_heartbeat_estimate_ms=self.first_heartbeat_estimate_ms,
-        )
+        return PhiAccrualOptions(**self._values_of(PhiAccrualOptions))
 
     def failover_policy(self) -> FailoverPolicy:
+        values = self._values_of(FailoverPolicy)
+        if not self.guards_enabled:
+            values["failover_count_decay_ms"] = 0
         return FailoverPolicy(
-            base_timeout_ms=self.migration_base_timeout_ms,
-            max_failover_timeout_ms=self.max_failover_timeout_ms,
-            submit_retry_backoff_ms=self.submit_retry_backoff_ms,
-            submit_retry_backoff_max_ms=self.submit_retry_backoff_max_ms,
-            resubmit_backoff_ms=self.resubmit_backoff_ms,
-            resubmit_backoff_max_ms=self.resubmit_backoff_max_ms,
-            max_resubmissions_per_window=self.max_resubmissions_per_window,
-            resubmit_window_ms=self.resubmit_window_ms,
-            expiry_checkpoint_interval_ms=self.expiry_checkpoint_interval_ms,
             # A remote Selector or RegionMigration must be given targets it can reach.
             require_target_addr=bool(self.selector_endpoint or self.region_migration_endpoint),
-            status_poll_interval_ms=self.migration_status_poll_interval_ms,
-            warmup_grace_ms=self.warmup_grace_ms,
-            warmup_fraction=self.warmup_fraction,
-            failover_count_decay_ms=self.failover_count_decay_ms if self.guards_enabled else 0,
-            rebaseline_after_maintenance=self.rebaseline_after_maintenance,
+            **values,
         )
 
     def guard_settings(self) -> GuardSettings | None:
         if not self.guards_enabled:
             return None
-        return GuardSettings(
-            tick_interval_ms=self.tick_interval_ms,
-            max_local_pause_ms=self.max_local_pause_ms,
-            local_pause_hold_ms=self.local_pause_hold_ms,
-            overload_queue_fraction=self.overload_queue_fraction,
-            max_failed_datanode_fraction=self.max_failed_datanode_fraction,
-            mass_failure_min_datanodes=self.mass_failure_min_datanodes,
-            # Silence must be noticed before conviction, whatever the detector settings.
-            mass_failure_silence_ms=min(self.mass_failure_silence_ms, int(self.acceptable_heartbeat_pause_ms // 2)),
-            mass_failure_recovery_ms=self.mass_failure_recovery_ms,
-            failover_rate_per_s=self.failover_rate_per_s,
-            failover_burst=self.failover_burst,
-            target_regions_per_s=self.target_regions_per_s,
-            target_burst_regions=self.target_burst_regions,
-            target_holddown_ms=self.target_holddown_ms,
-            flap_window_ms=self.flap_window_ms,
-            flap_threshold=self.flap_threshold,
-            flap_backoff_base_ms=self.flap_backoff_base_ms,
-            flap_backoff_max_ms=self.flap_backoff_max_ms,
+        values = self._values_of(GuardSettings)
+        # Silence must be noticed before conviction, whatever the detector settings.
+        values["mass_failure_silence_ms"] = min(
+            self.mass_failure_silence_ms, int(self.acceptable_heartbeat_pause_ms // 2)
         )
+        return GuardSettings(**values)
 
     @property
     def selector_alive_window(self) -> int:
@@ -426,20 +389,10 @@ def default_text(default: Any) -> str:
 
 
 def settings_table_markdown() -> str:
-    """The README configuration table, from the field docstrings."""
-    import ast
-    import inspect
-
-    source = inspect.getsource(Settings)
-    docs: dict[str, str] = {}
-    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)
+    """The README configuration table, from the field descriptions."""
     lines = ["| setting | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = default_text(field.default)
         shown = f"`{default}`" if default not in ("", None) else "(empty)"
-        lines.append(f"| `SUPERVISOR_{name.upper()}` | {shown} | {docs.get(name, '')} |")
+        lines.append(f"| `SUPERVISOR_{name.upper()}` | {shown} | {field.description or ''} |")
     return "\n".join(lines)

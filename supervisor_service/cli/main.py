@@ -34,26 +34,37 @@ UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 INT64_MAX = 2**63 - 1
 
-_SERVE_FLAGS = {
-    # flag: (setting, type, help)
-    "--grpc-addr": ("grpc_addr", str, "gRPC listen address (host:port)"),
-    "--metrics-addr": ("metrics_addr", str, "Prometheus listen address (host:port; empty: off)"),
-    "--selector-endpoint": ("selector_endpoint", str, "remote Selector host:port (default: embedded)"),
-    "--peer-lookup-endpoint": ("peer_lookup_endpoint", str, "remote PeerLookup host:port (default: embedded)"),
-    "--region-migration-endpoint": (
-        "region_migration_endpoint",
-        str,
-        "remote RegionMigration host:port (default: embedded dry-run journal)",
-    ),
-    "--tick-interval-ms": ("tick_interval_ms", int, "failure detection period"),
-    "--phi-threshold": ("phi_threshold", float, "phi at which a region counts as failed"),
-    "--heartbeat-clock": ("heartbeat_clock", str, "server (receipt time) or client (request timestamp)"),
-    "--log-level": ("log_level", str, "debug, info, warning or error"),
-}
+# The settings `serve` also takes as a flag (`grpc_addr` is `--grpc-addr`); each flag's type and help
+# come from its setting's field, so they say what the README's configuration table says.
+_SERVE_FLAGS = (
+    "grpc_addr",
+    "metrics_addr",
+    "selector_endpoint",
+    "peer_lookup_endpoint",
+    "region_migration_endpoint",
+    "tick_interval_ms",
+    "phi_threshold",
+    "heartbeat_clock",
+    "log_level",
+)
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors are one line, like every other error of the CLI."""
+    """Usage errors are one line, like every other error of the CLI.
+
+    `add_flags(parser)`, if given, adds the parser's flags when it first parses: `serve`'s and
+    `evaluate`'s come from the settings and the evaluation, imports the other commands do without.
+    """
+
+    def __init__(self, *args, add_flags=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_flags = add_flags
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._add_flags is not None:
+            add_flags, self._add_flags = self._add_flags, None
+            add_flags(self)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"supervisor-service: error: {message} (see `{self.prog} --help`)\n")
@@ -121,6 +132,62 @@ def _addr_list(text: str) -> list[str]:
     return addrs
 
 
+def _flag(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def _add_setting_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    """`--name` for setting `name`: unset unless given, so that it overrides the other sources only then."""
+    from supervisor_service.app.settings import ENV_PREFIX, Settings, default_text
+
+    field = Settings.model_fields[name]
+    default = default_text(field.default) or "(empty)"
+    text = f"{field.description} Default: {default} (also {ENV_PREFIX}{name.upper()})."
+    # A '%' would be read by argparse as a format.
+    parser.add_argument(_flag(name), type=field.annotation if field.annotation in (int, float) else str,
+                        help=text.replace("%", "%%"))
+
+
+def _serve_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--config", metavar="FILE", help="TOML file of settings (names as in the README, lower case)")
+    for name in _SERVE_FLAGS:
+        _add_setting_flag(serve, name)
+    serve.add_argument(
+        "--new-store", dest="allow_new_store", action="store_const", const=True, default=None,
+        help="begin from an empty state although data_dir held a store whose database is missing (setting allow_new_store)",
+    )
+
+
+def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
+    from supervisor_service import evaluate as ev
+
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings to evaluate (default: the defaults "
+                        "and SUPERVISOR_* variables)")
+    parser.add_argument("--trace", action="append", default=[], metavar="FILE.csv",
+                        help="a recorded trace of datanode_id,region_id,timestamp_ms rows, instead of the generated "
+                        "ones (repeatable)")
+    trace = ev.TraceConfig()  # the defaults of the generated traces
+    parser.add_argument("--datanodes", type=int, default=trace.datanodes,
+                        help=f"datanodes per generated trace (default {trace.datanodes})")
+    parser.add_argument("--regions", type=int, default=trace.regions,
+                        help=f"regions per datanode (default {trace.regions})")
+    parser.add_argument("--interval-ms", type=int, default=trace.interval_ms,
+                        help=f"heartbeat interval of the datanodes (default {trace.interval_ms})")
+    parser.add_argument("--hours", type=float, default=trace.hours,
+                        help=f"simulated hours per trace (default {trace.hours:g})")
+    parser.add_argument("--seed", type=int, default=trace.seed,
+                        help=f"seed of the generated traces (default {trace.seed})")
+    thresholds = ",".join(f"{t:g}" for t in ev.DEFAULT_THRESHOLDS)
+    parser.add_argument("--thresholds", default=thresholds, metavar="LIST",
+                        help=f"phi thresholds of the sweep (default {thresholds})")
+    pauses = ",".join(f"{p / 1000:g}" for p in ev.DEFAULT_PAUSES_MS)
+    parser.add_argument("--pauses", default=pauses, metavar="LIST",
+                        help=f"acceptable heartbeat pauses of the sweep, seconds (default {pauses})")
+    parser.add_argument("--quick", action="store_true", help="a quarter of an hour per trace and a smaller sweep")
+    parser.add_argument("--processes", type=int, default=0, help="worker processes (default: one per core)")
+    parser.add_argument("--out", default=".", metavar="DIR", help="where to write the report (default: .)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="supervisor-service",
@@ -130,14 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the service (until SIGTERM or SIGINT)")
-    serve.add_argument("--config", metavar="FILE", help="TOML file of settings (names as in the README, lower case)")
-    for flag, (_, typ, help_text) in _SERVE_FLAGS.items():
-        serve.add_argument(flag, type=typ, help=help_text)
-    serve.add_argument(
-        "--new-store", dest="allow_new_store", action="store_const", const=True, default=None,
-        help="begin from an empty state although data_dir held a store whose database is missing (setting allow_new_store)",
-    )
+    sub.add_parser("serve", help="run the service (until SIGTERM or SIGINT)", add_flags=_serve_flags)
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)
@@ -147,9 +207,10 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             metavar="HOST:PORT[,...]",
             help="the service's gRPC address; several replicas comma-separated or repeated: the leader is found "
-            "among them (default: $SUPERVISOR_GRPC_ADDR or 127.0.0.1:50051)",
+            "among them (default: $SUPERVISOR_GRPC_ADDR, else the default of the setting grpc_addr)",
         )
-        c.add_argument("--token", default=os.environ.get("SUPERVISOR_AUTH_TOKEN", ""), help="auth token, if the service requires one")
+        c.add_argument("--token", default=os.environ.get("SUPERVISOR_AUTH_TOKEN", ""),
+                       help="auth token, if the service requires one (default: $SUPERVISOR_AUTH_TOKEN)")
         c.add_argument("--timeout", type=_finite(0, 86_400, "seconds"), default=10.0,
                        help="seconds to wait for each replica's answer (default 10)")
         return c
@@ -181,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.add_argument("--markdown", action="store_true", help="as the README's markdown table")
 
-    ev = sub.add_parser(
+    sub.add_parser(
         "evaluate",
         help="replay heartbeat traces through the supervisor on a simulated clock and report detection quality",
         description="Replays heartbeat traces (generated from a seed, or recorded CSV files) through the real "
@@ -190,24 +251,8 @@ def _parser() -> argparse.ArgumentParser:
         "settings in effect and for a sweep of the phi threshold and the acceptable heartbeat pause. Writes "
         "DIR/detection-quality.md (and .png with matplotlib installed: pip install 'supervisor-service[plot]'). "
         "Exits 1 when a check of the report fails.",
+        add_flags=_evaluate_flags,
     )
-    ev.add_argument("--config", metavar="FILE", help="TOML file of settings to evaluate (default: the defaults "
-                    "and SUPERVISOR_* variables)")
-    ev.add_argument("--trace", action="append", default=[], metavar="FILE.csv",
-                    help="a recorded trace of datanode_id,region_id,timestamp_ms rows, instead of the generated "
-                    "ones (repeatable)")
-    ev.add_argument("--datanodes", type=int, default=20, help="datanodes per generated trace (default 20)")
-    ev.add_argument("--regions", type=int, default=10, help="regions per datanode (default 10)")
-    ev.add_argument("--interval-ms", type=int, default=3000, help="heartbeat interval of the datanodes (default 3000)")
-    ev.add_argument("--hours", type=float, default=1.0, help="simulated hours per trace (default 1)")
-    ev.add_argument("--seed", type=int, default=1, help="seed of the generated traces (default 1)")
-    ev.add_argument("--thresholds", default=",".join(f"{t:g}" for t in (1, 2, 4, 8, 12, 16)), metavar="LIST",
-                    help="phi thresholds of the sweep (default 1,2,4,8,12,16)")
-    ev.add_argument("--pauses", default="3,5,7.5,10,15", metavar="LIST",
-                    help="acceptable heartbeat pauses of the sweep, seconds (default 3,5,7.5,10,15)")
-    ev.add_argument("--quick", action="store_true", help="a quarter of an hour per trace and a smaller sweep")
-    ev.add_argument("--processes", type=int, default=0, help="worker processes (default: one per core)")
-    ev.add_argument("--out", default=".", metavar="DIR", help="where to write the report (default: .)")
     return p
 
 
@@ -310,7 +355,7 @@ def _serve(args) -> int:
     from supervisor_service.app.service import Service
     from supervisor_service.app.settings import ConfigError, load_settings
 
-    overrides = {setting: getattr(args, flag[2:].replace("-", "_")) for flag, (setting, _, _) in _SERVE_FLAGS.items()}
+    overrides = {name: getattr(args, name) for name in _SERVE_FLAGS}
     overrides["allow_new_store"] = args.allow_new_store
     try:
         settings = load_settings(args.config, **overrides)
@@ -348,7 +393,7 @@ def _client_command(args) -> int:
 
     from supervisor_service.client import SupervisorClient
 
-    groups = args.addr or [_addr_list(os.environ.get("SUPERVISOR_GRPC_ADDR") or "127.0.0.1:50051")]
+    groups = args.addr or [_addr_list(os.environ.get("SUPERVISOR_GRPC_ADDR") or _default_grpc_addr())]
     addrs = [a for group in groups for a in group]
     if args.command == "maintenance" and args.ttl_millis and args.action != "on":
         return _fail("--ttl takes a positive number of seconds, with `on` only", EXIT_USAGE)
@@ -383,6 +428,13 @@ def _client_command(args) -> int:
             detail = f"no answer from the service at {','.join(addrs)} within {args.timeout:g} s (--timeout)"
         return _fail(f"{code}: {detail}", EXIT_UNAVAILABLE)
     return EXIT_USAGE
+
+
+def _default_grpc_addr() -> str:
+    """Where the service listens unless told otherwise (the default of the setting grpc_addr)."""
+    from supervisor_service.app.settings import Settings
+
+    return Settings.model_fields["grpc_addr"].default
 
 
 def _print_maintenance(resp) -> None:

@@ -71,6 +71,8 @@ from supervisor_service.core.logs import (
 from supervisor_service.core.options import (
     FailoverPolicy,
     GuardSettings,
+    Option,
+    settable_fields,
 )
 from supervisor_service.core.ports import CoreMetrics
 from supervisor_service.core.snapshot import DumpSnapshot
@@ -127,6 +129,7 @@ __all__ = [
     "MigrationResult",
     "MigrationState",
     "MigrationTask",
+    "Option",
     "Peer",
     "PhiAccrualFailureDetector",
     "PhiAccrualOptions",
@@ -157,5 +160,6 @@ __all__ = [
     "log_event",
     "phi_from",
     "region_label",
+    "settable_fields",
     "stats_from_sums",
 ]

@@ -12,21 +12,28 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from supervisor_service.core.options import option
+
 
 @dataclass(frozen=True, slots=True)
 class PhiAccrualOptions:
     """Options of one detector (Akka's and GreptimeDB's defaults)."""
 
-    threshold: float = 8.0
-    """phi at or above which the monitored region counts as failed."""
-    min_std_deviation_ms: float = 100.0
-    """Floor of the standard deviation, so a very regular history does not make phi jumpy."""
-    acceptable_heartbeat_pause_ms: float = 10_000.0
-    """Pause added to the mean interval: a GC or network hiccup this long is tolerated."""
-    max_sample_size: int = 1000
-    """Intervals kept in the history window."""
-    first_heartbeat_estimate_ms: int = 1000
-    """Interval assumed before any has been seen; seeds the history with est -/+ est/4."""
+    threshold: float = option(
+        8.0, gt=0, le=1000, setting="phi_threshold", doc="phi at or above which a region counts as failed."
+    )
+    # A floor, so that a very regular history does not make phi jumpy.
+    min_std_deviation_ms: float = option(
+        100.0, gt=0, le=3_600_000, doc="Floor of the heartbeat interval standard deviation."
+    )
+    # Added to the mean interval: a GC or network hiccup this long is tolerated.
+    acceptable_heartbeat_pause_ms: float = option(
+        10_000.0, ge=0, le=86_400_000, doc="Heartbeat pause tolerated on top of the mean interval."
+    )
+    max_sample_size: int = option(1000, ge=2, le=100_000, doc="Heartbeat intervals kept per detector.")
+    first_heartbeat_estimate_ms: int = option(
+        1000, ge=1, le=3_600_000, doc="Interval assumed before one is seen (seeds the history with est -/+ est/4)."
+    )
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:

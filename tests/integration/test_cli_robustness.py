@@ -110,6 +110,15 @@ def test_out_of_range_flags_are_one_line_usage_errors(argv, names):
     assert proc.stdout == ""
 
 
+def test_a_client_command_parses_without_loading_the_settings_or_the_evaluation():
+    # serve's and evaluate's flags are built from those modules, when one of them is the command.
+    probe = ("import sys; from supervisor_service.cli.main import _parser; _parser().parse_args(['dump']); "
+             "print(sorted(m for m in ('pydantic', 'supervisor_service.app.settings', 'supervisor_service.evaluate')"
+             " if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], env=_env(), capture_output=True, text=True, timeout=30)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_setting_that_cannot_be_held_is_one_line_exit_78_not_a_traceback():
     for name, value in [("ACCEPTABLE_HEARTBEAT_PAUSE_MS", "inf"), ("PHI_THRESHOLD", "nan"),
                         ("MIGRATION_BASE_TIMEOUT_MS", str(2**64)), ("MAX_MESSAGE_BYTES", str(2**31))]:

@@ -20,6 +20,7 @@ from supervisor_service import cli
 from supervisor_service.app.service import Service
 from supervisor_service.app.settings import ConfigError, Settings, load_settings
 from supervisor_service.client import SupervisorClient
+from supervisor_service.core import FailoverPolicy, GuardSettings, PhiAccrualOptions
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +63,46 @@ def test_defaults_match_the_design_table():
     assert (opts.threshold, opts.min_std_deviation_ms, opts.acceptable_heartbeat_pause_ms, opts.max_sample_size) == (
         8.0, 100, 10_000, 1000
     )
+
+
+def test_a_setting_of_a_core_option_is_that_options_declaration():
+    # The declarations themselves (supervisor_service.core.options), not the public API.
+    from dataclasses import fields
+
+    from supervisor_service.app.settings import CORE_OPTIONS
+    from supervisor_service.core import settable_fields
+    from supervisor_service.core.options import OPTION
+
+    seen = []
+    for cls in CORE_OPTIONS:
+        assert all(f.metadata[OPTION].doc for f in fields(cls)), f"{cls.__name__}: a field without a doc"
+        for f, setting, opt in settable_fields(cls):
+            field = Settings.model_fields[setting]
+            assert field.annotation.__name__ == f.type, setting
+            assert field.default == (f.default if opt.setting_default is None else opt.setting_default), setting
+            assert field.description == opt.doc, setting
+            bounds = {name: getattr(m, name) for m in field.metadata for name in ("ge", "gt", "le") if hasattr(m, name)}
+            assert bounds == {k: v for k, v in (("ge", opt.ge), ("gt", opt.gt), ("le", opt.le)) if v is not None}
+            seen.append(setting)
+    assert len(seen) == len(set(seen)), "two core options share a setting"
+    assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_default_settings_build_the_default_options():
+    s = load_settings()
+    assert s.detector_options() == PhiAccrualOptions()
+    assert s.guard_settings() == GuardSettings()
+    # The one default of its own: the service forgets failover counts after 30 min, a plain policy never.
+    assert s.failover_policy() == FailoverPolicy(failover_count_decay_ms=1_800_000)
+
+
+def test_serve_flags_say_what_their_settings_say(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("tick_interval_ms", "phi_threshold", "grpc_addr"):
+        assert f"--{name.replace('_', '-')}" in out
+        assert " ".join(Settings.model_fields[name].description.split()) in out
 
 
 # ---------------------------------------------------------------- settings: sources
