@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 4): `python -m supervisor_service.bench [--quick]`, or `make bench`.
+"""Scale benchmark: `python -m supervisor_service.bench [--quick]`, or `make bench`.
 
 Starts the service in-process, drives it from separate load-generator
 processes over real gRPC on loopback, runs a naive per-region baseline in a

@@ -42,103 +42,18 @@ import sys
 import threading
 import time
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry
 
-from supervisor_service.bench import baseline, ceiling, loadgen
+import supervisor_service.bench.baseline as baseline
+import supervisor_service.bench.ceiling as ceiling
+import supervisor_service.bench.loadgen as loadgen
+from supervisor_service.bench.rows import Config, Row, baseline_rows, render
+from supervisor_service.bench.verdict import summary_notes, targets
 from supervisor_service.core import PhiAccrualOptions, phi_from
 
-COLUMNS = (
-    ("scenario", "scenario"),
-    ("detectors", "detectors"),
-    ("msgs_s", "messages/s"),
-    ("region_hb_s", "region-heartbeats/s"),
-    ("tick_ms", "tick p50/p99 ms"),
-    ("apply_ms", "apply latency p50/p99 ms"),
-    ("rss_mib", "RSS MiB"),
-    ("cpu", "CPU cores service+load"),
-    ("rejected", "rejected / stream errors"),
-    ("result", "result"),
-)
 SMALL_ID_BASE = 1 << 20  # datanode ids of the small-message scenario, apart from the fleet's
-
-
-@dataclass
-class Config:
-    datanodes: int = 1000
-    regions: int = 1000
-    period_s: float = 3.0
-    loadgens: int = 2
-    channels: int = 4  # HTTP/2 connections per load generator
-    window: int = 1  # requests outstanding per stream when flooding
-    steady_s: float = 10.0
-    flood_s: float = 10.0
-    small_datanodes: int = 1000
-    small_regions: int = 10
-    small_s: float = 10.0
-    ceiling_s: float = 6.0
-    dump_page_size: int = 10_000
-    baseline_datanodes: int = 100
-    baseline_rounds: int = 5
-    baseline_naive_memory_datanodes: int = 2
-    failover: bool = True
-    quick: bool = False
-
-    @classmethod
-    def quick_config(cls) -> Config:
-        return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, baseline_datanodes=50,
-                   baseline_rounds=3, baseline_naive_memory_datanodes=1, quick=True)
-
-
-@dataclass
-class Row:
-    scenario: str
-    detectors: int = 0
-    msgs_s: float | None = None
-    region_hb_s: float | None = None
-    tick_p50: float | None = None
-    tick_p99: float | None = None
-    apply_p50: float | None = None
-    apply_p99: float | None = None
-    rss_mib: float | None = None
-    cpu_service: float | None = None
-    cpu_load: float | None = None
-    rejected: int | None = None
-    errors: int | None = None
-    result: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def cells(self) -> dict[str, str]:
-        def num(v, fmt="{:,.0f}"):
-            return "-" if v is None else fmt.format(v)
-
-        def pair(a, b, fmt="{:.1f}"):
-            return "-" if a is None else f"{fmt.format(a)} / {fmt.format(b)}"
-
-        return {
-            "scenario": self.scenario,
-            "detectors": num(self.detectors),
-            "msgs_s": num(self.msgs_s),
-            "region_hb_s": num(self.region_hb_s),
-            "tick_ms": pair(self.tick_p50, self.tick_p99),
-            "apply_ms": pair(self.apply_p50, self.apply_p99),
-            "rss_mib": num(self.rss_mib),
-            "cpu": "-" if self.cpu_service is None else
-                   f"{self.cpu_service:.2f}" + ("" if self.cpu_load is None else f" + {self.cpu_load:.2f}"),
-            "rejected": "-" if self.rejected is None else f"{self.rejected} / {self.errors or 0}",
-            "result": self.result or "-",
-        }
-
-
-def render(rows: list[Row]) -> str:
-    """A Markdown table: one header, one line per row."""
-    cells = [r.cells() for r in rows]
-    widths = {k: max(len(title), *(len(c[k]) for c in cells)) for k, title in COLUMNS}
-    line = lambda values: "| " + " | ".join(v.ljust(widths[k]) for (k, _), v in zip(COLUMNS, values)) + " |"  # noqa: E731
-    out = [line([title for _, title in COLUMNS]), "|" + "|".join("-" * (widths[k] + 2) for k, _ in COLUMNS) + "|"]
-    out += [line([c[k] for k, _ in COLUMNS]) for c in cells]
-    return "\n".join(out)
 
 
 def percentile(values, q: float) -> float | None:
@@ -606,24 +521,7 @@ class Bench:
         proc.join(5)
         if "error" in result:
             raise RuntimeError(f"baseline failed: {result['error']}")
-        target = result["target_detectors"]
-        mib = 1024 * 1024
-        self.rows.append(Row(
-            scenario="naive baseline: dict of PhiAccrualFailureDetector, in-process",
-            detectors=target,
-            region_hb_s=result["naive_apply_rate"],
-            tick_p50=result["naive_sweep_ms"], tick_p99=result["naive_sweep_ms"],
-            rss_mib=result["naive_bytes_per_detector"] * target / mib,
-            result=f"{result['naive_bytes_per_detector'] / 1024:,.1f} KiB/detector (full window), projected",
-        ))
-        self.rows.append(Row(
-            scenario="detector table, in-process, same sequence",
-            detectors=target,
-            region_hb_s=result["table_apply_rate"],
-            tick_p50=result["table_sweep_ms"], tick_p99=result["table_sweep_ms"],
-            rss_mib=result["table_bytes_per_detector"] * target / mib,
-            result=f"{result['table_bytes_per_detector']:,.0f} B/detector (full window), projected",
-        ))
+        self.rows.extend(baseline_rows(result))
         return result
 
     # -------------------------------------------------------------- all
@@ -650,80 +548,10 @@ class Bench:
                 self.host.stop()
             self.rss.stop()
         result = self.naive_baseline()
-        self.summary(result)
+        self.notes.extend(summary_notes(self.rows, result))
         self.notes.insert(0, f"{cpu_count} CPUs; {self.cfg.loadgens} load-generator processes; "
                              f"run took {time.monotonic() - started:.0f} s")
         return self.rows
-
-    def summary(self, base: dict) -> None:
-        steady = next((r for r in self.rows if r.scenario.startswith("steady")), None)
-        ingest = [r for r in self.rows if r.scenario.startswith("ingest")]
-        best_ingest = max((r.region_hb_s or 0 for r in ingest), default=0)
-        note = self.notes.append
-        note(f"table vs naive, same sequence in-process: apply x{base['table_apply_rate'] / base['naive_apply_rate']:,.0f}, "
-             f"sweep x{base['naive_sweep_ms'] / max(base['table_sweep_ms'], 1e-9):,.0f} faster, "
-             f"memory x{base['naive_bytes_per_detector'] / max(base['table_bytes_per_detector'], 1e-9):,.0f} smaller")
-        if steady is not None and steady.tick_p50:
-            note(f"service tick p50 {steady.tick_p50:.1f} ms vs naive sweep {base['naive_sweep_ms']:,.0f} ms "
-                 f"at {base['target_detectors']:,} detectors: x{base['naive_sweep_ms'] / steady.tick_p50:,.0f}")
-        if best_ingest:
-            note(f"service ingest over gRPC {best_ingest:,.0f} region-heartbeats/s vs naive in-process apply "
-                 f"{base['naive_apply_rate']:,.0f}/s: x{best_ingest / base['naive_apply_rate']:,.1f}")
-        for row in ingest:
-            size = row.scenario.split(":")[1].split("regions")[0].strip()
-            ceiling = next((r for r in self.rows if r.scenario.startswith("gRPC ceiling")
-                            and r.scenario.endswith(f" {size} regions/message")), None)
-            if ceiling is not None and ceiling.msgs_s:
-                note(f"{size} regions/message: the service carries {row.msgs_s / ceiling.msgs_s:.0%} of the "
-                     f"messages/s a no-op grpc.aio server does with the same load generators")
-
-    def targets(self) -> list[tuple[str, bool | None, str]]:
-        """(target, met, measured) for each target of issue 4."""
-        find = lambda prefix: next((r for r in self.rows if r.scenario.startswith(prefix)), None)  # noqa: E731
-        cfg = self.cfg
-        out = []
-        big = find(f"ingest: {cfg.regions:,} regions")
-        small = find(f"ingest: {cfg.small_regions} regions")
-        steady = find("steady")
-        dump = find("dump")
-        failover = find("failover")
-        scale = cfg.datanodes * cfg.regions >= 1_000_000
-        if big:
-            out.append(("ingest >= 10M region-heartbeats/s at 1,000 regions/message", big.region_hb_s >= 10e6,
-                        f"{big.region_hb_s:,.0f}/s"))
-        if small:
-            out.append(("ingest >= 20k messages/s at 10 regions/message", small.msgs_s >= 20e3,
-                        f"{small.msgs_s:,.0f}/s"))
-        ticks = [r.tick_p50 for r in (steady, dump, failover) if r and r.tick_p50 is not None]
-        if ticks:
-            out.append(("tick <= 10 ms median at 1M detectors", max(ticks) <= 10, f"{max(ticks):.1f} ms"))
-        rss = max((r.rss_mib or 0) for r in self.rows if r.detectors and not r.scenario.startswith(("naive", "detector")))
-        out.append(("RSS <= 512 MiB at 1M detectors", rss <= 512, f"{rss:,.0f} MiB peak"))
-        if steady and steady.apply_p99 is not None:
-            out.append(("apply latency p99 <= 50 ms at 333k region-heartbeats/s", steady.apply_p99 <= 50,
-                        f"{steady.apply_p99:.1f} ms at {steady.region_hb_s:,.0f}/s"))
-        if failover:
-            # Within one tick: submitted by the first tick that ran after the predicted crossing
-            # (which comes at most one tick interval after it), not a later one.
-            x = failover.extra
-            delay, tick = x.get("failover_delay_ms"), x.get("tick_interval_ms", 1000)
-            caught, after = x.get("tick_after_crossing_ms"), x.get("submission_after_tick_ms")
-            # A tick's stamp is rebuilt from integer ms minus its float duration, so it can read up
-            # to 1 ms before the tick's real `now` (the same tolerance picks the catching tick).
-            met = delay is not None and caught is not None and -1 <= caught <= tick and 0 <= after < tick
-            out.append(("failover submitted within one tick of the predicted crossing", met,
-                        "not submitted" if delay is None else
-                        f"{delay:+,} ms after the crossing: caught by the first tick after it "
-                        f"(+{caught:,.0f} ms; tick {tick} ms), submitted {after:,.0f} ms later"
-                        if caught is not None else f"{delay:+,} ms"))
-        if dump:
-            d = dump.extra["dump"]
-            out.append(("Dump of 1M detectors in <= 5 s", d["seconds"] <= 5 and d["rows"] >= 1_000_000 * scale,
-                        f"{d['rows']:,} rows in {d['seconds']:.2f} s; ingest {dump.msgs_s:,.0f} msg/s, "
-                        f"apply p99 {dump.apply_p99 or 0:.1f} ms meanwhile"))
-        if not scale:
-            out = [(name, None, measured) for name, _, measured in out]
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,11 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     for note in bench.notes:
         print(f"- {note}")
     print()
-    for name, met, measured in bench.targets():
+    for name, met, measured in targets(bench.rows, bench.cfg):
         mark = "n/a (below 1M detectors)" if met is None else ("met" if met else "NOT met")
         print(f"- target {name}: {mark} ({measured})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": asdict(cfg), "rows": [asdict(r) for r in rows], "notes": bench.notes,
-                       "targets": bench.targets()}, f, indent=2, default=str)
+                       "targets": targets(bench.rows, bench.cfg)}, f, indent=2, default=str)
     return 0

@@ -159,7 +159,7 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
-    from supervisor_service import evaluate as ev
+    import supervisor_service.evaluate as ev
 
     parser.add_argument("--config", metavar="FILE", help="TOML file of settings to evaluate (default: the defaults "
                         "and SUPERVISOR_* variables)")
@@ -314,7 +314,7 @@ def _float_list(text: str, what: str) -> list[float]:
 def _evaluate(args, argv: Sequence[str] | None) -> int:
     from pathlib import Path
 
-    from supervisor_service import evaluate as ev
+    import supervisor_service.evaluate as ev
     from supervisor_service.app.settings import ConfigError, load_settings
 
     try:

@@ -260,7 +260,7 @@ class StateStore:
         fence = None if term is None else (self._fence_key, term)
         self._queue.sending(batch)
         try:
-            self._commit(encoding.puts, encoding.deletes, fence, len(batch))
+            commit_within_limits(self.kv, encoding.puts, encoding.deletes, fence, len(batch), self._metrics)
         except StoreGone as exc:
             self._store_gone(exc)
             return False
@@ -287,28 +287,6 @@ class StateStore:
                           self._journal_capacity)
 
         return encode_calls
-
-    def _commit(self, puts: dict[str, bytes], deletes: set[str], fence: Fence | None, calls: int) -> None:
-        kv = self.kv
-        if not puts and not deletes:
-            kv.check()
-            return
-        if fits(puts, deletes, kv.max_ops, kv.max_bytes):
-            kv.commit(puts, deletes, fence)
-            if self._metrics is not None:
-                self._metrics.store_transactions.inc()
-            return
-        # One call alone is larger than a transaction: commit it in several, each under the fence.
-        chunks = split(puts, deletes, kv.max_ops, kv.max_bytes)
-        log_event(log, logging.WARNING, "store_batch_split", ops=len(puts) + len(deletes),
-                  bytes=txn_bytes(puts, deletes), transactions=len(chunks), calls=calls,
-                  max_ops=kv.max_ops, max_bytes=kv.max_bytes)
-        if self._metrics is not None:
-            self._metrics.store_batch_splits.inc()
-        for chunk_puts, chunk_deletes in chunks:
-            kv.commit(chunk_puts, chunk_deletes, fence)
-            if self._metrics is not None:
-                self._metrics.store_transactions.inc()
 
     # ------------------------------------------------------------ outcomes
 
@@ -344,3 +322,24 @@ class StateStore:
             item.answer(exc)
         if self._on_gone is not None:
             self._on_gone(exc)
+
+
+def commit_within_limits(kv: KV, puts: dict[str, bytes], deletes: set[str], fence: Fence | None, calls: int,
+                         metrics: StoreMetrics | None) -> None:
+    """Commit in one transaction, or, when one call alone exceeds the backend's limits, in several,
+    each under the fence (logged and counted); nothing to write is a check that the store is there."""
+    if not puts and not deletes:
+        kv.check()
+        return
+    chunks = [(puts, deletes)] if fits(puts, deletes, kv.max_ops, kv.max_bytes) else split(
+        puts, deletes, kv.max_ops, kv.max_bytes)
+    if len(chunks) > 1:
+        log_event(log, logging.WARNING, "store_batch_split", ops=len(puts) + len(deletes),
+                  bytes=txn_bytes(puts, deletes), transactions=len(chunks), calls=calls,
+                  max_ops=kv.max_ops, max_bytes=kv.max_bytes)
+        if metrics is not None:
+            metrics.store_batch_splits.inc()
+    for chunk_puts, chunk_deletes in chunks:
+        kv.commit(chunk_puts, chunk_deletes, fence)
+        if metrics is not None:
+            metrics.store_transactions.inc()

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from supervisor_service.bench.runner import COLUMNS, Row, percentile, predicted_crossing_ms, render
+from supervisor_service.bench.rows import COLUMNS, Row, render
+from supervisor_service.bench.runner import percentile, predicted_crossing_ms
 from supervisor_service.core import PhiAccrualFailureDetector, PhiAccrualOptions
 from supervisor_service.proto import pb
 

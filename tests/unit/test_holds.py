@@ -14,7 +14,7 @@ from supervisor_service.core.holds import HoldLog, Holds, Warmup
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.outbox import Outbox
 from supervisor_service.core.table import DetectorTable
-from tests.unit.core_fakes import FakeMetrics
+from tests.support.core_fakes import FakeMetrics
 
 POLICY = FailoverPolicy(warmup_grace_ms=30_000, warmup_fraction=0.5, log_interval_ms=60_000)
 

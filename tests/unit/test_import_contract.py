@@ -56,6 +56,7 @@ ALLOWED: dict[str, set[str]] = {
     "_proto": set(),
     "proto": {"_proto"},  # the only importer of the generated code
     "client": {"core", "proto"},
+    "detector": {"core"},  # the reference detector at the contract's import path
     "store": {"core"},
     "remotes": {"core", "proto"},
     "cluster": {"core", "store", "metrics"},

@@ -46,7 +46,7 @@ from supervisor_service.core.migrations import Migrations
 from supervisor_service.core.outbox import Outbox
 from supervisor_service.core.registry import Registry
 from supervisor_service.core.table import DetectorTable
-from tests.unit.core_fakes import FakeMetrics
+from tests.support.core_fakes import FakeMetrics
 
 # Internal modules are imported directly: these tests are of the concerns the Supervisor wires.
 

@@ -22,7 +22,7 @@ from supervisor_service.core import (
     Tick,
     as_region_array,
 )
-from tests.unit.core_fakes import FakeMetrics, core_metric_names
+from tests.support.core_fakes import FakeMetrics, core_metric_names
 
 # What the core calls on each kind of member.
 _KINDS = {"Gauge": ("set",), "Counter": ("inc",), "Distribution": ("set",)}

@@ -29,7 +29,7 @@ from supervisor_service.core import (
     Tick,
     as_region_array,
 )
-from tests.unit.core_fakes import FakeMetrics
+from tests.support.core_fakes import FakeMetrics
 
 OPTS = PhiAccrualOptions()
 
