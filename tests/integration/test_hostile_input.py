@@ -1,4 +1,4 @@
-"""Input that must not cost liveness (DESIGN.md section 12), and input that must not cost the service.
+"""Input that must not cost liveness (docs/design.md §12), and input that must not cost the service.
 
 A heartbeat that really comes from a datanode is evidence that it is alive: a
 problem with a secondary field (a malformed `peer_addr`, a skewed client

@@ -52,7 +52,7 @@ def test_defaults_match_the_design_table():
     assert s.max_sample_size == 1000
     assert s.heartbeat_clock == "server"
     assert s.event_queue_size == 1024
-    assert s.data_dir == Path.cwd() / "data"  # DESIGN.md's ./data, resolved once at start
+    assert s.data_dir == Path.cwd() / "data"  # the contract's ./data, resolved once at start
     assert s.store == "sqlite"
     assert s.store_prefix == "/region-supervisor/default"
     assert s.advertise_addr == "" and s.advertised == s.grpc_addr

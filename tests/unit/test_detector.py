@@ -1,4 +1,4 @@
-"""Unit tests of the scalar phi accrual failure detector (DESIGN.md section 2)."""
+"""Unit tests of the scalar phi accrual failure detector (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The guards against false and runaway failovers (DESIGN.md section 6, issue 5), on a fake clock.
+"""The guards against false and runaway failovers (docs/design.md §5), on a fake clock.
 
 Each guard is driven through `Supervisor.handle(event, now)` with explicit
 times: heartbeats and ticks are events, time moves only when the test says

@@ -1,4 +1,4 @@
-"""Supervisor.handle(event, now): the pure decision core (DESIGN.md sections 3 and 4).
+"""Supervisor.handle(event, now): the pure decision core (docs/design.md §3 and §4).
 
 No clock and no I/O: time moves only through `now` and the Heartbeat
 timestamps, and remote calls leave as effects in the outbox; their answers
@@ -57,7 +57,7 @@ SRC = Peer(1, "dn1:4001")
 P5 = Peer(5, "dn5:4001")
 P6 = Peer(6, "dn6:4001")
 P7 = Peer(7, "dn7:4001")
-# DESIGN.md section 4, spelled out here rather than imported, so the module cannot redefine them.
+# docs/design.md §4, spelled out here rather than imported, so the module cannot redefine them.
 DONE = ("migrated", "region_not_found", "table_not_found", "leader_changed")
 KEPT = ("migrating", "peer_conflict", "submitted")
 
@@ -68,7 +68,7 @@ class Sim:
     def __init__(self, policy: FailoverPolicy | None = None, **kwargs) -> None:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        # DESIGN.md section 4 rule for rule: a region whose decision ended unsettled is failed over
+        # docs/design.md §4 rule for rule: a region whose decision ended unsettled is failed over
         # again on the next tick. (The resubmission backoff that bounds this is tested on its own.)
         self.policy = policy or CORE_POLICY
         self.sup = Supervisor(OPTS, self.metrics, self.policy, **kwargs)

@@ -1,4 +1,4 @@
-"""DetectorTable against a dict of scalar reference detectors (DESIGN.md sections 2 and 7)."""
+"""DetectorTable against a dict of scalar reference detectors (docs/design.md §2.3)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def check_created(ret, want_ids) -> None:
 
 
 class Reference:
-    """The model: one scalar detector per (datanode, region), with the semantics of DESIGN.md section 3."""
+    """The model: one scalar detector per (datanode, region), with the semantics of docs/design.md §2.1."""
 
     def __init__(self, opts: PhiAccrualOptions) -> None:
         self.opts = opts
