@@ -72,3 +72,30 @@ def test_releasing_with_the_guards_on_answers_the_holds(service, stub_of):
     answer = stub.ReleaseFailoverHold(pb.ReleaseFailoverHoldRequest(), timeout=RPC_TIMEOUT)
     assert not answer.released and answer.is_leader
     assert "maintenance" in answer.holds
+
+
+def test_the_server_is_not_serving_until_the_service_says_so():
+    """grpc_health starts the whole server ("") at SERVING: a readiness probe would pass while the
+    replica is still binding its leadership. Ours starts NOT_SERVING on both names."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    from supervisor_service.edge import SERVICE_NAME, HealthServicer, set_health
+
+    async def check(servicer, name):
+        return (await servicer.Check(health_pb2.HealthCheckRequest(service=name), None)).status
+
+    async def scenario():
+        servicer = HealthServicer()
+        before = await check(servicer, "")
+        await set_health(servicer, True)
+        after = [await check(servicer, name) for name in ("", SERVICE_NAME)]
+        await set_health(servicer, False)
+        stopped = await check(servicer, "")
+        return before, after, stopped
+
+    before, after, stopped = asyncio.run(scenario())
+    assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after == [health_pb2.HealthCheckResponse.SERVING] * 2
+    assert stopped == health_pb2.HealthCheckResponse.NOT_SERVING
