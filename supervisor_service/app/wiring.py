@@ -134,6 +134,7 @@ def build_parts(
         store=store,
         is_leader=leadership.is_leader,
         on_fenced=hooks.step_down,
+        leader_term=lambda: leadership.term,
     )
     ticker = Ticker(queue, runtime, clock, metrics, s.tick_interval_ms / 1000)
     return Parts(clock, registry, metrics, queue, directory, kv, leadership, store, remotes, supervisor, runtime,

@@ -88,8 +88,6 @@ class Guards:
         self._now = 0  # the last tick's time
         self._mass_recovery_until = 0  # a cleared mass failure is still held until then
         self._nodes: dict[int, _Datanode] = {}
-        # The holds of the last tick, as `Holds.publish` mirrors them: read by the edge until it reads
-        # CoreStatus.holds (the core's own holds live in `holds.Holds`).
 
     # ------------------------------------------------------------ per tick
 

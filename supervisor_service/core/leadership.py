@@ -5,7 +5,7 @@ from __future__ import annotations
 from supervisor_service.core.ports import CoreMetrics
 
 
-class Leadership:
+class LeaderState:
     """Set by the recovery (BecomeLeader, LoseLeadership); read by every concern that acts only as leader."""
 
     def __init__(self, metrics: CoreMetrics, leads: bool, term: int) -> None:

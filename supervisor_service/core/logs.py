@@ -1,6 +1,8 @@
 """Structured logging on the standard library: `log_event(log, "failover_submitted", datanode_id=3)`.
 
-JSON lines when stderr is not a terminal (for log shippers), `event key=value` otherwise.
+JSON lines when stderr is not a terminal (for log shippers), `event key=value` otherwise. Every
+module of the core logs as `supervisor_service.supervisor`, the name it had before the core was
+split (log filters and alerts match on it).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from supervisor_service.core.events import SUBMIT_NOT_SENT, SUBMIT_REFUSED, Stat
 from supervisor_service.core.holds import HoldLog
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight, Submission
-from supervisor_service.core.leadership import Leadership
+from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.logs import log_event, sample
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.options import FailoverPolicy
@@ -38,7 +38,6 @@ from supervisor_service.core.types import (
 )
 
 log = logging.getLogger("supervisor_service.supervisor")
-
 
 
 @dataclass(slots=True)
@@ -101,7 +100,7 @@ class Migrations:
         registry: Registry,
         backoff: ResubmitBackoff,
         maintenance: Maintenance,
-        leadership: Leadership,
+        leadership: LeaderState,
         ids: Ids,
         clock: ClockBase,
         held_log: HoldLog,

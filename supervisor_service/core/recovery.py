@@ -29,7 +29,7 @@ from supervisor_service.core.guards import Guards
 from supervisor_service.core.holds import Holds, Warmup
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight, Submission
-from supervisor_service.core.leadership import Leadership
+from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.logs import log_event
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.migrations import Migrations
@@ -51,7 +51,7 @@ class Recovery:
         policy: FailoverPolicy,
         metrics: CoreMetrics,
         out: Outbox,
-        leadership: Leadership,
+        leadership: LeaderState,
         registry: Registry,
         detection: Detection,
         maintenance: Maintenance,

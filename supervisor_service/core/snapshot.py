@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from supervisor_service.core.guards import Guards
 from supervisor_service.core.holds import Holds
 from supervisor_service.core.inflight import InFlight
-from supervisor_service.core.leadership import Leadership
+from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.registry import Registry
 from supervisor_service.core.status import CoreStatus
@@ -33,7 +33,7 @@ class DumpSnapshot:
 class Snapshots:
     """Copies of the core's state for other threads: nothing they get is ever changed afterwards."""
 
-    def __init__(self, registry: Registry, inflight: InFlight, leadership: Leadership, maintenance: Maintenance,
+    def __init__(self, registry: Registry, inflight: InFlight, leadership: LeaderState, maintenance: Maintenance,
                  holds: Holds, guards: Guards | None) -> None:
         self._registry = registry
         self._inflight = inflight

@@ -50,7 +50,7 @@ from supervisor_service.core.guards import Guards
 from supervisor_service.core.holds import HoldLog, Holds, Warmup
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
-from supervisor_service.core.leadership import Leadership
+from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.logs import log_event
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.migrations import Migrations
@@ -91,7 +91,7 @@ class Supervisor:
         clock = clock_base or ClockBase()
         out = self._out = Outbox()
         ids, held_log = Ids(), HoldLog(policy)
-        leadership = self._leadership = Leadership(metrics, is_leader, leader_term)
+        leadership = self._leadership = LeaderState(metrics, is_leader, leader_term)
         backoff = self._backoff = ResubmitBackoff(policy)
         registry = self._registry = Registry(self.table, policy, out, backoff)
         detection = self._detection = Detection(self.table, metrics)

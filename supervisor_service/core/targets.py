@@ -15,7 +15,7 @@ from supervisor_service.core.guards import Guards
 from supervisor_service.core.holds import HoldLog, Holds
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
-from supervisor_service.core.leadership import Leadership
+from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.logs import log_event
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.migrations import Migrations
@@ -44,7 +44,7 @@ class TargetSelection:
         guards: Guards | None,
         inflight: InFlight,
         migrations: Migrations,
-        leadership: Leadership,
+        leadership: LeaderState,
         ids: Ids,
         held_log: HoldLog,
     ) -> None:

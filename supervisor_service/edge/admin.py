@@ -87,6 +87,8 @@ class AdminCalls:
         in the background: it may still be committed), not after the 30 s bound."""
         reply: Future = Future()
         event = make(reply)
+        if isinstance(event, _DURABLE_EVENTS) and self._store is not None and (full := self._store.backlogged()):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(full))  # turned away before the core applies it
         try:
             await when_room(self._queue, self._metrics, self._s.enqueue_timeout_ms, event, lambda: self._queue.offer(event))
         except Overloaded as exc:

@@ -196,6 +196,7 @@ class SupervisorRuntime:
         store: StateStore | None = None,
         is_leader: Callable[[], bool] = lambda: True,
         on_fenced: Callable[[str], None] | None = None,
+        leader_term: Callable[[], int] | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.queue = queue
@@ -205,7 +206,9 @@ class SupervisorRuntime:
         self.store = store
         self._on_death = on_death
         self.effects = EffectRunner(
-            remotes, metrics, self._report, leader_term=lambda: supervisor.status.term,
+            # The term a submission must still be of when it leaves: the election's, which moves on the
+            # moment another term is won (the core's status follows only once BecomeLeader is handled).
+            remotes, metrics, self._report, leader_term=leader_term or (lambda: supervisor.status.term),
             is_leader=is_leader, on_fenced=on_fenced, workers=workers,
         )
         self.consumer = Consumer(supervisor, queue, clock, metrics, self.effects.start, store=store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 import numpy as np
@@ -203,8 +204,13 @@ class EventQueue:
         return None
 
     def put(self, event: Event, timeout: float) -> None:
-        """Enqueue, waiting up to `timeout` seconds for room; raises QueueFull or QueueClosed."""
+        """Enqueue, waiting up to `timeout` seconds for room; raises QueueFull or QueueClosed.
+
+        The timeout runs on the queue's clock and, since the wait itself is a real one, on the
+        system's monotonic clock too: whichever ends first (a clock that never moves cannot make
+        a producer wait for ever)."""
         deadline = self._monotonic() + timeout
+        real_deadline = time.monotonic() + timeout
         with self._lock:
             while True:
                 if self._closed:
@@ -212,7 +218,7 @@ class EventQueue:
                 if self._refusal(event) is None:
                     self._push(event, external=True)
                     return
-                remaining = deadline - self._monotonic()
+                remaining = min(deadline - self._monotonic(), real_deadline - time.monotonic())
                 if remaining <= 0:
                     raise QueueFull(f"event queue full ({self.capacity} events)")
                 self._not_full.wait(remaining)

@@ -88,17 +88,26 @@ class PendingWrites:
     # ------------------------------------------------------------ any thread
 
     def add(self, item: PendingWrite) -> StoreError | None:
-        """Queue `item`; or, when the queue refuses it, the error to answer it with (it is not queued)."""
+        """Queue `item`; or, once the store is gone or shut down, the error to answer it with (not queued).
+
+        A write is never refused for the queue's length: the core has applied its changes already,
+        so refusing it would leave the store behind memory for good. The bound is kept upstream,
+        where a call can still be turned away before the core applies it (`backlog`)."""
         with self._cond:
             if self._refusal is not None:
                 return self._refusal
-            if len(self._items) >= self.capacity:
-                return StoreError(
-                    f"not committed: {len(self._items)} writes are already waiting for the state store, "
-                    f"the most it queues; retry later", reason="queue_full")
             self._items.append(item)
             self._cond.notify()
         return None
+
+    def backlog(self) -> StoreError | None:
+        """The error for a new call while `capacity` writes or more wait; None while there is room."""
+        waiting = len(self._items)
+        if waiting < self.capacity:
+            return None
+        return StoreError(f"not accepted: {waiting} writes are already waiting for the state store "
+                          f"(at most {self.capacity} are queued before calls are turned away); retry later",
+                          reason="queue_full")
 
     def unanswered(self) -> int:
         """Writes not answered yet; lock-free (the metrics scrape reads it), so at most an instant old."""

@@ -50,9 +50,10 @@ class StateStore:
     `holds_term(term)` says the term has ended, its writes are answered with
     `FencedOut` and never retried. A compare that fails at the backend is
     reported through `on_fenced` as well. A store found deleted or replaced
-    (`StoreGone`) answers everything with that error and calls `on_gone`. At
-    most `max_pending` writes wait: a write beyond is answered at once with a
-    StoreError (reason `queue_full`), logged and counted.
+    (`StoreGone`) answers everything with that error and calls `on_gone`. A
+    write is never refused for the queue's length (the core applied it already);
+    while `max_pending` writes wait, `backlogged` turns new durable calls away at
+    the edge instead, before the core applies them (counted, logged).
     """
 
     def __init__(
@@ -171,18 +172,24 @@ class StateStore:
 
         `on_durable(None)` runs once they are committed under that term;
         `on_durable(exc)` once they cannot be (`FencedOut`: the term ended;
-        `StoreGone`; a StoreError at shutdown, or at once when `max_pending`
-        writes are queued already). `term=None` writes without a fence: only
-        for a single replica's bootstrap (TermSet).
+        `StoreGone`; a StoreError at shutdown). It is queued whatever the
+        queue's length (see `backlogged`). `term=None` writes without a fence:
+        only for a single replica's bootstrap (TermSet).
         """
         item = PendingWrite(changes, on_durable, term)
         refused = self._queue.add(item)
         if refused is None:
             return
         item.answered = True
-        if refused.reason == "queue_full":
-            self._health.queue_full(refused, len(self._queue), self._queue.capacity)
         item.answer(refused)
+
+    def backlogged(self) -> StoreError | None:
+        """Any thread: the error to turn a new durable call away with while `max_pending` writes wait
+        (counted and logged), before the core applies it; None while there is room."""
+        error = self._queue.backlog()
+        if error is not None:
+            self._health.queue_full(error, len(self._queue), self._queue.capacity)
+        return error
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything submitted so far is committed (for tests and shutdown)."""
@@ -247,9 +254,12 @@ class StateStore:
 
     def _write_once(self) -> bool:
         """One transaction's worth of the queue, attempted once. False if the store failed."""
+        # The run and the mirror it is encoded against are taken together: a `load` (a new term's
+        # mirror) lands wholly before the run (its writes see the new mirror) or wholly after it
+        # (they are of the ended term: fenced at the backend, and never applied to the new mirror).
         with self._mirror_lock:
+            ended, run = self._queue.next_run(self._holds_term)
             mirror = self._mirror
-        ended, run = self._queue.next_run(self._holds_term)
         self._drop(ended)
         if not run:
             return True

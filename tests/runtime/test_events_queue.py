@@ -389,7 +389,7 @@ def test_the_deadline_of_put_is_on_the_injected_clock():
 def test_a_put_waiting_on_a_clock_that_does_not_move_is_let_in_by_room_made():
     q = EventQueue(1, clock=FakeClock())
     q.put(ev(0), timeout=0)
-    t, result = run_in_thread(lambda: q.put(ev(1), timeout=0.01))  # never expires: the clock stands still
+    t, result = run_in_thread(lambda: q.put(ev(1), timeout=JOIN_S * 4))  # let in by room, long before it expires
     wait_until_blocked(t)
     assert q.get(timeout=0) == ev(0)
     t.join(JOIN_S)
@@ -659,3 +659,17 @@ def test_coalescing_keeps_the_liveness_every_heartbeat_carried(steps):
             applied.extend(q.get_batch(timeout=0, limit=3))
     applied.extend(q.drain())
     assert _liveness(applied) == _liveness(sent)
+
+
+def test_a_put_on_a_clock_that_never_moves_still_times_out():
+    """The wait for room is a real wait: on a frozen fake clock a full queue still answers QueueFull."""
+    import time
+
+    from supervisor_service.core import FakeClock
+
+    q = EventQueue(1, clock=FakeClock())
+    q.put(Tick(), timeout=0.1)
+    started = time.monotonic()
+    with pytest.raises(QueueFull):
+        q.put(Tick(), timeout=0.2)
+    assert time.monotonic() - started < 5

@@ -295,6 +295,51 @@ def test_a_late_answer_of_an_old_term_never_reaches_the_reloaded_mirror():
         store.stop(5)
 
 
+def test_a_reload_while_the_writer_picks_its_run_never_encodes_a_new_terms_write_against_the_old_mirror():
+    """The writer is between reading its mirror and taking its run when another leader has stored
+    9002 and this replica wins again (term 3), reloads and writes 9004. That write must be encoded
+    against the reloaded mirror (9002 kept), never against the one from before the reload."""
+    kv = MemoryKV()
+    _seeded(kv, 1)
+    held = {1}
+    store = StateStore(kv, "/c", flush_interval_s=0, holds_term=lambda t: t in held)
+    store.load()
+    store.start()
+    new_term_answer: list = []
+    try:
+        _apply_term(store, [RegistryAdd(9, _u64(9001))], 1)
+
+        def win_again() -> None:
+            held.clear()
+            kv.data["/c/registry/00000000000000000009"] = _u64(9001, 9002).tobytes()  # term 2's leader
+            kv.data["/c/term"] = b"3"
+            held.add(3)
+            store.load()
+            store.submit([RegistryAdd(9, _u64(9004))], new_term_answer.append, term=3)
+
+        queue = store._queue  # private: the instant between the writer's two reads is the point
+        real_next_run, armed = queue.next_run, threading.Event()
+
+        def next_run(holds_term):
+            if armed.is_set() and len(queue):
+                armed.clear()
+                other = threading.Thread(target=win_again)
+                other.start()
+                other.join(1.0)  # a writer that holds its mirror and run together keeps it waiting
+            return real_next_run(holds_term)
+
+        queue.next_run = next_run
+        armed.set()
+        old_term_answer: list = []
+        store.submit([RegistryAdd(9, _u64(9003))], old_term_answer.append, term=1)
+        _wait_for(lambda: new_term_answer and old_term_answer)
+        assert new_term_answer == [None]
+        assert isinstance(old_term_answer[0], FencedOut)
+        assert StateStore(kv, "/c").load().registry[9].tolist() == [9001, 9002, 9004]
+    finally:
+        store.stop(5)
+
+
 def _apply_term(store: StateStore, changes, term: int) -> None:
     done = threading.Event()
     errors = []
@@ -348,7 +393,9 @@ def test_the_writer_stores_the_golden_bytes():
 # ---------------------------------------------------------------- the bounded queue
 
 
-def test_a_full_queue_refuses_a_write_at_once_and_loses_none_it_took(caplog):
+def test_a_full_queue_loses_no_write_and_turns_new_calls_away_upstream(caplog):
+    """Beyond `max_pending` queued writes every write is still taken (the core applied it already:
+    refusing it would leave the store behind memory), and `backlogged` turns new durable calls away."""
     caplog.set_level(logging.ERROR, logger="supervisor_service.store")
     kv = _GatedKV()
     registry = CollectorRegistry()
@@ -358,28 +405,30 @@ def test_a_full_queue_refuses_a_write_at_once_and_loses_none_it_took(caplog):
     try:
         kv.gate.clear()  # the store hangs: nothing commits
         answers: dict[int, list] = {i: [] for i in range(5)}
+        assert store.backlogged() is None
         for i in range(5):
             store.submit([RegistryAdd(1, _u64(i))], answers[i].append)
             if i == 0:
                 assert kv.entered.wait(5)  # the first is with the backend (still queued until it answers)
-        # The fourth and fifth found three writes queued: refused at once, with an error saying so.
-        for i in (3, 4):
-            [error] = answers[i]
+        store.submit([RegistryAdd(2, _u64(7))])  # a core write without a callback: taken too
+        assert all(answers[i] == [] for i in range(5))
+        for _ in range(2):
+            error = store.backlogged()
             assert isinstance(error, StoreError) and error.reason == "queue_full"
-            assert "not committed" in str(error) and "3 writes are already waiting" in str(error)
-        assert all(answers[i] == [] for i in range(3))
+            assert "not accepted" in str(error) and "6 writes are already waiting" in str(error)
         assert registry.get_sample_value("supervisor_store_errors_total", {"reason": "queue_full"}) == 2
-        assert registry.get_sample_value("supervisor_store_pending_writes") == 3
+        assert registry.get_sample_value("supervisor_store_pending_writes") == 6
         full = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "store_queue_full"]
-        assert full == [{"pending": 3, "max_pending": 3, "error": "the store is not keeping up"}]  # once per interval
-        with pytest.raises(StoreError, match="already waiting"):
-            store.flush()
+        assert full == [{"pending": 6, "max_pending": 3, "error": "the store is not keeping up"}]  # once per interval
         kv.gate.set()
-        _wait_for(lambda: all(answers[i] for i in range(3)))
-        assert all(answers[i] == [None] for i in range(3))
-        assert StateStore(kv, "/c").load().registry[1].tolist() == [0, 1, 2]
-        _apply(store, [RegistryAdd(1, _u64(5))])  # room again
+        _wait_for(lambda: all(answers[i] for i in range(5)))
+        assert all(answers[i] == [None] for i in range(5))
+        store.flush()
+        assert store.backlogged() is None
+        stored = StateStore(kv, "/c").load().registry
+        assert stored[1].tolist() == [0, 1, 2, 3, 4] and stored[2].tolist() == [7]
     finally:
+        kv.gate.set()
         store.stop(5)
 
 
