@@ -40,7 +40,7 @@ from supervisor_service.core.detection import Detection
 from supervisor_service.core.holds import HoldLog
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight, Submission
-from supervisor_service.core.leadership import Leadership
+from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.migrations import Migrations
 from supervisor_service.core.outbox import Outbox
@@ -67,7 +67,7 @@ class Parts:
         self.registry = Registry(self.table, policy, self.out, self.backoff)
         self.maintenance = Maintenance(policy, self.metrics, ClockBase("boot", 0), Detection(self.table, self.metrics),
                                        self.out, False)
-        self.leadership = Leadership(self.metrics, True, TERM)
+        self.leadership = LeaderState(self.metrics, True, TERM)
         self.ids = Ids()
         self.inflight = InFlight()
         self.migrations = Migrations(policy, self.metrics, self.out, self.inflight, self.registry, self.backoff,
