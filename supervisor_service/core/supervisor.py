@@ -13,7 +13,7 @@ The decisions are split by concern, into plain objects this class owns and wires
 - `planning.Planner`: a tick's failover planning (SelectPeers); `targets.TargetSelection`: the answer;
 - `migrations.Migrations` over `inflight.InFlight`: a decision from its intent to its end;
   `backoff.ResubmitBackoff`: when a region whose decision ended unsettled may go again;
-- `recovery.Recovery`: BecomeLeader and LoseLeadership; `leadership.Leadership`: the leader check;
+- `recovery.Recovery`: BecomeLeader and LoseLeadership; `leadership.LeaderState`: the leader check;
 - `snapshot.Snapshots`: Dump and the published status.
 """
 
