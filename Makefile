@@ -86,7 +86,7 @@ bench: proto
 soak: proto
 	$(PY) -m supervisor_service.bench.soak $(SOAK_ARGS)
 
-# The detection-quality report committed in docs/ (README "Detection quality"): about a minute.
+# The detection-quality report committed in docs/ (README "Detection quality"): about two minutes on two cores.
 report: proto
 	$(VENV)/bin/supervisor-service evaluate --out docs
 
