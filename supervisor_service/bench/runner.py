@@ -1,4 +1,4 @@
-"""`python -m supervisor_service.bench [--quick]`: the scale benchmark of issue 4, as one table.
+"""`python -m supervisor_service.bench [--quick]`: the scale benchmark (README "Performance"), as one table.
 
 The service runs in this process (`supervisor_service.app.Service`, memory
 store, no metrics endpoint, the embedded dry-run RegionMigration, default
