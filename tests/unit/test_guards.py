@@ -508,7 +508,7 @@ class TestMassFailure:
         assert sim.hold("mass_failure") == 1
 
     def test_fast_detector_settings_still_hold_a_cut(self):
-        """The issue's fast detector (3 s pause, 0.3 s heartbeats, 200 ms ticks), guards at their defaults.
+        """A fast detector (3 s pause, 0.3 s heartbeats, 200 ms ticks), guards at their defaults.
 
         Silence must be counted before the first of the cut datanodes is
         convicted. Refusing settings under which it cannot be is a fix too.
