@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -80,6 +80,7 @@ class Service:
         self._start_ticker = True
         # Leadership transitions run here, one at a time, off the election's and the gRPC loop's threads.
         self._transitions = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leadership")
+        self._lost: Future | None = None  # the last LoseLeadership hand-over queued there
         # Health: SERVING from start until stop, except while something in `_unhealthy` says otherwise.
         self._unhealthy: dict[str, str] = {}
         self._serving = False
@@ -158,7 +159,10 @@ class Service:
         self.ticker.stop()
         # Writes of the term that ended are answered now, not when etcd answers (or never).
         self.store.leadership_changed()
-        self._transitions.submit(self._lose_leadership)
+        try:
+            self._lost = self._transitions.submit(self._lose_leadership)
+        except RuntimeError:  # the transitions were shut down (the service is stopping): hand it over here
+            self._lose_leadership()
 
     def _become_leader(self, term: int) -> None:
         if self.settings.initialization_delay_ms:
@@ -274,6 +278,10 @@ class Service:
         await loop.run_in_executor(None, self._flush_quietly, min(remaining(), 2.0))
         await loop.run_in_executor(None, self.leadership.resign)
         self._transitions.shutdown(wait=False, cancel_futures=True)
+        if self._lost is not None and self._lost.cancelled():
+            # Queued behind a transition still under way, and cancelled with it: the supervisor must
+            # still hear that this replica no longer leads before it drains.
+            self._lose_leadership()
         drained = self.runtime.stop(timeout=remaining())
         committed = self.store.stop(timeout=remaining())
         if not committed and self.exit_code == 0:

@@ -460,3 +460,23 @@ def test_reads_while_the_leader_loads_its_state_are_unavailable_not_stale(servic
             assert time.monotonic() < deadline, "never became leader"
             time.sleep(0.02)
         assert stub.GetMaintenanceMode(pb.GetMaintenanceModeRequest(), timeout=5).is_leader
+
+
+def test_a_stop_while_a_transition_is_busy_still_tells_the_supervisor_it_lost_leadership(service, caplog):
+    """Stopping resigns, which queues LoseLeadership's hand-over on the transitions thread; the stop
+    then shuts that thread's executor down, cancelling what has not started. A transition still
+    busy (here: held) must not make the supervisor miss that it no longer leads."""
+    import logging
+    import threading
+
+    svc = service()
+    assert svc.supervisor.status.is_leader
+    busy = threading.Event()
+    svc._transitions.submit(busy.wait, 10)  # private: the one worker of leadership transitions, held
+    caplog.set_level(logging.WARNING, logger="supervisor_service.supervisor")
+    try:
+        service.close()
+    finally:
+        busy.set()
+    assert not svc.supervisor.status.is_leader
+    assert "leadership_stopped" in [r.getMessage() for r in caplog.records]
