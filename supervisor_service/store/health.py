@@ -77,7 +77,8 @@ class StoreHealth:
             self._report(True, "")
 
     def queue_full(self, error: StoreError, pending: int, max_pending: int) -> None:
-        """A write was refused because `max_pending` are queued: counted; logged once, then every interval."""
+        """A durable call was turned away because `max_pending` writes are queued: counted; logged once,
+        then every interval."""
         self.count_error(error.reason, 1)
         now = time.monotonic()
         last = self._full_logged_at
