@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from supervisor_service.core import HOLD_REASONS
+from supervisor_service.core import HOLD_REASONS, PHI_BUCKETS
 
-# Buckets of the phi distribution: around the default threshold of 8, plus the tails.
-PHI_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 32.0, float("inf"))
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _APPLY_LATENCY_BUCKETS = (0.00025, 0.0005) + _LATENCY_BUCKETS
 
@@ -66,19 +64,9 @@ class _PhiHistogram(Collector):
         self._count = 0
         self._sum = 0.0
 
-    def set(self, phi_sizes: Iterable[tuple[float, int]]) -> None:
-        buckets = [0] * len(PHI_BUCKETS)
-        count, total = 0, 0.0
-        for phi, size in phi_sizes:
-            for i, bound in enumerate(PHI_BUCKETS):
-                if phi <= bound:
-                    buckets[i] += size
-                    break
-            count += size
-            if phi != float("inf"):
-                total += phi * size
+    def set(self, buckets: list[int], count: int, total: float) -> None:
         with self._lock:
-            self._buckets, self._count, self._sum = buckets, count, total
+            self._buckets, self._count, self._sum = list(buckets), count, total
 
     def collect(self):
         with self._lock:
@@ -89,7 +77,7 @@ class _PhiHistogram(Collector):
             cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(
             "supervisor_detector_phi",
-            "Current phi of every detector as of the last tick (a snapshot, not a running total).",
+            "Current phi of every detector as of the last tick (a snapshot, not a running total; past 100,000 history groups, as of the last sweep over several ticks).",
         )
         family.add_metric([], cumulative, total)
         yield family

@@ -74,7 +74,7 @@ from supervisor_service.core.options import (
     Option,
     settable_fields,
 )
-from supervisor_service.core.ports import CoreMetrics
+from supervisor_service.core.ports import PHI_BUCKETS, CoreMetrics
 from supervisor_service.core.snapshot import DumpSnapshot
 from supervisor_service.core.status import CoreStatus
 from supervisor_service.core.supervisor import Supervisor
@@ -130,6 +130,7 @@ __all__ = [
     "MigrationState",
     "MigrationTask",
     "Option",
+    "PHI_BUCKETS",
     "Peer",
     "PhiAccrualFailureDetector",
     "PhiAccrualOptions",

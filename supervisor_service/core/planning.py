@@ -20,7 +20,7 @@ from supervisor_service.core.inflight import InFlight
 from supervisor_service.core.logs import log_event, sample
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.outbox import Outbox
-from supervisor_service.core.ports import CoreMetrics
+from supervisor_service.core.ports import PHI_BUCKETS, CoreMetrics
 from supervisor_service.core.registry import Registry
 from supervisor_service.core.types import RegionArray, SelectJob
 
@@ -76,7 +76,7 @@ class Planner:
         m, table = self._metrics, self._table
         m.detectors.set(len(table))
         m.detector_groups.set(table.group_count)
-        m.phi.set(table.phi_sizes(now))
+        m.phi.set(*table.phi_distribution(now, PHI_BUCKETS))
         # Expiring maintenance re-baselines detectors: do it before reading who failed.
         self._maintenance.expire(now)
         failed = self._detection.failed(now)

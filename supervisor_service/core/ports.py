@@ -7,7 +7,6 @@ a test can pass any object with the same members.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
 _Child_co = TypeVar("_Child_co", covariant=True)
@@ -27,10 +26,15 @@ class Labelled(Protocol[_Child_co]):
     def labels(self, **labels: str) -> _Child_co: ...
 
 
-class Distribution(Protocol):
-    """The phi distribution, replaced wholesale: (phi, number of detectors sharing it)."""
+PHI_BUCKETS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 32.0, float("inf"))
+"""Upper bounds of the phi distribution's buckets: around the default threshold of 8, plus the tails."""
 
-    def set(self, phi_sizes: Iterable[tuple[float, int]], /) -> None: ...
+
+class Distribution(Protocol):
+    """The phi distribution, replaced wholesale: detectors per bucket of `PHI_BUCKETS` (the first
+    bound phi is at or under), all detectors, and the sum of their finite phi."""
+
+    def set(self, buckets: list[int], count: int, total: float, /) -> None: ...
 
 
 class CoreMetrics(Protocol):

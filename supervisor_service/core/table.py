@@ -1,189 +1,47 @@
 """The detector table: every (datanode, region) detector, owned by the supervisor thread.
 
-Why it is not a dict of detector objects: a datanode heartbeats all its regions
-with one timestamp, so the detectors of regions that joined it together have
-identical state (interval window and last heartbeat). The table keeps one
-*history group* per distinct state and, per datanode, a sorted array of region
-ids with the group each one points to. A heartbeat that names exactly the
-regions of a single-group datanode (the steady state) costs one array compare
-and one window update, whatever the number of regions. When a heartbeat names
-only some members of a group, the named ones are split off into a copy;
-groups whose states become identical again (once the divergent samples slide
-out of the window) are merged back.
+Per datanode, the detectors live as *history groups* over one shared interval log
+(`core.history`): a heartbeat of a thousand regions is a few numpy operations over the groups it
+touches, whatever the times the regions joined. A heartbeat naming exactly the datanode's regions
+of last time, all aligned on the log and all certainly available, takes the steady path (one
+append to the log and one vector update; plain Python numbers when the datanode is one group).
 
-A group's state evolves exactly as the scalar reference detector
-(`core.detector`): the same integer sums and the same `phi_from`,
-so phi agrees bit for bit. The table is not thread-safe by design: only the
-supervisor thread touches it.
+Per tick, nothing is computed for a detector that cannot have failed: each group keeps its *due*
+time (the first millisecond at which phi could reach the threshold, `core.phivec`), each
+datanode the minimum of its groups', and the table one array of those minimums by datanode slot,
+so finding the failed is one comparison over datanodes plus exact phi for the few at or past due.
+The same slot arrays hold each datanode's newest heartbeat and mean interval, for the silence
+the mass-failure guard watches.
+
+Everything agrees with the scalar reference (`core.detector`): the same windows and integer sums,
+mean and std bit for bit, decisions exactly, phi values from `phi`/`phis` bit for bit and from
+the vectorised paths within an ulp or so. Not thread-safe by design: only the supervisor thread
+touches it.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
-from supervisor_service.core.detector import PhiAccrualOptions, phi_from, stats_from_sums
+from supervisor_service.core.detector import PhiAccrualOptions, phi_from
+from supervisor_service.core.history import EMPTY_U64, Consts, Idx, NodeHistory
+from supervisor_service.core.phivec import at_or_above, phi_array
 from supervisor_service.core.types import RegionArray
 
-GroupIds = npt.NDArray[np.int64]
-"""Per region of a datanode (parallel to its sorted region ids), the id of its history group."""
-Positions = npt.NDArray[np.intp]
-"""Indexes into a datanode's sorted region ids."""
+SILENT_INTERVALS = 1.5
+"""A datanode is never silent before this many of its mean heartbeat intervals have passed."""
 
-_EMPTY_U64: RegionArray = np.empty(0, dtype=np.uint64)
-_EMPTY_I64: GroupIds = np.empty(0, dtype=np.int64)
+MERGE_EVERY = 8
+"""Steady heartbeats of a datanode between two looks for groups whose windows met (`NodeHistory.merge`)."""
 
+PHI_SWEEP_GROUPS = 100_000
+"""History groups whose phi one tick evaluates for the phi distribution metric; a bigger table
+is swept over several ticks and the distribution published when a sweep completes."""
 
-class _Group:
-    """The shared detector state of some regions of one datanode."""
-
-    __slots__ = ("size", "intervals", "total", "total_sq", "last", "mean", "std")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.intervals: deque[int] = deque()
-        self.total = 0
-        self.total_sq = 0
-        self.last = 0
-        self.mean = 0.0  # mean interval + acceptable pause (what phi uses)
-        self.std = 0.0  # floored standard deviation (what phi uses)
-
-    @classmethod
-    def fresh(cls, size: int, ts: int, opts: PhiAccrualOptions) -> _Group:
-        grp = cls(size)
-        for seed in opts.seed_intervals():
-            grp._append(seed, opts.max_sample_size)
-        grp.last = ts
-        grp._refresh(opts)
-        return grp
-
-    def clone(self, size: int) -> _Group:
-        grp = _Group(size)
-        grp.intervals = self.intervals.copy()
-        grp.total, grp.total_sq, grp.last = self.total, self.total_sq, self.last
-        grp.mean, grp.std = self.mean, self.std
-        return grp
-
-    def _append(self, interval: int, cap: int) -> None:
-        if len(self.intervals) >= cap:
-            old = self.intervals.popleft()
-            self.total -= old
-            self.total_sq -= old * old
-        self.intervals.append(interval)
-        self.total += interval
-        self.total_sq += interval * interval
-
-    def _refresh(self, opts: PhiAccrualOptions) -> None:
-        self.mean, self.std = stats_from_sums(len(self.intervals), self.total, self.total_sq, opts)
-
-    def phi(self, ts: int) -> float:
-        return phi_from(ts - self.last, self.mean, self.std)
-
-    def heartbeat(self, ts: int, opts: PhiAccrualOptions) -> None:
-        """The reference `heartbeat` for a group that already had one (callers skip ts < last)."""
-        if self.phi(ts) < opts.threshold:
-            self._append(ts - self.last, opts.max_sample_size)
-            self._refresh(opts)
-        self.last = ts
-
-    def same_state(self, other: _Group) -> bool:
-        return (
-            self.last == other.last
-            and self.total == other.total
-            and self.total_sq == other.total_sq
-            and self.intervals == other.intervals
-        )
-
-    def observed(self) -> tuple[int, float, float]:
-        """(samples, observed mean interval, observed population std), without pause or floor."""
-        n = len(self.intervals)
-        mean = self.total / n
-        return n, mean, math.sqrt((n * self.total_sq - self.total * self.total) / (n * n))
-
-
-class _Node:
-    """The detectors of one datanode: sorted region ids and the group of each."""
-
-    __slots__ = ("regions", "gids", "groups", "next_gid")
-
-    def __init__(self) -> None:
-        self.regions: RegionArray = _EMPTY_U64
-        self.gids: GroupIds = _EMPTY_I64
-        self.groups: dict[int, _Group] = {}
-        self.next_gid = 0
-
-    def add_group(self, grp: _Group) -> int:
-        gid = self.next_gid
-        self.next_gid += 1
-        self.groups[gid] = grp
-        return gid
-
-    def locate(self, region_ids: RegionArray) -> tuple[Positions, npt.NDArray[np.bool_]]:
-        """Positions in `regions` of the sorted ids, and a mask of which are present."""
-        pos = np.searchsorted(self.regions, region_ids)
-        if self.regions.size == 0:
-            return pos, np.zeros(region_ids.size, dtype=bool)
-        present = self.regions[np.minimum(pos, self.regions.size - 1)] == region_ids
-        return pos, present
-
-    def insert_fresh(self, pos: Positions, region_ids: RegionArray, ts: int, opts: PhiAccrualOptions) -> int:
-        """Insert absent regions (sorted, with their insertion positions) as one fresh group."""
-        gid = self.add_group(_Group.fresh(int(region_ids.size), ts, opts))
-        self.regions = np.insert(self.regions, pos, region_ids)
-        self.gids = np.insert(self.gids, pos, gid)
-        return gid
-
-    def remove_at(self, idx: Positions) -> None:
-        gids, counts = np.unique(self.gids[idx], return_counts=True)
-        for gid, count in zip(gids.tolist(), counts.tolist()):
-            grp = self.groups[gid]
-            grp.size -= count
-            if grp.size == 0:
-                del self.groups[gid]
-        self.regions = np.delete(self.regions, idx)
-        self.gids = np.delete(self.gids, idx)
-
-    def merge_identical(self, ts: int) -> None:
-        """Fold groups whose state became identical (all of them heartbeat at `ts`)."""
-        candidates = [(gid, grp) for gid, grp in self.groups.items() if grp.last == ts]
-        if len(candidates) < 2:
-            return
-        for i, (gid, grp) in enumerate(candidates):
-            if gid not in self.groups:
-                continue
-            for other_gid, other in candidates[i + 1 :]:
-                if other_gid in self.groups and grp.same_state(other):
-                    self.gids[self.gids == other_gid] = gid
-                    grp.size += other.size
-                    del self.groups[other_gid]
-
-
-@dataclass(frozen=True, slots=True)
-class GroupSnapshot:
-    """Immutable copy of one group's state, enough to compute phi and the Dump columns."""
-
-    last: int
-    mean: float  # what phi uses: observed mean + acceptable pause
-    std: float  # what phi uses: floored std
-    samples: int
-    observed_mean: float
-    observed_std: float
-
-    def phi(self, ts: int) -> float:
-        return phi_from(ts - self.last, self.mean, self.std)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSnapshot:
-    datanode_id: int
-    regions: RegionArray  # sorted, a copy
-    gids: GroupIds  # parallel to regions, a copy
-    groups: dict[int, GroupSnapshot]
+_NEVER = 2**62
 
 
 def as_region_array(region_ids: object) -> RegionArray:
@@ -202,40 +60,119 @@ def as_region_array(region_ids: object) -> RegionArray:
     return arr
 
 
-def _same_regions(a: RegionArray, b: RegionArray) -> bool:
-    """`np.array_equal` for two uint64 region arrays, without its overhead (the steady-state check)."""
-    if a.size != b.size:
-        return False
-    if a.dtype == b.dtype:
-        return a.tobytes() == b.tobytes()
-    return bool(np.array_equal(a, b))
+class GroupSnapshot:
+    """One history group's state as of a snapshot, enough for phi and the Dump columns."""
+
+    __slots__ = ("last", "mean", "std", "samples", "observed_mean", "observed_std")
+
+    def __init__(self, last: int, mean: float, std: float, samples: int, total: int, total_sq: int) -> None:
+        self.last, self.mean, self.std, self.samples = last, mean, std, samples
+        self.observed_mean = total / samples
+        self.observed_std = math.sqrt((samples * total_sq - total * total) / (samples * samples))
+
+    def phi(self, ts: int) -> float:
+        return phi_from(ts - self.last, self.mean, self.std)
 
 
-SILENT_INTERVALS = 1.5
-"""A datanode is never silent before this many of its mean heartbeat intervals have passed."""
+class NodeSnapshot:
+    """A copy of one datanode's detectors: sorted regions, each one's group, the groups' state.
+    Taken on the supervisor thread (array copies only); the groups are built when first read."""
+
+    __slots__ = ("datanode_id", "regions", "gids", "_state", "_groups")
+
+    def __init__(self, datanode_id: int, node: NodeHistory) -> None:
+        self.datanode_id = datanode_id
+        self.regions: RegionArray = node.regions.copy()
+        self.gids: Idx = node.gids.copy()
+        self._state = (node.last.copy(), node.mean.copy(), node.std.copy(), node.n.copy(),
+                       node.s1.copy(), node.s2.copy())
+        self._groups: dict[int, GroupSnapshot] | None = None
+
+    @property
+    def groups(self) -> dict[int, GroupSnapshot]:
+        if self._groups is None:
+            columns = [a.tolist() for a in self._state]
+            self._groups = {g: GroupSnapshot(*row) for g, row in enumerate(zip(*columns))}
+        return self._groups
 
 
 class DetectorTable:
-    """All detectors, grouped by datanode and shared history. Supervisor thread only."""
+    """All detectors, by datanode, as history groups over shared interval logs. Supervisor thread only."""
 
     def __init__(self, opts: PhiAccrualOptions) -> None:
         self.opts = opts
-        self._nodes: dict[int, _Node] = {}
+        self._consts = Consts.of(opts)
+        self._nodes: dict[int, NodeHistory] = {}
         self._count = 0
+        # Per datanode slot: its node, the minimum due of its groups, its newest heartbeat and the
+        # observed mean interval of the group that had it.
+        self._slot_of: dict[int, int] = {}
+        self._slot_ids: list[int] = []
+        self._free: list[int] = []
+        self._due = np.empty(0, dtype=np.int64)
+        self._newest = np.empty(0, dtype=np.int64)
+        self._interval = np.empty(0, dtype=np.float64)
+        self._sweep = _PhiSweep()
 
     def __len__(self) -> int:
         return self._count
 
     @property
     def group_count(self) -> int:
-        return sum(len(node.groups) for node in self._nodes.values())
+        return sum(node.groups for node in self._nodes.values())
 
     def datanode_ids(self) -> list[int]:
         return list(self._nodes)
 
     def clear(self) -> None:
-        self._nodes.clear()
-        self._count = 0
+        self.__init__(self.opts)  # type: ignore[misc]
+
+    # ------------------------------------------------------------ datanode slots
+
+    def _node(self, datanode_id: int) -> NodeHistory:
+        node = self._nodes.get(datanode_id)
+        if node is None:
+            node = self._nodes[datanode_id] = NodeHistory(self._consts)
+            if self._free:
+                slot = self._free.pop()
+                self._slot_ids[slot] = datanode_id
+            else:
+                slot = len(self._slot_ids)
+                self._slot_ids.append(datanode_id)
+                if slot >= self._due.size:
+                    grow = max(64, self._due.size)
+                    self._due = np.concatenate([self._due, np.full(grow, _NEVER, dtype=np.int64)])
+                    self._newest = np.concatenate([self._newest, np.zeros(grow, dtype=np.int64)])
+                    self._interval = np.concatenate([self._interval, np.zeros(grow, dtype=np.float64)])
+            self._slot_of[datanode_id] = slot
+        return node
+
+    def _drop_if_empty(self, datanode_id: int, node: NodeHistory) -> None:
+        if node.regions.size == 0:
+            del self._nodes[datanode_id]
+            slot = self._slot_of.pop(datanode_id)
+            self._due[slot] = _NEVER
+            self._free.append(slot)
+
+    def _publish(self, datanode_id: int, node: NodeHistory) -> None:
+        """Copy the node's minimum due, newest heartbeat and its interval to the slot arrays."""
+        slot = self._slot_of[datanode_id]
+        if node.dead:
+            node.compact()
+        if node.size.size == 0:
+            self._due[slot] = _NEVER
+            return
+        if node.size.size == 1:
+            due, newest, interval = int(node.due[0]), int(node.last[0]), node.s1[0] / node.n[0]
+        else:
+            # Of the groups that heard the newest heartbeat, the longest mean interval: the datanode
+            # is not silent before the slowest of its current histories expects it.
+            due, newest = int(node.due.min()), int(node.last.max())
+            at = node.last == newest
+            interval = max(a / b for a, b in zip(node.s1[at].tolist(), node.n[at].tolist()))
+        node.min_due = self._due[slot] = due
+        self._newest[slot] = newest
+        self._interval[slot] = interval
 
     # ------------------------------------------------------------ updates
 
@@ -248,53 +185,61 @@ class DetectorTable:
         ts = int(ts)
         node = self._nodes.get(datanode_id)
         if node is None:
-            if not create:
-                return _EMPTY_U64
-            node = self._nodes[datanode_id] = _Node()
-        # Steady state: one group, the same region set as last time.
-        if len(node.groups) == 1 and _same_regions(node.regions, region_ids):
-            grp = next(iter(node.groups.values()))
-            if ts >= grp.last:
-                grp.heartbeat(ts, self.opts)
-            return _EMPTY_U64
+            if not create or region_ids.size == 0:
+                return EMPTY_U64
+            node = self._node(datanode_id)
+        node.beats += 1
+        if node.key == region_ids.tobytes() and node.beat_all(ts):
+            if node.size.size > 1 and node.beats % MERGE_EVERY == 0:
+                node.merge()
+            self._publish(datanode_id, node)
+            return EMPTY_U64
         pos, present = node.locate(region_ids)
         hit = pos[present]
         if hit.size:
-            hit_gids = node.gids[hit]
-            gids, counts = np.unique(hit_gids, return_counts=True)
-            for gid, count in zip(gids.tolist(), counts.tolist()):
-                grp = node.groups[gid]
-                if ts < grp.last:
-                    continue  # the reference ignores it: no change, no split
-                if count < grp.size:
-                    # Only some members heartbeat: they get a state of their own.
-                    split = grp.clone(count)
-                    grp.size -= count
-                    node.gids[hit[hit_gids == gid]] = node.add_group(split)
-                    grp = split
-                grp.heartbeat(ts, self.opts)
-        created = region_ids[~present] if create else _EMPTY_U64
+            self._beat_members(node, hit, ts)
+        created = region_ids[~present] if create else EMPTY_U64
         if created.size:
-            node.insert_fresh(pos[~present], created, ts, self.opts)
-            self._count += created.size
-        node.merge_identical(ts)
-        if not node.groups:
-            del self._nodes[datanode_id]
+            self._insert(node, pos[~present], created, ts)
+        node.merge()
+        if hit.size or created.size:
+            self._publish(datanode_id, node)
+        self._drop_if_empty(datanode_id, node)
         return created
+
+    def _beat_members(self, node: NodeHistory, hit: Idx, ts: int) -> None:
+        """The detectors at positions `hit` heartbeat at `ts`: groups only partly named split first."""
+        hit_gids = node.gids[hit]
+        counts = np.bincount(hit_gids, minlength=node.size.size)
+        touched = np.flatnonzero(counts)
+        partial = touched[(counts[touched] < node.size[touched]) & (node.last[touched] <= ts)]
+        if partial.size:
+            copies = node.split(partial, counts[partial])
+            remap = np.arange(node.size.size, dtype=np.intp)
+            remap[partial] = copies
+            node.gids[hit] = remap[hit_gids]
+            whole = np.ones(touched.size, dtype=bool)
+            whole[np.searchsorted(touched, partial)] = False
+            touched = np.concatenate([touched[whole], copies])
+        node.beat(touched, ts)
+
+    def _insert(self, node: NodeHistory, pos: Idx, region_ids: RegionArray, ts: int) -> None:
+        g = node.fresh_group(int(region_ids.size), ts)
+        node.set_regions(np.insert(node.regions, pos, region_ids), np.insert(node.gids, pos, g))
+        self._count += int(region_ids.size)
 
     def register(self, datanode_id: int, region_ids: RegionArray, ts: int) -> int:
         """Create the missing detectors with a heartbeat at `ts`; existing ones are untouched."""
-        node = self._nodes.get(datanode_id)
-        if node is None:
-            node = self._nodes[datanode_id] = _Node()
+        if region_ids.size == 0:
+            return 0
+        node = self._node(datanode_id)
         pos, present = node.locate(region_ids)
         created = int(region_ids.size - np.count_nonzero(present))
         if created:
-            node.insert_fresh(pos[~present], region_ids[~present], int(ts), self.opts)
-            node.merge_identical(int(ts))
-            self._count += created
-        elif not node.groups:
-            del self._nodes[datanode_id]
+            self._insert(node, pos[~present], region_ids[~present], int(ts))
+            node.merge()
+            self._publish(datanode_id, node)
+        self._drop_if_empty(datanode_id, node)
         return created
 
     def deregister(self, datanode_id: int, region_ids: RegionArray) -> int:
@@ -303,13 +248,17 @@ class DetectorTable:
         if node is None:
             return 0
         pos, present = node.locate(region_ids)
-        removed = int(np.count_nonzero(present))
-        if removed:
-            node.remove_at(pos[present])
-            self._count -= removed
-            if not node.groups:
-                del self._nodes[datanode_id]
-        return removed
+        idx = pos[present]
+        if idx.size == 0:
+            return 0
+        counts = np.bincount(node.gids[idx], minlength=node.size.size)
+        groups = np.flatnonzero(counts)
+        node.shrink(groups, counts[groups])
+        node.set_regions(np.delete(node.regions, idx), np.delete(node.gids, idx))
+        self._count -= int(idx.size)
+        self._publish(datanode_id, node)
+        self._drop_if_empty(datanode_id, node)
+        return int(idx.size)
 
     def reset(self, datanode_id: int, region_ids: RegionArray, ts: int) -> int:
         """Replace each named detector with a fresh one heartbeat at `ts` (creating absent ones)."""
@@ -320,13 +269,14 @@ class DetectorTable:
         """Give every detector of the datanodes (all: None) a fresh state heartbeat at `ts`."""
         count = 0
         for datanode_id in list(self._nodes) if datanode_ids is None else datanode_ids:
-            node = self._nodes.get(datanode_id)
-            if node is None:
+            old = self._nodes.get(datanode_id)
+            if old is None:
                 continue
-            node.groups.clear()
-            gid = node.add_group(_Group.fresh(int(node.regions.size), int(ts), self.opts))
-            node.gids = np.full(node.regions.size, gid, dtype=np.int64)
-            count += int(node.regions.size)
+            node = self._nodes[datanode_id] = NodeHistory(self._consts)
+            node.set_regions(old.regions, np.zeros(old.regions.size, dtype=np.intp))
+            node.fresh_group(int(old.regions.size), int(ts))
+            self._publish(datanode_id, node)
+            count += int(old.regions.size)
         return count
 
     # ------------------------------------------------------------ queries
@@ -340,56 +290,80 @@ class DetectorTable:
 
     def regions_of(self, datanode_id: int) -> RegionArray:
         node = self._nodes.get(datanode_id)
-        return _EMPTY_U64 if node is None else node.regions
+        return EMPTY_U64 if node is None else node.regions
 
     def phi(self, datanode_id: int, region_id: int, ts: int) -> float:
-        """phi of one detector; KeyError if it does not exist."""
+        """phi of one detector (the reference's bits); KeyError if it does not exist."""
         node = self._nodes.get(datanode_id)
         if node is not None:
             pos, present = node.locate(np.array([region_id], dtype=np.uint64))
             if present[0]:
-                return node.groups[int(node.gids[pos[0]])].phi(int(ts))
+                g = int(node.gids[pos[0]])
+                return phi_from(int(ts) - int(node.last[g]), float(node.mean[g]), float(node.std[g]))
         raise KeyError((datanode_id, region_id))
 
     def phis(self, datanode_id: int, region_ids: RegionArray, ts: int) -> dict[int, float]:
-        """phi of each named detector that exists (absent ones are left out)."""
+        """phi of each named detector that exists (absent ones are left out), the reference's bits."""
         node = self._nodes.get(datanode_id)
         if node is None:
             return {}
         pos, present = node.locate(region_ids)
-        by_group = {gid: grp.phi(int(ts)) for gid, grp in node.groups.items()}
-        gids = node.gids[pos[present]].tolist()
-        return {r: by_group[g] for r, g in zip(region_ids[present].tolist(), gids)}
+        gids = node.gids[pos[present]]
+        wanted = np.unique(gids)
+        by_group = {
+            g: phi_from(int(ts) - last, mean, std)
+            for g, last, mean, std in zip(wanted.tolist(), node.last[wanted].tolist(),
+                                          node.mean[wanted].tolist(), node.std[wanted].tolist())
+        }
+        return {r: by_group[g] for r, g in zip(region_ids[present].tolist(), gids.tolist())}
 
     def failed(self, ts: int) -> Iterator[tuple[int, RegionArray]]:
-        """(datanode, sorted failed region ids) for every datanode with phi >= threshold somewhere."""
-        threshold = self.opts.threshold
-        for datanode_id, node in self._nodes.items():
-            bad = [gid for gid, grp in node.groups.items() if grp.phi(ts) >= threshold]
-            if not bad:
+        """(datanode, sorted failed region ids) for every datanode with phi >= threshold somewhere,
+        in the order the datanodes joined the table."""
+        ts = int(ts)
+        slots = np.flatnonzero(self._due[: len(self._slot_ids)] <= ts)
+        found = []
+        for slot in slots.tolist():
+            datanode_id = self._slot_ids[slot]
+            node = self._nodes[datanode_id]
+            g = np.flatnonzero(node.due <= ts)
+            bad = g[at_or_above((ts - node.last[g]).astype(np.float64), node.mean[g], node.std[g],
+                                self.opts.threshold)]
+            if bad.size == 0:
                 continue
-            if len(bad) == len(node.groups):
-                yield datanode_id, node.regions.copy()
+            if bad.size == node.groups:
+                found.append((datanode_id, node.regions.copy()))
             else:
-                yield datanode_id, node.regions[np.isin(node.gids, bad)]
+                mask = np.zeros(node.size.size, dtype=bool)
+                mask[bad] = True
+                found.append((datanode_id, node.regions[mask[node.gids]]))
+        order = {d: i for i, d in enumerate(self._nodes)} if len(found) > 1 else {}
+        yield from sorted(found, key=lambda item: order.get(item[0], 0))
 
     def phi_sizes(self, ts: int) -> Iterator[tuple[float, int]]:
-        """(phi, number of detectors sharing it) for every group: the phi distribution."""
+        """(phi, number of detectors sharing it) for every group, the reference's bits (for tools
+        and tests: the metric uses `phi_distribution`)."""
         for node in self._nodes.values():
-            for grp in node.groups.values():
-                yield grp.phi(ts), grp.size
+            for last, mean, std, size in zip(node.last.tolist(), node.mean.tolist(), node.std.tolist(),
+                                              node.size.tolist()):
+                if size:
+                    yield phi_from(int(ts) - last, mean, std), size
+
+    def phi_distribution(self, ts: int, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
+        """(detectors per bucket `phi <= bound` first match, detectors, sum of finite phi) as of the
+        last completed sweep; a sweep covers at most `PHI_SWEEP_GROUPS` groups per call."""
+        return self._sweep.advance(self._nodes, int(ts), bounds)
 
     def silent_datanodes(self, ts: int, silence_ms: int) -> list[int]:
         """Datanodes none of whose detectors heard a heartbeat within `silence_ms` of `ts`, nor within
         `SILENT_INTERVALS` of the datanode's own mean heartbeat interval (so a short `silence_ms`
         never makes a datanode between two regular heartbeats look silent)."""
-        silent = []
-        for datanode_id, node in self._nodes.items():
-            newest = max(node.groups.values(), key=lambda g: g.last)
-            quiet = ts - newest.last
-            if quiet > silence_ms and quiet > SILENT_INTERVALS * newest.total / len(newest.intervals):
-                silent.append(datanode_id)
-        return silent
+        used = len(self._slot_ids)
+        quiet = int(ts) - self._newest[:used]
+        live = self._due[:used] < _NEVER  # a free slot, or a datanode without groups
+        hits = np.flatnonzero(live & (quiet > silence_ms) & (quiet > SILENT_INTERVALS * self._interval[:used]))
+        silent = {self._slot_ids[s] for s in hits.tolist()}
+        return [d for d in self._nodes if d in silent] if silent else []
 
     def snapshot(self, datanode_ids: set[int] | None = None) -> list[NodeSnapshot]:
         """A consistent copy of (part of) the table; cheap: arrays are copied, rows are not built."""
@@ -397,9 +371,48 @@ class DetectorTable:
         for datanode_id, node in self._nodes.items():
             if datanode_ids is not None and datanode_id not in datanode_ids:
                 continue
-            groups = {}
-            for gid, grp in node.groups.items():
-                n, observed_mean, observed_std = grp.observed()
-                groups[gid] = GroupSnapshot(grp.last, grp.mean, grp.std, n, observed_mean, observed_std)
-            out.append(NodeSnapshot(datanode_id, node.regions.copy(), node.gids.copy(), groups))
+            if node.dead:
+                node.compact()
+            out.append(NodeSnapshot(datanode_id, node))
         return out
+
+
+class _PhiSweep:
+    """The phi distribution, evaluated over a bounded number of groups per tick: the groups of a
+    run of datanodes are gathered into one set of arrays, and phi computed in one numpy pass."""
+
+    NODE_COST = 32  # one datanode's Python overhead, in groups
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._cursor = 0
+        self._acc: tuple[np.ndarray, int, float] | None = None
+        self._done: tuple[list[int], int, float] | None = None
+
+    def advance(self, nodes: dict[int, NodeHistory], ts: int, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
+        edges = np.asarray(bounds, dtype=np.float64)
+        if self._acc is None:
+            self._ids, self._cursor = list(nodes), 0
+            self._acc = (np.zeros(edges.size, dtype=np.int64), 0, 0.0)
+        parts: list[tuple[np.ndarray, ...]] = []
+        budget = PHI_SWEEP_GROUPS
+        while self._cursor < len(self._ids) and budget > 0:
+            node = nodes.get(self._ids[self._cursor])
+            self._cursor += 1
+            if node is not None:
+                parts.append((node.last, node.mean, node.std, node.size))
+                budget -= int(node.size.size) + self.NODE_COST
+        buckets, count, total = self._acc
+        if parts:
+            last, mean, std, size = (np.concatenate(column) for column in zip(*parts))
+            phi = phi_array((ts - last).astype(np.float64), mean, std)
+            where = np.minimum(np.searchsorted(edges, phi, side="left"), edges.size - 1)
+            buckets = buckets + np.bincount(where, weights=size, minlength=edges.size).astype(np.int64)
+            count += int(size.sum())
+            shown = np.isfinite(phi) & (size > 0)
+            total += float((phi[shown] * size[shown]).sum())
+        self._acc = (buckets, count, total)
+        if self._cursor >= len(self._ids):
+            self._done = (buckets.tolist(), count, total)
+            self._acc = None
+        return self._done if self._done is not None else ([0] * edges.size, 0, 0.0)

@@ -13,8 +13,8 @@ class FakeMetric:
         self.value = 0.0
         self.children: dict[tuple[tuple[str, str], ...], FakeMetric] = {}
 
-    def set(self, value, /) -> None:
-        self.value = value
+    def set(self, value, /, *more) -> None:
+        self.value = (value, *more) if more else value
 
     def inc(self, amount: float = 1, /) -> None:
         self.value += amount

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from supervisor_service.core import DetectorTable, PhiAccrualFailureDetector, PhiAccrualOptions, as_region_array
+from supervisor_service.core.table import MERGE_EVERY
 
 U64_MAX = 2**64 - 1
 DATANODES = [0, 1, 7, 2**63, U64_MAX]
@@ -271,11 +272,28 @@ def test_one_datanode_regular_heartbeats_with_some_partial(opts, n_regions, plan
         named = regions if full else regions[: max(1, n_regions // 2)]
         table.heartbeat(5, arr(named), t)
         ref.heartbeat(5, named, t)
-        # One group per distinct state: never shared between two states (phi would differ),
-        # and identical states that heartbeat together are merged back.
-        states = {(fd.last_heartbeat_millis, tuple(fd.intervals)) for fd in ref.fds.values()}
-        assert table.group_count == len(states)
+        # A group is never shared between two states (phi would differ).
+        assert_groups_hold_one_state(table, ref, 5)
     assert_same(table, ref, [t, t + 900, t + 5000, t + 60_000])
+    # Identical states that heartbeat together merge back: once every window has slid past the
+    # divergence (max_sample_size heartbeats) and the next look for identical windows.
+    for _ in range(opts.max_sample_size + MERGE_EVERY):
+        t += 1000
+        table.heartbeat(5, arr(regions), t)
+        ref.heartbeat(5, regions, t)
+    states = {(fd.last_heartbeat_millis, tuple(fd.intervals)) for fd in ref.fds.values()}
+    assert table.group_count == len(states)
+    assert_same(table, ref, [t, t + 900, t + 5000])
+
+
+def assert_groups_hold_one_state(table: DetectorTable, ref: Reference, d: int) -> None:
+    """Every history group's members have the same reference state (window and last heartbeat)."""
+    for snap in table.snapshot({d}):
+        states: dict[int, set] = {}
+        for r, g in zip(snap.regions.tolist(), snap.gids.tolist()):
+            fd = ref.fds[(d, r)]
+            states.setdefault(g, set()).add((fd.last_heartbeat_millis, tuple(fd.intervals)))
+        assert all(len(s) == 1 for s in states.values()), states
 
 
 # ---------------------------------------------------------------- targeted tests
@@ -331,16 +349,19 @@ def test_groups_merge_back_once_windows_realign():
     assert table.group_count == 2
     beat(regions, 2000)  # all named again, but the windows still differ
     assert table.group_count == 2
-    # The divergent intervals leave a window of max_sample_size only after that many more beats.
+    # The divergent intervals leave a window of max_sample_size only after that many more beats;
+    # the groups merge at the next look for met windows (within MERGE_EVERY heartbeats).
     t = 2000
-    for i in range(OPTS.max_sample_size):
+    for i in range(OPTS.max_sample_size + MERGE_EVERY):
         t += 1000
         beat(regions, t)
         fd1, fd2 = ref.fds[(1, 1)], ref.fds[(1, 2)]
         identical = fd1.intervals == fd2.intervals
-        assert identical == (i == OPTS.max_sample_size - 1)
-        assert table.group_count == (1 if identical else 2)
+        assert identical == (i >= OPTS.max_sample_size - 1)
+        if not identical:
+            assert table.group_count == 2
         assert_same(table, ref, [t, t + 1500])
+    assert table.group_count == 1
 
 
 def test_groups_merge_when_fresh_regions_match_existing_fresh_group():
