@@ -120,7 +120,7 @@ class Metrics:
         )
         self.detectors = Gauge("supervisor_detectors", "Detectors in the table.", registry=r)
         self.detector_groups = Gauge(
-            "supervisor_detector_groups", "Distinct detector states (shared histories) in the table.", registry=r
+            "supervisor_detector_groups", "History groups in the table (regions of a datanode with identical detector state share one).", registry=r
         )
         self.events = Counter(
             "supervisor_events", "Events processed by the supervisor thread, by type.", ["type"], registry=r

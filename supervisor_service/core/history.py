@@ -100,7 +100,7 @@ class GroupArrays:
     """The state of one datanode's detectors: sorted region ids, each one's group, the groups'
     arrays, the log and the private prefixes; and the bookkeeping of groups (split, merge, compact)."""
 
-    __slots__ = ("c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats") + _STATE
+    __slots__ = ("c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats", "synced", "longest") + _STATE
 
     def __init__(self, consts: Consts) -> None:
         self.c = consts
@@ -114,6 +114,8 @@ class GroupArrays:
         self.dead = 0  # groups of size 0 not yet compacted away
         self.min_due = 2**62
         self.beats = 0
+        self.synced = False  # known to be all aligned (set by the steady path, cleared by any other)
+        self.longest = 0.0  # the longest observed mean interval of all groups, as of the last steady path
         sums: Any = object if self.wide else np.int64
         self.start, self.end, self.plen, self.n = (np.empty(0, dtype=np.int64) for _ in range(4))
         self.last, self.due, self.size = (np.empty(0, dtype=np.int64) for _ in range(3))
@@ -154,6 +156,7 @@ class GroupArrays:
 
     def split(self, groups: Idx, counts: Ints) -> Idx:
         """Copies of `groups` for `counts` of their members each (the copies' indexes)."""
+        self.synced = False
         copies = self._new_groups(int(groups.size))
         for name in _STATE:
             arr = getattr(self, name)
@@ -218,6 +221,7 @@ class NodeHistory(GroupArrays):
 
     def fresh_group(self, size: int, ts: int) -> int:
         """A new group of `size` detectors heartbeat at `ts` for the first time (window: the seeds)."""
+        self.synced = False
         (g,) = self._new_groups(1).tolist()
         lo, hi, m = self.c.lo, self.c.hi, self.log.size
         self.start[g] = self.end[g] = m
@@ -232,23 +236,33 @@ class NodeHistory(GroupArrays):
     # ------------------------------------------------------------ window arithmetic
 
     def refresh(self, g: Idx | slice) -> None:
-        """mean, std and due of groups `g` from their sums (the reference's `stats_from_sums`)."""
+        """mean, std and due of groups `g` from their sums (the reference's `stats_from_sums`, the
+        same operations in the same order). For all groups (`g` a slice), also `longest`."""
         opts = self.c.opts
         n, s1, s2 = self.n[g], self.s1[g], self.s2[g]
         if self.wide:
             mean = np.array([a / b for a, b in zip(s1.tolist(), n.tolist())], dtype=np.float64)
-            num = [k * b - a * a for k, a, b in zip(n.tolist(), s1.tolist(), s2.tolist())]
-            var = np.array([v / (k * k) for v, k in zip(num, n.tolist())], dtype=np.float64)
+            wide = [k * b - a * a for k, a, b in zip(n.tolist(), s1.tolist(), s2.tolist())]
+            var = np.array([v / (k * k) for v, k in zip(wide, n.tolist())], dtype=np.float64)
         else:
             mean = s1 / n
-            var = (n * s2 - s1 * s1) / (n * n)
+            num = n * s2
+            num -= s1 * s1
+            var = num / (n * n)
+        if isinstance(g, slice):
+            self.longest = float(mean.max())
         mean += opts.acceptable_heartbeat_pause_ms
-        std = np.maximum(np.sqrt(var), opts.min_std_deviation_ms)
+        std = np.sqrt(var, out=var)
+        np.maximum(std, opts.min_std_deviation_ms, out=std)
         self.mean[g] = mean
         self.std[g] = std
         # ts < due proves phi(ts) < threshold (core.phivec): 2 ms below the bound, for the rounding.
-        reach = np.minimum(self.last[g] + (mean + self.c.safe_y * std), _FAR)
-        self.due[g] = np.maximum(np.floor(reach), -_FAR).astype(np.int64) - 2
+        reach = std * self.c.safe_y
+        reach += mean
+        reach += self.last[g]
+        np.clip(reach, -_FAR, _FAR, out=reach)
+        self.due[g] = np.floor(reach, out=reach)
+        self.due[g] -= 2
 
     def refresh_one(self, g: int) -> None:
         """`refresh` of one group, in Python numbers (the reference's own function)."""
@@ -281,6 +295,7 @@ class NodeHistory(GroupArrays):
     def take_own(self, g: int, interval: int | None) -> None:
         """Group g leaves the log: its log slice goes to its private prefix, then it takes `interval`
         (None: it skips this heartbeat's interval); it continues on the log from its current end."""
+        self.synced = False
         a, b = int(self.start[g]), int(self.end[g])
         if b > a:
             dq = self.priv.setdefault(g, deque())
@@ -334,6 +349,7 @@ class NodeHistory(GroupArrays):
 
     def beat(self, groups: Idx, ts: int) -> None:
         """Every member of `groups` heartbeats at `ts` (groups whose last is later are skipped)."""
+        self.synced = False
         groups = groups[self.last[groups] <= ts]  # the reference ignores a heartbeat older than the last
         if groups.size == 0:
             return
@@ -372,7 +388,9 @@ class NodeHistory(GroupArrays):
         tail = self.tail
         if tail is None or ts < tail or ts >= self.min_due or self.dead:
             return False
-        if self.size.size == 1:
+        if self.synced:
+            pass
+        elif self.size.size == 1:
             if self.last[0] != tail or self.end[0] != self.log.size:
                 return False
         elif not ((self.last == tail).all() and (self.end == self.log.size).all()):
@@ -384,6 +402,7 @@ class NodeHistory(GroupArrays):
             self._trim()  # every group is aligned: nothing is copied, the log only shrinks or grows
         self.log.append(x)
         self.tail = ts
+        self.synced = True
         if self.size.size == 1:
             self._take_one(x, ts)
             return True

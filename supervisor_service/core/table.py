@@ -25,6 +25,7 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
+import numpy.typing as npt
 
 from supervisor_service.core.detector import PhiAccrualOptions, phi_from
 from supervisor_service.core.history import EMPTY_U64, Consts, Idx, NodeHistory
@@ -95,6 +96,28 @@ class NodeSnapshot:
             self._groups = {g: GroupSnapshot(*row) for g, row in enumerate(zip(*columns))}
         return self._groups
 
+    @property
+    def last(self) -> npt.NDArray[np.int64]:
+        """Per group: its last heartbeat."""
+        return self._state[0]
+
+    def phis(self, at: int) -> npt.NDArray[np.float64]:
+        """Per group: phi at `at`, the reference's bits."""
+        last, mean, std = (a.tolist() for a in self._state[:3])
+        return np.array([phi_from(at - x, m, s) for x, m, s in zip(last, mean, std)], dtype=np.float64)
+
+    def observed(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Per group: samples, observed mean interval and population std (no pause, no floor),
+        the bits `GroupSnapshot` has."""
+        n, s1, s2 = self._state[3:]
+        if s1.dtype == object:  # wide sums: Python ints
+            g = self.groups
+            return (n.copy(), np.array([g[i].observed_mean for i in range(n.size)], dtype=np.float64),
+                    np.array([g[i].observed_std for i in range(n.size)], dtype=np.float64))
+        num = n * s2
+        num -= s1 * s1
+        return n.copy(), s1 / n, np.sqrt(num / (n * n))
+
 
 class DetectorTable:
     """All detectors, by datanode, as history groups over shared interval logs. Supervisor thread only."""
@@ -154,7 +177,7 @@ class DetectorTable:
             self._due[slot] = _NEVER
             self._free.append(slot)
 
-    def _publish(self, datanode_id: int, node: NodeHistory) -> None:
+    def _publish(self, datanode_id: int, node: NodeHistory, steady: bool = False) -> None:
         """Copy the node's minimum due, newest heartbeat and its interval to the slot arrays."""
         slot = self._slot_of[datanode_id]
         if node.dead:
@@ -168,8 +191,11 @@ class DetectorTable:
             # Of the groups that heard the newest heartbeat, the longest mean interval: the datanode
             # is not silent before the slowest of its current histories expects it.
             due, newest = int(node.due.min()), int(node.last.max())
-            at = node.last == newest
-            interval = max(a / b for a, b in zip(node.s1[at].tolist(), node.n[at].tolist()))
+            if steady:  # the steady path: every group heard the newest heartbeat
+                interval = node.longest
+            else:
+                at = node.last == newest
+                interval = float(np.max(node.s1[at] / node.n[at]))
         node.min_due = self._due[slot] = due
         self._newest[slot] = newest
         self._interval[slot] = interval
@@ -192,7 +218,7 @@ class DetectorTable:
         if node.key == region_ids.tobytes() and node.beat_all(ts):
             if node.size.size > 1 and node.beats % MERGE_EVERY == 0:
                 node.merge()
-            self._publish(datanode_id, node)
+            self._publish(datanode_id, node, steady=True)
             return EMPTY_U64
         pos, present = node.locate(region_ids)
         hit = pos[present]

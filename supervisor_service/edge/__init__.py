@@ -8,6 +8,7 @@ room in the event queue), `problems` (rate-limited logs of bad input, INVALID_AR
 
 from supervisor_service.edge.dump import DumpPages
 from supervisor_service.edge.dumpcodec import (
+    GroupColumns,
     encode_rows,
     varint_lengths,
 )
@@ -22,6 +23,7 @@ from supervisor_service.edge.servicer import RegionSupervisorServicer
 __all__ = [
     "SERVICE_NAME",
     "DumpPages",
+    "GroupColumns",
     "HealthServicer",
     "RegionSupervisorServicer",
     "build_server",

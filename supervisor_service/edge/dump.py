@@ -1,6 +1,6 @@
 """Dump answers: a DumpSnapshot turned into DetectorState pages, built lazily and off the event
-loop, each page encoded with numpy from a few serialized pieces per history group
-(`edge.dumpcodec`) rather than one protobuf message per row."""
+loop, each page encoded with numpy from per-group columns (`edge.dumpcodec`) rather than one
+protobuf message per row."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 
 from supervisor_service.core import DumpSnapshot
-from supervisor_service.edge.dumpcodec import encode_rows
+from supervisor_service.edge.dumpcodec import GroupColumns, encode_rows
 from supervisor_service.proto import pb
 
 DEFAULT_DUMP_PAGE = 1000
@@ -42,8 +42,8 @@ async def dump_responses(
 
 class DumpPages:
     """Turns a snapshot into DetectorState pages lazily, so a dump of a million detectors
-    never holds a million protobuf rows at once. phi is evaluated per shared history group,
-    and a page is encoded with numpy from a few serialized pieces per group
+    never holds a million protobuf rows at once. phi is evaluated once per history group (the
+    reference's bits), and a page is encoded with numpy from the groups' columns
     (`edge.dumpcodec`), not one Python message per row."""
 
     def __init__(self, snapshot: DumpSnapshot, at: int, only_failed: bool) -> None:
@@ -59,18 +59,20 @@ class DumpPages:
             d: (np.array(sorted(c), dtype=np.uint64), [c[r] for r in sorted(c)]) for d, c in by_node.items()
         }
         self._migrating = np.array(sorted(snapshot.migrating), dtype=np.uint64)
-        # (node, phi of each group, mask of the rows to show) per datanode.
+        # (node, its groups' columns, the positions of the rows to show) per datanode.
         self._nodes = []
         self.total = 0
         for node in snapshot.nodes:
-            phis = {gid: grp.phi(at) for gid, grp in node.groups.items()}
+            phi = node.phis(at)
+            available = phi < threshold
             if only_failed:
-                failed = [gid for gid, phi in phis.items() if phi >= threshold]
-                positions = np.flatnonzero(np.isin(node.gids, failed))
+                positions = np.flatnonzero(~available[node.gids])
             else:
                 positions = np.arange(node.regions.size)
             if positions.size:
-                self._nodes.append((node, phis, positions))
+                samples, mean, std = node.observed()
+                columns = GroupColumns(node.last, phi, available, samples, mean, std)
+                self._nodes.append((node, columns, positions))
                 self.total += int(positions.size)
 
     def pages(self, page_size: int, header: dict | None = None):
@@ -79,11 +81,11 @@ class DumpPages:
         head = pb.DumpResponse(**(header or {})).SerializeToString()
         pending: list[tuple] = []
         room = page_size
-        for node, phis, positions in self._nodes:
+        for node, columns, positions in self._nodes:
             start = 0
             while start < positions.size:
                 chunk = positions[start : start + room]
-                pending.append((node, phis, chunk))
+                pending.append((node, columns, chunk))
                 start += chunk.size
                 room -= chunk.size
                 if room == 0:
@@ -96,21 +98,9 @@ class DumpPages:
         # Serialized messages concatenate into their merge: the header fields, then the rows.
         return pb.DumpResponse.FromString(head + b"".join(self._encoded(*part) for part in parts))
 
-    def _encoded(self, node, phis: dict[int, float], positions: np.ndarray) -> bytes:
+    def _encoded(self, node, columns: GroupColumns, positions: np.ndarray) -> bytes:
         """The rows at `positions` of one datanode, as serialized `DumpResponse.detectors` entries."""
-        threshold, regions, gids = self._snapshot.threshold, node.regions[positions], node.gids[positions]
-        if len(node.groups) == 1:
-            present, index = [next(iter(node.groups))], np.zeros(regions.size, dtype=np.int64)
-        else:
-            present, index = np.unique(gids, return_inverse=True)
-            present = present.tolist()
-        group_bytes = []
-        for gid in present:
-            grp, phi = node.groups[gid], phis[gid]
-            group_bytes.append(pb.DetectorState(
-                last_heartbeat_millis=grp.last, phi=phi, available=phi < threshold, sample_count=grp.samples,
-                mean_interval_millis=grp.observed_mean, std_deviation_millis=grp.observed_std,
-            ).SerializeToString())
+        regions, index = node.regions[positions], node.gids[positions]
         counts: dict[int, int] = {}
         counted = self._counts.get(node.datanode_id)
         if counted is not None:
@@ -126,4 +116,4 @@ class DumpPages:
             for i in sorted(counts.keys() | migrating)
         }
         prefix = pb.DetectorState(datanode_id=node.datanode_id).SerializeToString()
-        return encode_rows(prefix, regions, index, group_bytes, extras)
+        return encode_rows(prefix, regions, index, columns, extras)

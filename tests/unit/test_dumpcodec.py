@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from concurrent.futures import Future
 
 import numpy as np
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.core import Dump, Heartbeat, PhiAccrualOptions, Supervisor, as_region_array
-from supervisor_service.edge import DumpPages, encode_rows, varint_lengths
+from supervisor_service.edge import DumpPages, GroupColumns, encode_rows, varint_lengths
 from supervisor_service.proto import pb
 
 U64_MAX = 2**64 - 1
@@ -28,16 +29,27 @@ def test_varint_lengths_match_protobuf():
 
 def test_encode_rows_extremes():
     regions = np.array([0, 1, 300, 2**63, U64_MAX], dtype=np.uint64)
-    groups = [b"", pb.DetectorState(phi=float("inf"), sample_count=7).SerializeToString()]
+    groups = GroupColumns(
+        last=np.array([0, -1], dtype=np.int64),  # a negative int64 is a 10-byte varint
+        phi=np.array([0.0, float("inf")]),
+        available=np.array([True, False]),
+        samples=np.array([0, 2**32 - 1], dtype=np.int64),
+        mean=np.array([-0.0, 1e300]),
+        std=np.array([0.5, float("nan")]),
+    )
     extras = {4: pb.DetectorState(failover_count=3, migrating=True).SerializeToString()}
     data = encode_rows(pb.DetectorState(datanode_id=U64_MAX).SerializeToString(), regions,
                        np.array([0, 1, 0, 1, 1]), groups, extras)
     rows = list(pb.DumpResponse.FromString(data).detectors)
     assert [r.region_id for r in rows] == regions.tolist()
     assert {r.datanode_id for r in rows} == {U64_MAX}
-    assert [r.sample_count for r in rows] == [0, 7, 0, 7, 7]
+    assert [r.sample_count for r in rows] == [0, 2**32 - 1, 0, 2**32 - 1, 2**32 - 1]
+    assert [r.last_heartbeat_millis for r in rows] == [0, -1, 0, -1, -1]
+    assert [r.available for r in rows] == [True, False, True, False, False]
+    assert rows[1].phi == float("inf") and rows[1].mean_interval_millis == 1e300 and math.isnan(rows[1].std_deviation_millis)
+    assert rows[0].std_deviation_millis == 0.5 and math.copysign(1.0, rows[0].mean_interval_millis) == -1.0
     assert rows[4].failover_count == 3 and rows[4].migrating and not rows[3].migrating
-    assert encode_rows(b"", np.array([], dtype=np.uint64), np.array([]), []) == b""
+    assert encode_rows(b"", np.array([], dtype=np.uint64), np.array([]), GroupColumns.empty()) == b""
 
 
 def reference_rows(snapshot, at: int, only_failed: bool) -> list[pb.DetectorState]:
