@@ -188,6 +188,21 @@ class GroupArrays:
         self.priv = {int(remap[g]): dq for g, dq in self.priv.items()}
         self.dead = 0
 
+    def join_twin(self, g: int) -> int:
+        """The newest group `g`, or an older group with the very same window it joins (then `g`,
+        the last row, is removed): fresh regions registered or heartbeat together in several calls."""
+        twin = np.flatnonzero(
+            (self.start == self.start[g]) & (self.end == self.end[g]) & (self.seeds == self.seeds[g])
+            & (self.last == self.last[g]) & (self.plen == 0) & (self.size > 0)
+        )
+        into = int(twin[0])
+        if into == g:
+            return g
+        self.size[into] += self.size[g]
+        for name in _STATE:
+            setattr(self, name, getattr(self, name)[:g])
+        return into
+
     def merge(self) -> None:
         """Fold the aligned groups without a private prefix whose windows start at the same place:
         their windows are the same seeds and the same log slice, so their states are identical

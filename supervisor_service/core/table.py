@@ -222,12 +222,15 @@ class DetectorTable:
             return EMPTY_U64
         pos, present = node.locate(region_ids)
         hit = pos[present]
-        if hit.size:
+        if hit.size == node.regions.size and hit.size and node.beat_all(ts):
+            pass  # it names every region it had: the steady update, then the new ones join
+        elif hit.size:
             self._beat_members(node, hit, ts)
         created = region_ids[~present] if create else EMPTY_U64
         if created.size:
             self._insert(node, pos[~present], created, ts)
-        node.merge()
+        if node.beats % MERGE_EVERY == 0:
+            node.merge()
         if hit.size or created.size:
             self._publish(datanode_id, node)
         self._drop_if_empty(datanode_id, node)
@@ -251,6 +254,7 @@ class DetectorTable:
 
     def _insert(self, node: NodeHistory, pos: Idx, region_ids: RegionArray, ts: int) -> None:
         g = node.fresh_group(int(region_ids.size), ts)
+        g = node.join_twin(g)
         node.set_regions(np.insert(node.regions, pos, region_ids), np.insert(node.gids, pos, g))
         self._count += int(region_ids.size)
 
@@ -263,7 +267,6 @@ class DetectorTable:
         created = int(region_ids.size - np.count_nonzero(present))
         if created:
             self._insert(node, pos[~present], region_ids[~present], int(ts))
-            node.merge()
             self._publish(datanode_id, node)
         self._drop_if_empty(datanode_id, node)
         return created
