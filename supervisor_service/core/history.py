@@ -100,7 +100,7 @@ class GroupArrays:
     """The state of one datanode's detectors: sorted region ids, each one's group, the groups'
     arrays, the log and the private prefixes; and the bookkeeping of groups (split, merge, compact)."""
 
-    __slots__ = ("c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats", "synced", "longest") + _STATE
+    __slots__ = ("c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats", "synced", "longest", "counted") + _STATE
 
     def __init__(self, consts: Consts) -> None:
         self.c = consts
@@ -115,6 +115,7 @@ class GroupArrays:
         self.min_due = 2**62
         self.beats = 0
         self.synced = False  # known to be all aligned (set by the steady path, cleared by any other)
+        self.counted = 0  # groups as the table last counted them
         self.longest = 0.0  # the longest observed mean interval of all groups, as of the last steady path
         sums: Any = object if self.wide else np.int64
         self.start, self.end, self.plen, self.n = (np.empty(0, dtype=np.int64) for _ in range(4))

@@ -94,7 +94,7 @@ class Planner:
                 d for d in table.silent_datanodes(now, guards.s.mass_failure_silence_ms)
                 if not handled or not set(table.regions_of(d).tolist()) <= handled
             ]
-        guards.track(set(failed), len(silent), len(table.datanode_ids()), now)
+        guards.track(set(failed), len(silent), table.datanode_count, now)
         self._registry.decay_counts(now)
         return failed, pause
 

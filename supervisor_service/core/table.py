@@ -125,30 +125,36 @@ class DetectorTable:
     def __init__(self, opts: PhiAccrualOptions) -> None:
         self.opts = opts
         self._consts = Consts.of(opts)
+        self._sweep = _PhiSweep()
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every detector."""
         self._nodes: dict[int, NodeHistory] = {}
         self._count = 0
-        # Per datanode slot: its node, the minimum due of its groups, its newest heartbeat and the
-        # observed mean interval of the group that had it.
+        self._groups = 0  # the sum of every datanode's groups, as of its last publish
+        # Per datanode slot: the minimum due of its groups, its newest heartbeat, and the observed
+        # mean interval it is silent against.
         self._slot_of: dict[int, int] = {}
         self._slot_ids: list[int] = []
         self._free: list[int] = []
         self._due = np.empty(0, dtype=np.int64)
         self._newest = np.empty(0, dtype=np.int64)
         self._interval = np.empty(0, dtype=np.float64)
-        self._sweep = _PhiSweep()
 
     def __len__(self) -> int:
         return self._count
 
     @property
     def group_count(self) -> int:
-        return sum(node.groups for node in self._nodes.values())
+        return self._groups
+
+    @property
+    def datanode_count(self) -> int:
+        return len(self._nodes)
 
     def datanode_ids(self) -> list[int]:
         return list(self._nodes)
-
-    def clear(self) -> None:
-        self.__init__(self.opts)  # type: ignore[misc]
 
     # ------------------------------------------------------------ datanode slots
 
@@ -172,6 +178,7 @@ class DetectorTable:
 
     def _drop_if_empty(self, datanode_id: int, node: NodeHistory) -> None:
         if node.regions.size == 0:
+            self._groups -= node.counted
             del self._nodes[datanode_id]
             slot = self._slot_of.pop(datanode_id)
             self._due[slot] = _NEVER
@@ -182,6 +189,9 @@ class DetectorTable:
         slot = self._slot_of[datanode_id]
         if node.dead:
             node.compact()
+        groups = int(node.size.size)
+        self._groups += groups - node.counted
+        node.counted = groups
         if node.size.size == 0:
             self._due[slot] = _NEVER
             return
@@ -231,7 +241,7 @@ class DetectorTable:
             self._insert(node, pos[~present], created, ts)
         if node.beats % MERGE_EVERY == 0:
             node.merge()
-        if hit.size or created.size:
+        if node.regions.size:
             self._publish(datanode_id, node)
         self._drop_if_empty(datanode_id, node)
         return created
@@ -301,6 +311,7 @@ class DetectorTable:
             old = self._nodes.get(datanode_id)
             if old is None:
                 continue
+            self._groups -= old.counted
             node = self._nodes[datanode_id] = NodeHistory(self._consts)
             node.set_regions(old.regions, np.zeros(old.regions.size, dtype=np.intp))
             node.fresh_group(int(old.regions.size), int(ts))

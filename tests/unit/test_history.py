@@ -143,6 +143,8 @@ class LongRuns(RuleBasedStateMachine):
     def same_as_reference(self) -> None:
         table, ref, opts = self.table, self.ref, self.opts
         assert len(table) == len(ref)
+        assert table.group_count == sum(node.groups for node in table._nodes.values())
+        assert table.datanode_count == len({d for d, _ in ref})
         for at in (self.now, self.now + 700, self.now + 2500, self.now + 40_000):
             want = {k: det.phi(at) for k, det in ref.items()}
             for (dn, r), phi in want.items():
