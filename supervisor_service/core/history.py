@@ -27,7 +27,6 @@ that meets a larger interval switches its sums to Python ints (object arrays): e
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +42,7 @@ Idx = npt.NDArray[np.intp]
 
 EMPTY_U64: RegionArray = np.empty(0, dtype=np.uint64)
 _FAR = float(2**62)
-_STATE = ("start", "end", "seeds", "plen", "n", "s1", "s2", "last", "mean", "std", "due", "size")
+_STATE = ("start", "end", "ostart", "oend", "seeds", "plen", "pstart", "n", "s1", "s2", "last", "mean", "std", "due", "size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +95,35 @@ class IntervalLog:
         self.base = first
 
 
+class PrivateLog:
+    """The private prefixes of a datanode's diverged groups: each a contiguous slice of one int64
+    buffer, written once (a group and its split copies may share one) and consumed from the front."""
+
+    __slots__ = ("buf", "used")
+
+    def __init__(self) -> None:
+        self.buf: Ints = np.empty(0, dtype=np.int64)
+        self.used = 0
+
+    def write(self, values: Ints) -> int:
+        """Store `values` as a new slice; returns where it starts."""
+        k = int(values.size)
+        if self.used + k > self.buf.size:
+            grown = np.empty(max(256, 2 * (self.used + k)), dtype=np.int64)
+            grown[: self.used] = self.buf[: self.used]
+            self.buf = grown
+        at = self.used
+        self.buf[at : at + k] = values
+        self.used += k
+        return at
+
+    def rebuild(self, pstart: Ints, plen: Ints, live: npt.NDArray[np.bool_]) -> None:
+        """Keep only the slices of `live` groups (most of the buffer is consumed): rewrites `pstart`."""
+        old, self.buf, self.used = self.buf, np.empty(0, dtype=np.int64), 0
+        for g in np.flatnonzero(live & (plen > 0)).tolist():
+            pstart[g] = self.write(old[pstart[g] : pstart[g] + plen[g]])
+
+
 class GroupArrays:
     """The state of one datanode's detectors: sorted region ids, each one's group, the groups'
     arrays, the log and the private prefixes; and the bookkeeping of groups (split, merge, compact)."""
@@ -109,7 +137,7 @@ class GroupArrays:
         self.gids: Idx = np.empty(0, dtype=np.intp)
         self.log = IntervalLog()
         self.tail: int | None = None  # the time of the heartbeat all aligned groups took last
-        self.priv: dict[int, deque[int]] = {}  # group -> private prefix, oldest first
+        self.priv = PrivateLog()  # the private prefixes: group g's is priv.buf[pstart:pstart + plen]
         self.wide = max(consts.lo, consts.hi) > consts.exact_limit
         self.dead = 0  # groups of size 0 not yet compacted away
         self.min_due = 2**62
@@ -118,7 +146,8 @@ class GroupArrays:
         self.counted = 0  # groups as the table last counted them
         self.longest = 0.0  # the longest observed mean interval of all groups, as of the last steady path
         sums: Any = object if self.wide else np.int64
-        self.start, self.end, self.plen, self.n = (np.empty(0, dtype=np.int64) for _ in range(4))
+        self.start, self.end, self.ostart, self.oend = (np.empty(0, dtype=np.int64) for _ in range(4))
+        self.plen, self.pstart, self.n = (np.empty(0, dtype=np.int64) for _ in range(3))
         self.last, self.due, self.size = (np.empty(0, dtype=np.int64) for _ in range(3))
         self.seeds = np.empty(0, dtype=np.int8)
         self.s1, self.s2 = np.empty(0, dtype=sums), np.empty(0, dtype=sums)
@@ -164,17 +193,12 @@ class GroupArrays:
             arr[copies] = arr[groups]
         self.size[copies] = counts
         self.size[groups] -= counts
-        for g, k in zip(groups.tolist(), copies.tolist()):
-            if g in self.priv:
-                self.priv[k] = self.priv[g].copy()
         return copies
 
     def shrink(self, groups: Idx, counts: Ints) -> None:
         """`counts` members left each of `groups`."""
         self.size[groups] -= counts
         gone = groups[self.size[groups] == 0]
-        for g in gone.tolist():
-            self.priv.pop(g, None)
         self.dead += int(gone.size)
         self.due[gone] = 2**62
 
@@ -186,7 +210,6 @@ class GroupArrays:
         for name in _STATE:
             setattr(self, name, getattr(self, name)[live])
         self.gids = remap[self.gids]
-        self.priv = {int(remap[g]): dq for g, dq in self.priv.items()}
         self.dead = 0
 
     def join_twin(self, g: int) -> int:
@@ -194,7 +217,7 @@ class GroupArrays:
         the last row, is removed): fresh regions registered or heartbeat together in several calls."""
         twin = np.flatnonzero(
             (self.start == self.start[g]) & (self.end == self.end[g]) & (self.seeds == self.seeds[g])
-            & (self.last == self.last[g]) & (self.plen == 0) & (self.size > 0)
+            & (self.last == self.last[g]) & (self.plen == 0) & (self.oend == self.ostart) & (self.size > 0)
         )
         into = int(twin[0])
         if into == g:
@@ -211,7 +234,8 @@ class GroupArrays:
         if self.size.size < 2:
             return
         cand = np.flatnonzero(
-            (self.plen == 0) & (self.end == self.log.size) & (self.last == self.tail) & (self.size > 0)
+            (self.plen == 0) & (self.oend == self.ostart) & (self.end == self.log.size) & (self.last == self.tail)
+            & (self.size > 0)
         )
         if cand.size < 2:
             return
@@ -294,12 +318,15 @@ class NodeHistory(GroupArrays):
         if k:
             old = self.c.lo if k == 2 else self.c.hi
             self.seeds[g] = k - 1
+        elif self.oend[g] > self.ostart[g]:
+            o = int(self.ostart[g])
+            old = int(self.log.buf[o - self.log.base])
+            self.ostart[g] = o + 1
         elif self.plen[g]:
-            dq = self.priv[g]
-            old = dq.popleft()
+            p = int(self.pstart[g])
+            old = int(self.priv.buf[p])
+            self.pstart[g] = p + 1
             self.plen[g] -= 1
-            if not dq:
-                del self.priv[g]
         else:
             s = int(self.start[g])
             old = int(self.log.buf[s - self.log.base])
@@ -308,27 +335,57 @@ class NodeHistory(GroupArrays):
         self.s1[g] -= old
         self.s2[g] -= old * old
 
-    def take_own(self, g: int, interval: int | None) -> None:
-        """Group g leaves the log: its log slice goes to its private prefix, then it takes `interval`
-        (None: it skips this heartbeat's interval); it continues on the log from its current end."""
+    def take_own(self, g: int, interval: int | None, copy: bool = False) -> None:
+        """Group g leaves the log: it takes `interval` alone (None: it skips this heartbeat's
+        interval) and continues on the log from its current end. Its window so far stays where it
+        is when it can: its log slice becomes its older segment if it had none (the usual case: one
+        missed or skipped interval, no copy); otherwise, or with `copy`, the older segment, private
+        prefix and log slice are copied into one new private prefix."""
         self.synced = False
         a, b = int(self.start[g]), int(self.end[g])
-        if b > a:
-            dq = self.priv.setdefault(g, deque())
-            dq.extend(self.log.values(a, b))
-            self.plen[g] = len(dq)
         self.start[g] = self.end[g] = self.log.size
-        if interval is None:
+        if b == a and interval is None and not copy:
             return
-        if interval > self.c.exact_limit:
-            self._make_wide()
-        if self.n[g] >= self.c.opts.max_sample_size:
-            self.drop_oldest(g)
-        self.priv.setdefault(g, deque()).append(interval)
-        self.plen[g] += 1
-        self.n[g] += 1
-        self.s1[g] += interval
-        self.s2[g] += interval * interval
+        oa, ob = int(self.ostart[g]), int(self.oend[g])
+        p, k = int(self.pstart[g]), int(self.plen[g])
+        base = self.log.base
+        if not copy and ob == oa and k == 0:
+            self.ostart[g], self.oend[g] = a, b
+            own = np.empty(0, dtype=np.int64)
+        else:
+            own = np.concatenate([self.log.buf[oa - base : ob - base], self.priv.buf[p : p + k],
+                                  self.log.buf[a - base : b - base]])
+            self.ostart[g] = self.oend[g] = self.log.size
+        if interval is not None:
+            if interval > self.c.exact_limit:
+                self._make_wide()
+            if self.n[g] >= self.c.opts.max_sample_size:  # the oldest interval leaves the window
+                seeds, oa = int(self.seeds[g]), int(self.ostart[g])
+                if seeds:
+                    old = self.c.lo if seeds == 2 else self.c.hi
+                    self.seeds[g] = seeds - 1
+                elif self.oend[g] > oa:
+                    old = int(self.log.buf[oa - base])
+                    self.ostart[g] = oa + 1
+                else:
+                    old, own = int(own[0]), own[1:]
+                self.n[g] -= 1
+                self.s1[g] -= old
+                self.s2[g] -= old * old
+            own = np.append(own, interval)
+            self.n[g] += 1
+            self.s1[g] += interval
+            self.s2[g] += interval * interval
+        self.pstart[g] = self.priv.write(own) if own.size else 0
+        self.plen[g] = own.size
+        self._tidy_private()
+
+    def _tidy_private(self) -> None:
+        """Rebuild the private buffer once most of it has been consumed."""
+        if self.priv.used > 4096:
+            live = self.size > 0
+            if self.priv.used > 4 * int(self.plen[live].sum()):
+                self.priv.rebuild(self.pstart, self.plen, live)
 
     def extend(self, g: Idx | slice, x: int) -> None:
         """Aligned groups `g` take log entry `x`, the newest, already appended."""
@@ -337,7 +394,8 @@ class NodeHistory(GroupArrays):
         if full.any():
             f = np.flatnonzero(full) if isinstance(g, slice) else g[full]
             seeds, plen = self.seeds[f], self.plen[f]
-            plain = f[(seeds == 0) & (plen == 0)]
+            older = self.oend[f] > self.ostart[f]
+            plain = f[(seeds == 0) & ~older & (plen == 0)]
             if plain.size:  # the common case: the log entry at start leaves the window
                 old: Any = self.log.at(self.start[plain])
                 if self.wide:
@@ -354,8 +412,25 @@ class NodeHistory(GroupArrays):
                 self.s1[seeded] -= old
                 self.s2[seeded] -= old * old
                 self.n[seeded] -= 1
-            for r in f[(seeds == 0) & (plen > 0)].tolist():
-                self.drop_oldest(r)
+            aged = f[(seeds == 0) & older]
+            if aged.size:  # the oldest entry of the older log segment leaves the window
+                old = self.log.at(self.ostart[aged])
+                if self.wide:
+                    old = old.astype(object)
+                self.ostart[aged] += 1
+                self.s1[aged] -= old
+                self.s2[aged] -= old * old
+                self.n[aged] -= 1
+            own = f[(seeds == 0) & ~older & (plen > 0)]
+            if own.size:  # the oldest entry of the private prefix leaves the window
+                old = self.priv.buf[self.pstart[own]]
+                if self.wide:
+                    old = old.astype(object)
+                self.pstart[own] += 1
+                self.plen[own] -= 1
+                self.s1[own] -= old
+                self.s2[own] -= old * old
+                self.n[own] -= 1
         self.end[g] += 1
         self.n[g] += 1
         self.s1[g] += x
@@ -439,12 +514,21 @@ class NodeHistory(GroupArrays):
         self.refresh_one(0)
 
     def _trim(self) -> None:
-        """The log's buffer is full: drop what no window needs (groups pinning old entries get them
-        copied into their private prefix first), and grow if still needed."""
+        """The log's buffer is full: drop what no window needs (groups pinning entries two windows
+        old get their window copied into a private prefix first), and grow if still needed."""
         m, cap = self.log.size, self.c.opts.max_sample_size
-        behind = np.flatnonzero((self.size > 0) & (self.end > self.start) & (self.start < m - 2 * cap))
+        live = self.size > 0
+        cur = live & (self.end > self.start)
+        old = live & (self.oend > self.ostart)
+        behind = np.flatnonzero((cur & (self.start < m - 2 * cap)) | (old & (self.ostart < m - 2 * cap)))
         for g in behind.tolist():  # not heartbeat for two windows: off the log for good
-            self.take_own(g, None)
-        live = (self.size > 0) & (self.end > self.start)
-        first = int(self.start[live].min()) if live.any() else m
-        self.log.keep_from(min(first, m))
+            self.take_own(g, None, copy=True)
+        if behind.size:
+            cur = live & (self.end > self.start)
+            old = live & (self.oend > self.ostart)
+        firsts = [m]
+        if cur.any():
+            firsts.append(int(self.start[cur].min()))
+        if old.any():
+            firsts.append(int(self.ostart[old].min()))
+        self.log.keep_from(min(firsts))

@@ -160,8 +160,17 @@ class LongRuns(RuleBasedStateMachine):
             assert buckets == reference_buckets(list(want.values()))
             silent = set(table.silent_datanodes(at, 1000))
             assert silent == self._silent(at, 1000)
-        for node in table._nodes.values():  # the log keeps no more than the windows need, and some room
+        for node in table._nodes.values():
+            # The log keeps no more than the windows need, and some room.
             assert node.log.buf.size <= 2 * (opts.max_sample_size * 3 + 64)
+            # Each window's parts add up to its count, and every part it reads is still kept.
+            live = node.size > 0
+            parts = node.seeds + (node.oend - node.ostart) + node.plen + (node.end - node.start)
+            assert (parts[live] == node.n[live]).all()
+            cur, older = live & (node.end > node.start), live & (node.oend > node.ostart)
+            assert (node.start[cur] >= node.log.base).all() and (node.ostart[older] >= node.log.base).all()
+            assert (node.end[live] <= node.log.size).all() and (node.oend[live] <= node.log.size).all()
+            assert ((node.pstart + node.plen)[live] <= node.priv.used).all()
 
     def _silent(self, at: int, silence_ms: int) -> set[int]:
         out = set()
@@ -232,7 +241,7 @@ def test_regions_joined_one_heartbeat_apart_stay_on_the_log_and_merge_once_full(
         for det in ref.values():
             det.heartbeat(ts)
     node = table._nodes[7]
-    assert not node.priv
+    assert not node.plen.any()
     assert table.group_count == 40
     for at in (ts, ts + 5000, ts + 15_000, ts + 40_000):
         assert [table.phi(7, r, at) for r in range(40)] == [ref[r].phi(at) for r in range(40)]
@@ -323,3 +332,28 @@ def test_the_phi_distribution_sweeps_a_big_table_over_several_ticks(monkeypatch:
     assert (buckets, count) == (want, 50)
     finite = [(phi, size) for phi, size in table.phi_sizes(at) if math.isfinite(phi)]
     assert finite and total == pytest.approx(sum(phi * size for phi, size in finite), rel=1e-12)
+
+
+def test_a_region_left_out_of_every_tenth_heartbeat_stays_exact_and_bounded() -> None:
+    """The region set changes every 10th heartbeat (one region left out, in turn): each time one
+    group diverges and gets a private prefix; the prefixes drain and the buffer holding them is
+    rebuilt, so memory stays bounded over many windows."""
+    opts = PhiAccrualOptions(max_sample_size=200)
+    table = DetectorTable(opts)
+    regions = list(range(50))
+    ref = {r: PhiAccrualFailureDetector(opts) for r in regions}
+    ts = 0
+    peak = 0
+    for i in range(3000):
+        ts += 1000 + i % 7
+        named = [r for r in regions if i % 10 != 9 or r != (i // 10) % 50]
+        table.heartbeat(3, ids(named), ts)
+        for r in named:
+            ref[r].heartbeat(ts)
+        peak = max(peak, table._nodes[3].priv.buf.size)
+    # At most ~20 groups diverged at once, each with under 200 private entries.
+    assert peak <= 2 * (4 * 20 * 200 + 4096)
+    assert table.phis(3, ids(regions), ts + 5000) == {r: d.phi(ts + 5000) for r, d in ref.items()}
+    assert {r for _, rs in table.failed(ts + 40_000) for r in rs.tolist()} == {
+        r for r, d in ref.items() if d.phi(ts + 40_000) >= opts.threshold
+    }
