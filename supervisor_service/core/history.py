@@ -128,7 +128,7 @@ class GroupArrays:
     """The state of one datanode's detectors: sorted region ids, each one's group, the groups'
     arrays, the log and the private prefixes; and the bookkeeping of groups (split, merge, compact)."""
 
-    __slots__ = ("c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats", "synced", "longest", "counted") + _STATE
+    __slots__ = ("c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats", "synced", "longest", "counted", "solo", "interval") + _STATE
 
     def __init__(self, consts: Consts) -> None:
         self.c = consts
@@ -144,6 +144,10 @@ class GroupArrays:
         self.beats = 0
         self.synced = False  # known to be all aligned (set by the steady path, cleared by any other)
         self.counted = 0  # groups as the table last counted them
+        # A lone converged group's [start, end, s1, s2] as Python ints (the arrays hold the same),
+        # kept by the steady path and dropped by every other change; and its observed mean interval.
+        self.solo: list[int] | None = None
+        self.interval = 0.0
         self.longest = 0.0  # the longest observed mean interval of all groups, as of the last steady path
         sums: Any = object if self.wide else np.int64
         self.start, self.end, self.ostart, self.oend = (np.empty(0, dtype=np.int64) for _ in range(4))
@@ -179,6 +183,7 @@ class GroupArrays:
         return np.arange(g, g + count, dtype=np.intp)
 
     def _make_wide(self) -> None:
+        self.solo = None
         if not self.wide:
             self.wide = True
             self.s1 = np.array(self.s1.tolist(), dtype=object)
@@ -186,6 +191,7 @@ class GroupArrays:
 
     def split(self, groups: Idx, counts: Ints) -> Idx:
         """Copies of `groups` for `counts` of their members each (the copies' indexes)."""
+        self.solo = None
         self.synced = False
         copies = self._new_groups(int(groups.size))
         for name in _STATE:
@@ -197,6 +203,7 @@ class GroupArrays:
 
     def shrink(self, groups: Idx, counts: Ints) -> None:
         """`counts` members left each of `groups`."""
+        self.solo = None
         self.size[groups] -= counts
         gone = groups[self.size[groups] == 0]
         self.dead += int(gone.size)
@@ -204,6 +211,7 @@ class GroupArrays:
 
     def compact(self) -> None:
         """Forget the groups nobody is in, and renumber the rest."""
+        self.solo = None
         live = np.flatnonzero(self.size > 0)
         remap = np.full(self.size.size, -1, dtype=np.intp)
         remap[live] = np.arange(live.size, dtype=np.intp)
@@ -215,6 +223,7 @@ class GroupArrays:
     def join_twin(self, g: int) -> int:
         """The newest group `g`, or an older group with the very same window it joins (then `g`,
         the last row, is removed): fresh regions registered or heartbeat together in several calls."""
+        self.solo = None
         twin = np.flatnonzero(
             (self.start == self.start[g]) & (self.end == self.end[g]) & (self.seeds == self.seeds[g])
             & (self.last == self.last[g]) & (self.plen == 0) & (self.oend == self.ostart) & (self.size > 0)
@@ -231,6 +240,7 @@ class GroupArrays:
         """Fold the aligned groups without a private prefix whose windows start at the same place:
         their windows are the same seeds and the same log slice, so their states are identical
         (how groups that joined apart meet once their windows are full, and fresh groups join)."""
+        self.solo = None
         if self.size.size < 2:
             return
         cand = np.flatnonzero(
@@ -261,6 +271,7 @@ class NodeHistory(GroupArrays):
 
     def fresh_group(self, size: int, ts: int) -> int:
         """A new group of `size` detectors heartbeat at `ts` for the first time (window: the seeds)."""
+        self.solo = None
         self.synced = False
         (g,) = self._new_groups(1).tolist()
         lo, hi, m = self.c.lo, self.c.hi, self.log.size
@@ -314,6 +325,7 @@ class NodeHistory(GroupArrays):
 
     def drop_oldest(self, g: int) -> None:
         """Remove group g's oldest interval (its window is full); the scalar path."""
+        self.solo = None
         k = int(self.seeds[g])
         if k:
             old = self.c.lo if k == 2 else self.c.hi
@@ -341,6 +353,7 @@ class NodeHistory(GroupArrays):
         is when it can: its log slice becomes its older segment if it had none (the usual case: one
         missed or skipped interval, no copy); otherwise, or with `copy`, the older segment, private
         prefix and log slice are copied into one new private prefix."""
+        self.solo = None
         self.synced = False
         a, b = int(self.start[g]), int(self.end[g])
         self.start[g] = self.end[g] = self.log.size
@@ -389,6 +402,7 @@ class NodeHistory(GroupArrays):
 
     def extend(self, g: Idx | slice, x: int) -> None:
         """Aligned groups `g` take log entry `x`, the newest, already appended."""
+        self.solo = None
         n = self.n[g]
         full = n >= self.c.opts.max_sample_size
         if full.any():
@@ -440,6 +454,7 @@ class NodeHistory(GroupArrays):
 
     def beat(self, groups: Idx, ts: int) -> None:
         """Every member of `groups` heartbeats at `ts` (groups whose last is later are skipped)."""
+        self.solo = None
         self.synced = False
         groups = groups[self.last[groups] <= ts]  # the reference ignores a heartbeat older than the last
         if groups.size == 0:
@@ -503,15 +518,35 @@ class NodeHistory(GroupArrays):
         return True
 
     def _take_one(self, x: int, ts: int) -> None:
-        """`extend` and `refresh` of a datanode with one group, in Python numbers (the best case)."""
-        if self.n[0] >= self.c.opts.max_sample_size:
-            self.drop_oldest(0)
-        self.end[0] += 1
-        self.n[0] += 1
-        self.s1[0] += x
-        self.s2[0] += x * x
-        self.last[0] = ts
-        self.refresh_one(0)
+        """`extend` and `refresh` of a datanode with one group, in Python numbers (the best case).
+        Once the group is converged (full window, all on the log) its state is kept in `solo`."""
+        cap = self.c.opts.max_sample_size
+        solo = self.solo
+        if solo is None:
+            if self.seeds[0] or self.plen[0] or self.oend[0] > self.ostart[0] or self.n[0] < cap:
+                if self.n[0] >= cap:
+                    self.drop_oldest(0)
+                self.end[0] += 1
+                self.n[0] += 1
+                self.s1[0] += x
+                self.s2[0] += x * x
+                self.last[0] = ts
+                self.refresh_one(0)
+                self.min_due = int(self.due[0])
+                self.interval = float(self.s1[0] / self.n[0])
+                return
+            solo = self.solo = [int(self.start[0]), int(self.end[0]), int(self.s1[0]), int(self.s2[0])]
+        start, end, s1, s2 = solo
+        old = int(self.log.buf[start - self.log.base])
+        s1 += x - old
+        s2 += x * x - old * old
+        solo[:] = start + 1, end + 1, s1, s2
+        self.start[0], self.end[0], self.s1[0], self.s2[0], self.last[0] = start + 1, end + 1, s1, s2, ts
+        mean, std = stats_from_sums(cap, s1, s2, self.c.opts)
+        self.mean[0], self.std[0] = mean, std
+        reach = min(ts + (mean + self.c.safe_y * std), _FAR)
+        self.due[0] = self.min_due = int(max(math.floor(reach), -_FAR)) - 2
+        self.interval = s1 / cap
 
     def _trim(self) -> None:
         """The log's buffer is full: drop what no window needs (groups pinning entries two windows

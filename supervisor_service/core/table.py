@@ -195,7 +195,9 @@ class DetectorTable:
         if node.size.size == 0:
             self._due[slot] = _NEVER
             return
-        if node.size.size == 1:
+        if steady and node.size.size == 1:  # `_take_one` left them in Python numbers
+            due, newest, interval = node.min_due, node.tail, node.interval
+        elif node.size.size == 1:
             due, newest, interval = int(node.due[0]), int(node.last[0]), node.s1[0] / node.n[0]
         else:
             # Of the groups that heard the newest heartbeat, the longest mean interval: the datanode
