@@ -195,7 +195,7 @@ class DetectorTable:
         if node.size.size == 0:
             self._due[slot] = _NEVER
             return
-        if steady and node.size.size == 1:  # `_take_one` left them in Python numbers
+        if steady and node.size.size == 1 and node.tail is not None:  # `_take_one` left them in Python numbers
             due, newest, interval = node.min_due, node.tail, node.interval
         elif node.size.size == 1:
             due, newest, interval = int(node.due[0]), int(node.last[0]), node.s1[0] / node.n[0]
