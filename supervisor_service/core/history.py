@@ -7,16 +7,19 @@ rarely, in an interval one of them skipped or missed. So the datanode keeps one 
 whose detector state is identical; one per join time, a few more after a divergence) is a row of
 parallel arrays that says which part of the log is its window:
 
-    window (oldest first) = the seeds still in it, its private prefix, log[start:end]
+    window (oldest first) = the seeds still in it, an older log segment, its private prefix,
+                            log[start:end]
 
 with the window's count `n` and exact integer sums `s1`, `s2` kept up to date, and from them the
 `mean`, `std` and `due` that phi needs (`core.phivec`). A group is *aligned* when its last
 heartbeat is the log's (`last == tail`) and its window reaches the log's end: its next interval is
 the log's next entry, so a heartbeat of any number of aligned groups is a few numpy operations.
 A group that skips an interval the others take (phi at or above the threshold), misses a
-heartbeat, or joined between two heartbeats gets its log slice copied into a private prefix and
-its own interval, and is aligned again from the next heartbeat; the prefix drains as the window
-slides. Groups whose windows become identical (every window full and on the log) merge.
+heartbeat, or joined between two heartbeats takes its own interval into a private prefix and is
+aligned again from the next heartbeat; what it had on the log stays there as its older segment
+(copied into the private prefix only when it diverges again within one window). Private prefixes
+live in one int64 buffer per datanode, written once and consumed from the front as the window
+slides. Groups whose windows become identical (all on the log from the same start) merge.
 
 Exactness: the window is the reference's element for element, so the sums are equal integers. In
 int64, mean and variance are the reference's bits while `cap^2 * interval^2 < 2^53` (numerator and
@@ -128,7 +131,10 @@ class GroupArrays:
     """The state of one datanode's detectors: sorted region ids, each one's group, the groups'
     arrays, the log and the private prefixes; and the bookkeeping of groups (split, merge, compact)."""
 
-    __slots__ = ("c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats", "synced", "longest", "counted", "solo", "interval") + _STATE
+    __slots__ = (
+        "c", "regions", "key", "gids", "log", "tail", "priv", "wide", "dead", "min_due", "beats", "synced",
+        "longest", "counted", "solo", "interval",
+    ) + _STATE
 
     def __init__(self, consts: Consts) -> None:
         self.c = consts
