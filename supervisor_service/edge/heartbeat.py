@@ -23,6 +23,7 @@ from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus, Heartbeat, as_region_array
 from supervisor_service.edge.enqueue import Overloaded, when_room
 from supervisor_service.edge.problems import ProblemLog
+from supervisor_service.edge.wire import restamped, scan_heartbeat
 from supervisor_service.proto import pb
 from supervisor_service.remotes import PeerDirectory
 from supervisor_service.runtime import EventQueue, QueueClosed, Queued
@@ -42,6 +43,10 @@ IGNORED_PROBLEMS = (
 
 _SHUTTING_DOWN = "the supervisor is shutting down; heartbeat to another replica"
 
+# The supervisor thread is woken for queued heartbeats at most once per interval (the first after a
+# quiet interval at once, later ones at its end): a wake per message costs a GIL hand-off per message.
+WAKE_INTERVAL_S = 0.001
+
 
 class _Stream:
     """One SendHeartbeat stream: its datanode once accepted, its last request (raw and parsed, with
@@ -51,7 +56,7 @@ class _Stream:
     __slots__ = (
         "owner", "raw", "request", "datanode_id", "n", "peer_addr", "node_epoch", "timestamp_millis",
         "regions", "last_ids", "last_regions", "answer_key", "answer_head", "received", "leader",
-        "problems", "addr", "checked_addr", "known_only", "queued",
+        "problems", "addr", "checked_addr", "known_only", "queued", "stamp",
     )
 
     def __init__(self) -> None:
@@ -71,6 +76,7 @@ class _Stream:
         self.checked_addr = ("", "")  # the last peer_addr found valid on this stream, and its normal form
         self.known_only = False  # more regions than one heartbeat may add: refresh the known ones only
         self.queued: Queued | None = None
+        self.stamp: tuple[int, int] | None = None  # where `raw` has its timestamp field (wire.restamped)
 
     def regions_of(self, region_ids, cache: bool = True) -> np.ndarray:
         """The request's region ids as a sorted unique array. A datanode names the same regions
@@ -94,6 +100,25 @@ class _Stream:
         self.peer_addr = request.peer_addr
         self.node_epoch = request.node_epoch
         self.timestamp_millis = request.timestamp_millis
+        self.stamp = None
+        if request.timestamp_millis:
+            # Where the stamp is, so that the next messages (the same but for it) need no parse.
+            scan = scan_heartbeat(raw)
+            if scan is not None:
+                self.stamp = scan.stamp
+
+    def restamp(self, raw: bytes) -> bool:
+        """True when `raw` is the last message with another timestamp_millis (now taken): the rest
+        of the last parse holds for it."""
+        last, stamp = self.raw, self.stamp
+        if stamp is None or last is None:
+            return False
+        found = restamped(raw, last, stamp)
+        if found is None:
+            return False
+        self.timestamp_millis, end = found
+        self.raw, self.stamp = raw, (stamp[0], end)
+        return True
 
 
 class HeartbeatStreams:
@@ -128,6 +153,9 @@ class HeartbeatStreams:
         self._outcomes: dict[str, tuple] = {}
         self._time_ms: int | None = None  # the server_time_millis of the last accepted answer...
         self._time_bytes = b""  # ...serialized
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_due = False  # a wake of the supervisor thread is scheduled...
+        self._next_wake = 0.0  # ...or may be made at once from this loop time on
         for reason in (*REJECTING_PROBLEMS, *IGNORED_PROBLEMS):  # every reason is exported, at 0 until seen
             metrics.heartbeat_problems.labels(reason=reason)
 
@@ -156,6 +184,7 @@ class HeartbeatStreams:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         self._streams += 1
         self._metrics.heartbeat_streams.inc()
+        self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         self._stream_tasks.add(task)
         stream = _Stream()
@@ -199,9 +228,10 @@ class HeartbeatStreams:
         # Stamp at receipt, before any queueing (the server clock is the default).
         received = stream.received = self._clock.now_ms()
         received_monotonic = self._clock.monotonic()
-        if raw != stream.raw:
-            # Identical bytes parse to an identical message (the server stamps its own time,
-            # so a datanode's heartbeats are usually byte for byte the same).
+        if raw != stream.raw and not stream.restamp(raw):
+            # Identical bytes parse to an identical message, and the same bytes but for the
+            # timestamp to the same message with another timestamp (a datanode's heartbeats are
+            # usually one or the other): only the others are parsed.
             try:
                 _parse(raw, stream, self._s.max_regions_per_heartbeat)
             except DecodeError as exc:
@@ -264,12 +294,31 @@ class HeartbeatStreams:
                 stream.regions = regions
         event = Heartbeat(datanode_id, regions, ts, received_monotonic, stream.known_only)
         try:
-            entry = self._queue.offer_heartbeat(event, stream.queued)
+            entry = self._queue.offer_heartbeat(event, stream.queued, wake=False)
         except QueueClosed:
             return self._answer(stream, "the supervisor is shutting down", "rejected_shutdown")
         if entry is None:
             return event, problems
+        if not self._wake_due:
+            self._wake_soon()
         return self._accepted(stream, entry, regions.size, problems)
+
+    def _wake_soon(self) -> None:
+        """Wake the supervisor thread for the heartbeats queued (`offer_heartbeat(wake=False)`): at
+        once when it was last woken an interval ago or more (a lone heartbeat waits no longer than
+        before), else once at the end of that interval, for all those queued meanwhile."""
+        now = self._loop.time()
+        if now >= self._next_wake:
+            self._next_wake = now + WAKE_INTERVAL_S
+            self._queue.wake()
+        else:
+            self._wake_due = True
+            self._loop.call_at(self._next_wake, self._wake)
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        self._next_wake = self._loop.time() + WAKE_INTERVAL_S
+        self._queue.wake()
 
     async def _heartbeat_when_room(self, pending: tuple[Heartbeat, tuple], stream: _Stream) -> bytes:
         event, problems = pending
