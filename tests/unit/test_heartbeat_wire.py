@@ -11,44 +11,14 @@ from hypothesis import strategies as st
 
 from supervisor_service.edge import restamped, scan_heartbeat
 from supervisor_service.proto import pb
+from tests.support.wire import U64, field_bytes, field_varint, tag, varint
 
-U64 = 2**64
 U64_MAX = U64 - 1
 T0 = 1_764_633_600_000  # a wall-clock millisecond of the 2020s: six varint bytes, as a datanode's stamp
 
 u64 = st.integers(0, U64_MAX)
 i64 = st.integers(-(2**63), 2**63 - 1)
 stamps = st.one_of(st.integers(T0 - 10**6, T0 + 10**6), i64)
-
-
-def varint(value: int, extra: int = 0) -> bytes:
-    """`value` (taken mod 2**64) as a varint, `extra` bytes longer than needed (0x80 ... 0x00 padding)."""
-    value %= U64
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            break
-    if extra:
-        out[-1] |= 0x80
-        out += b"\x80" * (extra - 1) + b"\x00"
-    return bytes(out)
-
-
-def tag(number: int, wire_type: int) -> bytes:
-    return varint((number << 3) | wire_type)
-
-
-def field_varint(number: int, value: int, extra: int = 0) -> bytes:
-    return tag(number, 0) + varint(value, extra)
-
-
-def field_bytes(number: int, payload: bytes) -> bytes:
-    return tag(number, 2) + varint(len(payload)) + payload
 
 
 def parsed(raw: bytes) -> tuple | None:
