@@ -185,6 +185,11 @@ class EventQueue:
                 self._not_empty.notify()
             return entry
 
+    @property
+    def consumer_waiting(self) -> bool:
+        """The consumer waits for an event (unlocked: one that waits later finds the queued events itself)."""
+        return self._getters > 0
+
     def wake(self) -> None:
         """Wake a waiting consumer when something is queued: after `offer_heartbeat(wake=False)`.
         (Without a wake the consumer still finds them at the end of its wait's timeout.)"""
