@@ -3,7 +3,8 @@
 Modules: `heartbeat` (the SendHeartbeat stream), `admin` (the other RPCs), `servicer` (the one
 object that hands each RPC to them), `dump` and `dumpcodec` (Dump pages), `enqueue` (waiting for
 room in the event queue), `problems` (rate-limited logs of bad input, INVALID_ARGUMENT),
-`auth`, `server` (build_server, set_health, the health servicer).
+`auth`, `server` (build_server, set_health, the health servicer), `wire` (a HeartbeatRequest
+read from its bytes, for the common encoding only).
 """
 
 from supervisor_service.edge.dump import DumpPages
@@ -19,6 +20,7 @@ from supervisor_service.edge.server import (
     set_health,
 )
 from supervisor_service.edge.servicer import RegionSupervisorServicer
+from supervisor_service.edge.wire import Scan, restamped, scan_heartbeat
 
 __all__ = [
     "SERVICE_NAME",
@@ -26,8 +28,11 @@ __all__ = [
     "GroupColumns",
     "HealthServicer",
     "RegionSupervisorServicer",
+    "Scan",
     "build_server",
     "encode_rows",
+    "restamped",
+    "scan_heartbeat",
     "set_health",
     "varint_lengths",
 ]

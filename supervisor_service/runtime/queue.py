@@ -131,8 +131,12 @@ class EventQueue:
             self._push(event, external=True)
             return True
 
-    def offer_heartbeat(self, event: Heartbeat, previous: Queued | None) -> Queued | None:
+    def offer_heartbeat(self, event: Heartbeat, previous: Queued | None, *, wake: bool = True) -> Queued | None:
         """Enqueue a heartbeat without waiting; None if there is no room for it.
+
+        With `wake=False` a waiting consumer is not woken for it: the producer promises a `wake()`
+        soon, for all the heartbeats it queued meanwhile (a wake per message costs the consumer
+        thread a GIL hand-off per message).
 
         When `previous` (the last heartbeat its stream queued) still waits, for the same datanode
         and regions, with no other event than heartbeats queued after it, it is superseded instead:
@@ -177,9 +181,22 @@ class EventQueue:
             entry = Queued(event, True, self._monotonic(), cost, self._barrier)
             self._items.append(entry)
             self._external += 1
-            if self._getters:
+            if self._getters and wake:
                 self._not_empty.notify()
             return entry
+
+    @property
+    def consumer_waiting(self) -> bool:
+        """The consumer waits for an event (unlocked: one that waits later finds the queued events itself)."""
+        return self._getters > 0
+
+    def wake(self) -> None:
+        """Wake a waiting consumer when something is queued: after `offer_heartbeat(wake=False)`.
+        (Without a wake the consumer still finds them at the end of its wait's timeout.)"""
+        if self._getters and self._items:  # read unlocked: a consumer that waits after this finds the items itself
+            with self._lock:
+                if self._getters and self._items:
+                    self._not_empty.notify()
 
     def refusal(self, event: Event) -> str | None:
         """Why `event` would not be admitted now (`queue_full`, `queue_bytes`, `datanode_share`), or None."""

@@ -31,6 +31,7 @@ from supervisor_service.core import Dump, FakeClock, Tick
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.store import MemoryKV
 from tests.support.fakes import wait_for
+from tests.support.wire import field_bytes, field_varint, varint
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RegionSupervisor"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -340,6 +341,83 @@ def test_a_timestamp_within_the_skew_bound_is_used_and_a_missing_one_is_receipt_
     assert not missing.rejected and "timestamp_millis" in missing.reason
     ft.sync()
     assert {r.last_heartbeat_millis for r in ft.rows(LIVE)} == {ft.clock.now_ms()}
+
+
+# ---------------------------------------------------------------- stamped heartbeats read from their bytes
+
+
+def test_stamped_heartbeats_in_any_encoding_are_applied_as_protobuf_reads_them(fake_time):
+    """A stream whose next message is its last one with another timestamp_millis is read from the
+    bytes; every other encoding protobuf accepts (fields repeated or out of order, region_ids
+    unpacked, unknown fields, overlong varints) must still mean what protobuf says, whatever the
+    stream sent before. Each stamp is later than the one before, so a stamp misread (say, the
+    first of two timestamp fields instead of the last) shows as the detectors' last heartbeat."""
+    ft = fake_time(heartbeat_clock="client", max_client_clock_skew_ms=0)
+    stream = ft.stream(LIVE)
+    regions, addr, epoch = regions_of(LIVE), b"10.0.0.7:4001", 5
+    now = ft.clock.now_ms()
+    stamps = iter(range(now + 1000, now + 10**6, 1000))
+    future = now + 10**9  # a stamp that must never be applied
+
+    def fields(ts, *, dn=LIVE, ids=None, address=addr, unpacked=False):
+        ids = regions if ids is None else ids
+        packed = field_bytes(3, b"".join(varint(r) for r in ids))
+        return {
+            "dn": field_varint(1, dn), "ts": field_varint(2, ts),
+            "ids": b"".join(field_varint(3, r) for r in ids) if unpacked else packed,
+            "addr": field_bytes(4, address), "epoch": field_varint(5, epoch),
+        }
+
+    def canonical(ts, **kw):
+        f = fields(ts, **kw)
+        return f["dn"] + f["ts"] + f["ids"] + f["addr"] + f["epoch"]
+
+    def send(raw: bytes, reason: str = "") -> None:
+        want = pb.HeartbeatRequest.FromString(raw)
+        answer = stream.send_raw(raw)
+        assert not answer.rejected, answer.reason
+        assert answer.accepted_regions == len(set(want.region_ids))
+        assert answer.reason.startswith(reason) and (reason or not answer.reason), answer.reason
+        ft.sync()
+        applied = {r.region_id: r.last_heartbeat_millis for r in ft.rows(LIVE)}
+        assert {applied[r] for r in want.region_ids} == {want.timestamp_millis}
+
+    send(canonical(next(stamps)))
+    send(canonical(next(stamps)))  # the same but for the stamp
+    send(canonical(next(stamps)))
+    ts = next(stamps)
+    f = fields(future)
+    send(f["dn"] + f["ts"] + field_varint(2, ts) + f["ids"] + f["addr"] + f["epoch"])  # the last stamp wins
+    send(canonical(future) + field_varint(2, next(stamps)))
+    send(canonical(next(stamps)) + field_varint(9, 1) + field_bytes(10, b"x"))  # unknown fields
+    f = fields(next(stamps), unpacked=True)
+    send(f["dn"] + f["ts"] + f["ids"] + f["addr"] + f["epoch"])  # region_ids unpacked
+    ts = next(stamps)
+    send(field_varint(1, LIVE) + field_varint(2, ts, extra=3) + canonical(ts)[len(field_varint(1, LIVE)) +
+         len(field_varint(2, ts)):])  # an overlong stamp
+    send(field_varint(1, LIVE, extra=8) + canonical(next(stamps))[len(field_varint(1, LIVE)):])  # ten bytes
+    f = fields(next(stamps))
+    send(f["epoch"] + f["addr"] + f["ids"] + f["ts"] + f["dn"])  # out of order...
+    f = fields(next(stamps))
+    send(f["epoch"] + f["addr"] + f["ids"] + f["ts"] + f["dn"])  # ...and restamped in that order
+    f = fields(next(stamps))
+    split = field_bytes(3, b"".join(varint(r) for r in regions[:1])) + field_bytes(3, b"".join(
+        varint(r) for r in regions[1:]))
+    send(f["dn"] + f["ts"] + split + f["addr"] + f["epoch"])  # packed region_ids in two fields: merged
+    more = [*regions, (LIVE << 32) | 99]
+    send(canonical(next(stamps), ids=more))  # another region set
+    send(canonical(next(stamps), ids=more))
+    send(canonical(next(stamps), address=b"10.0.0.7"), reason="peer_addr ignored")
+    send(canonical(next(stamps), address=b"10.0.0.7"), reason="peer_addr ignored")  # restamped: still ignored
+    send(canonical(next(stamps)))
+    stranger = stream.send_raw(canonical(next(stamps), dn=LIVE + 100))
+    assert stranger.rejected and "belongs to datanode" in stranger.reason
+    cut = canonical(next(stamps))[:-3]
+    assert stream.send_raw(cut).rejected
+    send(canonical(next(stamps)))
+    assert ft.sample("supervisor_heartbeat_problems_total", reason="wrong_datanode") == 1
+    assert ft.sample("supervisor_heartbeat_problems_total", reason="undecodable") == 1
+    assert ft.sample("supervisor_heartbeat_problems_total", reason="peer_addr_invalid") == 2
 
 
 # ---------------------------------------------------------------- logging of rejections and warnings

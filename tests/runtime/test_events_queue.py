@@ -524,6 +524,30 @@ def test_get_batch_times_out_empty_and_wakes_on_offer():
     assert q.get_batch(timeout=JOIN_S, limit=10) == []  # closed and empty: no waiting
 
 
+def test_a_heartbeat_offered_without_a_wake_waits_for_wake_and_is_then_taken():
+    q = EventQueue(4)
+    thread, result = run_in_thread(lambda: q.get_batch(timeout=JOIN_S, limit=10))
+    wait_until_blocked(thread)
+    assert q.offer_heartbeat(beat(1, regions(2), 1000), None, wake=False) is not None
+    assert q.offer_heartbeat(beat(2, regions(2), 1000), None, wake=False) is not None
+    thread.join(0.2)
+    assert thread.is_alive()  # not woken: the consumer still waits (its timeout is JOIN_S)
+    q.wake()  # one wake for both
+    thread.join(JOIN_S)
+    assert not thread.is_alive()
+    assert [e.datanode_id for e in result["value"]] == [1, 2]
+    q.wake()  # nothing queued, nobody waiting: nothing happens
+    assert q.get_batch(timeout=0.01, limit=10) == []
+
+
+def test_a_consumer_that_waits_after_a_heartbeat_offered_without_a_wake_takes_it_at_once():
+    q = EventQueue(4)
+    assert q.offer_heartbeat(beat(1, regions(2), 1000), None, wake=False) is not None
+    started = time.monotonic()
+    assert [e.datanode_id for e in q.get_batch(timeout=JOIN_S, limit=10)] == [1]
+    assert time.monotonic() - started < JOIN_S / 2
+
+
 # ---------------------------------------------------------------- heartbeat bounds and coalescing
 
 
