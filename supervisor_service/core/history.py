@@ -242,6 +242,13 @@ class GroupArrays:
             setattr(self, name, getattr(self, name)[:g])
         return into
 
+    def tidy_private(self) -> None:
+        """Rebuild the private buffer once most of it has been consumed."""
+        if self.priv.used > 4096:
+            live = self.size > 0
+            if self.priv.used > 4 * int(self.plen[live].sum()):
+                self.priv.rebuild(self.pstart, self.plen, live)
+
     def merge(self) -> None:
         """Fold the aligned groups without a private prefix whose windows start at the same place:
         their windows are the same seeds and the same log slice, so their states are identical
@@ -397,14 +404,7 @@ class NodeHistory(GroupArrays):
             self.s2[g] += interval * interval
         self.pstart[g] = self.priv.write(own) if own.size else 0
         self.plen[g] = own.size
-        self._tidy_private()
-
-    def _tidy_private(self) -> None:
-        """Rebuild the private buffer once most of it has been consumed."""
-        if self.priv.used > 4096:
-            live = self.size > 0
-            if self.priv.used > 4 * int(self.plen[live].sum()):
-                self.priv.rebuild(self.pstart, self.plen, live)
+        self.tidy_private()
 
     def extend(self, g: Idx | slice, x: int) -> None:
         """Aligned groups `g` take log entry `x`, the newest, already appended."""
