@@ -13,6 +13,7 @@ COLUMNS = (
     ("apply_ms", "apply latency p50/p99 ms"),
     ("rss_mib", "RSS MiB"),
     ("cpu", "CPU cores service+load"),
+    ("cpu_msg", "server CPU us/message (no-op server, ratio)"),
     ("rejected", "rejected / stream errors"),
     ("result", "result"),
 )
@@ -32,6 +33,10 @@ class Config:
     small_regions: int = 10
     small_s: float = 10.0
     ceiling_s: float = 6.0
+    best_case: bool = True  # also the identical-bytes rows (service and no-op server), labelled best case
+    churn_datanodes: int = 100  # churned histories: streams whose region indexes join one heartbeat apart
+    churn_regions: int = 300
+    churn_s: float = 10.0
     dump_page_size: int = 10_000
     baseline_datanodes: int = 100
     baseline_rounds: int = 5
@@ -41,7 +46,8 @@ class Config:
 
     @classmethod
     def quick_config(cls) -> Config:
-        return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, baseline_datanodes=50,
+        return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, churn_datanodes=50, churn_regions=200,
+                   churn_s=4.0, baseline_datanodes=50,
                    baseline_rounds=3, baseline_naive_memory_datanodes=1, quick=True)
 
 
@@ -58,6 +64,8 @@ class Row:
     rss_mib: float | None = None
     cpu_service: float | None = None
     cpu_load: float | None = None
+    cpu_us_msg: float | None = None  # server CPU per acknowledged message, us
+    floor_us_msg: float | None = None  # the same of the no-op server, same message size and stamping
     rejected: int | None = None
     errors: int | None = None
     result: str = ""
@@ -80,6 +88,9 @@ class Row:
             "rss_mib": num(self.rss_mib),
             "cpu": "-" if self.cpu_service is None else
                    f"{self.cpu_service:.2f}" + ("" if self.cpu_load is None else f" + {self.cpu_load:.2f}"),
+            "cpu_msg": "-" if self.cpu_us_msg is None else f"{self.cpu_us_msg:,.0f}" + (
+                "" if self.floor_us_msg is None else
+                f" ({self.floor_us_msg:,.0f}, {self.cpu_us_msg / max(self.floor_us_msg, 1e-9):.2f}x)"),
             "rejected": "-" if self.rejected is None else f"{self.rejected} / {self.errors or 0}",
             "result": self.result or "-",
         }

@@ -54,6 +54,22 @@ from supervisor_service.bench.verdict import summary_notes, targets
 from supervisor_service.core import PhiAccrualOptions, phi_from
 
 SMALL_ID_BASE = 1 << 20  # datanode ids of the small-message scenario, apart from the fleet's
+CHURN_ID_BASE = 2 << 20  # and of the churned-histories scenario
+
+
+def _label(scenario: str, stamped: bool) -> str:
+    """A service row's name: the identical-bytes variant is labelled best case (it does not start with
+    "ingest", so the targets and notes read the stamped rows)."""
+    return scenario if stamped else f"best case, identical bytes: {scenario}"
+
+
+def _pair_floors(rows: list[Row]) -> None:
+    """Each service row gets the no-op server's CPU per message at the same message size and stamping."""
+    floors = {r.extra["pair"]: r.cpu_us_msg for r in rows if r.extra.get("floor")}
+    for r in rows:
+        pair = r.extra.get("pair")
+        if pair is not None and not r.extra.get("floor"):
+            r.floor_us_msg = floors.get(pair)
 
 
 def percentile(values, q: float) -> float | None:
@@ -305,6 +321,7 @@ class Bench:
         ticks = host.tick_tap.between(begin["t"], end)
         applies = host.apply_tap.between(begin["t"], end)
         rejected = sum(v for k, v in delta.items() if k.startswith("supervisor_heartbeats:rejected"))
+        accepted = delta.get("supervisor_heartbeats:accepted", 0.0)
         row = Row(
             scenario=name,
             detectors=host.detectors(),
@@ -313,6 +330,8 @@ class Bench:
             rss_mib=self.rss.peak(begin["t"], end),
             cpu_service=cpu / elapsed,
             cpu_load=None if load_cpu is None else load_cpu / elapsed,
+            # This process's CPU (the service, ticks included, and the idle orchestrator) per accepted message.
+            cpu_us_msg=cpu / accepted * 1e6 if accepted else None,
             rejected=int(rejected),
             errors=load_errors,
         )
@@ -429,40 +448,86 @@ class Bench:
         while host.detectors() < want and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def flood_big(self) -> None:
+    def flood_big(self, stamped: bool = True) -> None:
         cfg = self.cfg
-        self.log(f"flood: {cfg.datanodes:,} streams x {cfg.regions:,} regions per message")
+        self.log(f"flood: {cfg.datanodes:,} streams x {cfg.regions:,} regions per message"
+                 + ("" if stamped else ", identical bytes"))
         begin = self._begin(load_stats=False)
-        replies = self.gens.all("flood", cfg.flood_s, cfg.window)
-        row = self._end(f"ingest: {cfg.regions:,} regions/message, every stream flat out", begin,
+        replies = self.gens.all("flood", cfg.flood_s, cfg.window, stamped)
+        row = self._end(_label(f"ingest: {cfg.regions:,} regions/message, every stream flat out", stamped), begin,
                         load_cpu=sum(r["cpu"] for r in replies))
         row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies)
+        row.extra.update(client=replies, pair=(cfg.regions, stamped))
         self.rows.append(row)
         time.sleep(0.5)  # let the backlog drain before the next window
 
-    def flood_small(self) -> None:
+    def flood_small(self, stamped: bool = True) -> None:
         cfg = self.cfg
         ids = list(range(SMALL_ID_BASE + 1, SMALL_ID_BASE + cfg.small_datanodes + 1))
-        self.log(f"flood: {cfg.small_datanodes:,} more streams x {cfg.small_regions} regions per message")
+        self.log(f"flood: {cfg.small_datanodes:,} more streams x {cfg.small_regions} regions per message"
+                 + ("" if stamped else ", identical bytes"))
         parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
         begin = self._begin(load_stats=False)
-        replies = self.gens.call([("extra", "", part, cfg.small_regions, cfg.small_s, cfg.window) for part in parts])
-        row = self._end(f"ingest: {cfg.small_regions} regions/message, {cfg.small_datanodes:,} more streams "
-                        "flat out", begin, load_cpu=sum(r["cpu"] for r in replies))
+        replies = self.gens.call([("extra", "", part, cfg.small_regions, cfg.small_s, cfg.window, stamped)
+                                  for part in parts])
+        row = self._end(_label(f"ingest: {cfg.small_regions} regions/message, {cfg.small_datanodes:,} more streams "
+                               "flat out", stamped), begin, load_cpu=sum(r["cpu"] for r in replies))
         row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies)
+        row.extra.update(client=replies, pair=(cfg.small_regions, stamped))
         self.rows.append(row)
+        self._deregister(ids, cfg.small_regions)
+
+    def flood_churned(self) -> None:
+        """Churned histories: each region index of a stream joins one heartbeat after the previous one
+        (the stream ramps its region set 1, 2, ... n flat out), then every stream floods the whole set."""
+        cfg = self.cfg
+        n, regions = cfg.churn_datanodes, cfg.churn_regions
+        ids = list(range(CHURN_ID_BASE + 1, CHURN_ID_BASE + n + 1))
+        self.log(f"churned histories: {n:,} streams ramp to {regions:,} regions one heartbeat apart, then flood")
+        parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
+        started = time.monotonic()
+        # The window begins once every stream is through its ramp: the load generators wait for
+        # that before measuring; here the service side starts its own window at the same moment,
+        # approximated by the slowest generator's ramp (each replies with how long it took).
+        commands = [("extra", "", part, regions, cfg.churn_s, cfg.window, True, True) for part in parts]
+        for (_, conn), command in zip(self.gens.procs, commands):
+            conn.send(command)
+        # The ramp's end shows in the table: every stream's last region registered.
+        want = self.host.detectors() + n * regions
+        deadline = time.monotonic() + 900
+        while self.host.detectors() < want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ramp_s = time.monotonic() - started
+        time.sleep(0.2)  # the generators notice the ramp's end within 50 ms
+        begin = self._begin(load_stats=False)
+        replies = []
+        for (_, conn), command in zip(self.gens.procs, commands):
+            if not conn.poll(900 + cfg.churn_s):
+                raise RuntimeError("load generator did not finish the churned flood")
+            reply = conn.recv()
+            if "error" in reply:
+                raise RuntimeError(f"load generator failed on the churned flood: {reply['error']}")
+            replies.append(reply)
+        row = self._end(f"churned histories: {n:,} x {regions:,} regions, each region index joined one heartbeat "
+                        "apart, flat out", begin, load_cpu=sum(r["cpu"] for r in replies))
+        row.errors = sum(r["errors"] for r in replies)
+        row.result = f"ramp (the joins) took {ramp_s:.1f} s"
+        row.extra.update(client=replies, ramp_s=ramp_s)
+        self.rows.append(row)
+        self._deregister(ids, regions)
+
+    def _deregister(self, ids: list[int], regions: int) -> None:
         from supervisor_service.client import SupervisorClient
 
-        pairs = [(d, r) for d in ids for r in loadgen.region_ids_of(d, cfg.small_regions)]
+        pairs = [(d, r) for d in ids for r in loadgen.region_ids_of(d, regions)]
         with SupervisorClient(self.host.service.addresses.grpc, timeout=60) as client:
             removed = client.deregister(pairs)
-        self.log(f"deregistered {removed:,} small-datanode detectors")
+        self.log(f"deregistered {removed:,} detectors of the extra streams")
 
-    def transport_ceiling(self, streams: int, regions: int) -> None:
+    def transport_ceiling(self, streams: int, regions: int, stamped: bool = True) -> None:
         cfg = self.cfg
-        self.log(f"gRPC ceiling: no-op server, {streams:,} streams x {regions:,} regions per message")
+        self.log(f"gRPC ceiling: no-op server, {streams:,} streams x {regions:,} regions per message"
+                 + ("" if stamped else ", identical bytes"))
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=ceiling.main, args=(child,), daemon=True)
@@ -476,8 +541,8 @@ class Bench:
             parent.send(("stats",))
             before = parent.recv()
             started = time.monotonic()
-            replies = self.gens.call([("extra", f"127.0.0.1:{port}", part, regions, cfg.ceiling_s, cfg.window)
-                                      for part in parts])
+            replies = self.gens.call([("extra", f"127.0.0.1:{port}", part, regions, cfg.ceiling_s, cfg.window,
+                                       stamped) for part in parts])
             elapsed = time.monotonic() - started
             parent.send(("stats",))
             after = parent.recv()
@@ -491,16 +556,20 @@ class Bench:
             if proc.is_alive():
                 proc.kill()
         messages = after["messages"] - before["messages"]
+        server_cpu = after["cpu"] - before["cpu"]
         row = Row(
-            scenario=f"gRPC ceiling: no-op server, {regions:,} regions/message",
+            scenario=(f"gRPC ceiling: no-op server, {regions:,} regions/message" if stamped else
+                      f"gRPC ceiling: no-op server, {regions:,} regions/message, identical bytes (best case)"),
             detectors=0,
             msgs_s=messages / elapsed,
             region_hb_s=messages * regions / elapsed,
-            cpu_service=(after["cpu"] - before["cpu"]) / elapsed,
+            cpu_service=server_cpu / elapsed,
             cpu_load=sum(r["cpu"] for r in replies) / elapsed,
+            cpu_us_msg=server_cpu / messages * 1e6 if messages else None,
             rejected=0,
             errors=sum(r["errors"] for r in replies),
             result="what grpc.aio alone carries here",
+            extra={"pair": (regions, stamped), "floor": True},
         )
         self.rows.append(row)
 
@@ -533,20 +602,27 @@ class Bench:
         try:
             self.start()
             self.steady_dump_failover()
-            self.flood_big()
-            self.flood_small()
+            modes = (True, False) if cfg.best_case else (True,)
+            for stamped in modes:
+                self.flood_big(stamped)
+            for stamped in modes:
+                self.flood_small(stamped)
+            if cfg.churn_datanodes and cfg.churn_regions:
+                self.flood_churned()
             # The ceiling runs alone: the fleet stops and the service with it.
             self.gens.all("fleet_stop")
             self.host.stop()
             self.host = None
-            self.transport_ceiling(cfg.datanodes, cfg.regions)
-            self.transport_ceiling(cfg.small_datanodes, cfg.small_regions)
+            for stamped in modes:
+                self.transport_ceiling(cfg.datanodes, cfg.regions, stamped)
+                self.transport_ceiling(cfg.small_datanodes, cfg.small_regions, stamped)
         finally:
             if self.gens is not None:
                 self.gens.close()
             if self.host is not None:
                 self.host.stop()
             self.rss.stop()
+        _pair_floors(self.rows)
         result = self.naive_baseline()
         self.notes.extend(summary_notes(self.rows, result))
         self.notes.insert(0, f"{cpu_count} CPUs; {self.cfg.loadgens} load-generator processes; "
@@ -564,20 +640,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, help="HTTP/2 connections per load generator (default 4)")
     parser.add_argument("--small-datanodes", type=int, help="streams of the small-message flood (default 1000)")
     parser.add_argument("--seconds", type=float, help="length of each measured window")
+    parser.add_argument("--churn-datanodes", type=int,
+                        help="streams of the churned-histories scenario (default 100, --quick 50; 0: skip it)")
+    parser.add_argument("--churn-regions", type=int, help="their regions, joined one heartbeat apart "
+                        "(default 300, --quick 200; never more streams or regions than the fleet's)")
+    parser.add_argument("--no-best-case", action="store_true", help="skip the identical-bytes (best case) rows")
     parser.add_argument("--no-failover", action="store_true", help="skip the failover scenario")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--verbose", action="store_true", help="let the service log (warnings and up)")
     args = parser.parse_args(argv)
     cfg = Config.quick_config() if args.quick else Config()
     for name, attr in (("datanodes", "datanodes"), ("regions", "regions"), ("period", "period_s"),
-                       ("loadgens", "loadgens"), ("channels", "channels"), ("small_datanodes", "small_datanodes")):
+                       ("loadgens", "loadgens"), ("channels", "channels"), ("small_datanodes", "small_datanodes"),
+                       ("churn_datanodes", "churn_datanodes"), ("churn_regions", "churn_regions")):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, attr, value)
     if args.seconds is not None:
-        cfg.steady_s = cfg.flood_s = cfg.small_s = args.seconds
+        cfg.steady_s = cfg.flood_s = cfg.small_s = cfg.churn_s = args.seconds
         cfg.ceiling_s = max(1.0, args.seconds * 0.75)
     cfg.failover = not args.no_failover
+    cfg.best_case = not args.no_best_case
+    cfg.churn_datanodes = min(cfg.churn_datanodes, cfg.datanodes)
+    cfg.churn_regions = min(cfg.churn_regions, cfg.regions)
     if not args.verbose:
         logging.getLogger("supervisor_service").setLevel(logging.ERROR)
     bench = Bench(cfg)
