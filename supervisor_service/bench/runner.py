@@ -21,7 +21,13 @@ Scenarios, in order (each is a row):
 4. ingest at 1,000 regions per message: every datanode stream floods.
 5. ingest at 10 regions per message: 1,000 more datanodes of 10 regions
    flood (the fleet goes on at its period); deregistered afterwards.
-6. the gRPC ceiling: the same floods (both message sizes) against a no-op
+   Heartbeats are stamped (`timestamp_millis`, `node_epoch`, `peer_addr`) as a
+   real datanode's are; (4) and (5) also run with the same bytes every time,
+   rows labelled "best case, identical bytes".
+5b. churned histories: extra streams ramp their region set one region per
+   heartbeat (each region index joins at a different moment), then flood;
+   deregistered afterwards.
+6. the gRPC ceiling: the same floods (both message sizes, stamped and identical) against a no-op
    grpc.aio server (parses, answers a constant), once the service is
    stopped, so the service's numbers can be read against what the transport
    alone does on this machine with the same load generators.
