@@ -15,10 +15,11 @@ tuple and gets one reply (a dict):
 
 - `("fleet", ids, regions, period_s)`: start one stream per datanode id,
   heartbeating every `period_s` seconds, phases spread over the period;
-- `("flood", seconds, window, stamped=True)`: every fleet stream sends as fast
-  as answers come back (`window` requests outstanding) for `seconds`, then
-  resumes its period; replies when done;
-- `("extra", addr, ids, regions, seconds, window, stamped=True, ramp=False)`:
+- `("flood", seconds, window, stamped=True, change_every=0)`: every fleet stream
+  sends as fast as answers come back (`window` requests outstanding) for
+  `seconds`, then resumes its period; replies when done. With `change_every`,
+  the region set changes every that many messages (`ChangingHeartbeats`);
+- `("extra", addr, ids, regions, seconds, window, stamped=True, ramp=False, change_every=0)`:
   open extra streams (to `addr`, or the service when empty) and flood them for
   `seconds`, then close them; replies when done. With `ramp`, each stream
   first sends `regions` messages naming regions 0..k (k = 0, 1, ...), so each
@@ -90,9 +91,10 @@ class Heartbeats:
     after, as protobuf itself writes them, so a stamped message is byte for byte what
     `SerializeToString()` of the whole request would give."""
 
-    __slots__ = ("head", "tail", "fixed", "stamped")
+    __slots__ = ("head", "tail", "fixed", "stamped", "node_epoch")
 
     def __init__(self, datanode_id: int, region_ids: list[int], node_epoch: int, stamped: bool = True) -> None:
+        self.node_epoch = node_epoch
         self.head = pb.HeartbeatRequest(datanode_id=datanode_id).SerializeToString()
         self.tail = pb.HeartbeatRequest(region_ids=region_ids, peer_addr=peer_addr_of(datanode_id),
                                         node_epoch=node_epoch).SerializeToString()
@@ -103,6 +105,35 @@ class Heartbeats:
         if not (self.stamped if stamped is None else stamped):
             return self.fixed
         return b"".join((self.head, _TIMESTAMP_TAG, _varint(time.time_ns() // 1_000_000), self.tail))
+
+
+class ChangingHeartbeats:
+    """A datanode's heartbeats whose region set changes every `every`-th message: in turn one of its
+    regions is left out (the next one each time round) and put back, so the set is never one the
+    service has not seen and no detector is created. Same `next()` as `Heartbeats`; the changed
+    message is serialized when it is first needed (once per `every` messages)."""
+
+    __slots__ = ("datanode_id", "regions", "every", "full", "current", "sent", "changes")
+
+    def __init__(self, full: Heartbeats, datanode_id: int, regions: int, every: int) -> None:
+        self.datanode_id = datanode_id
+        self.regions = regions
+        self.every = every
+        self.full = self.current = full
+        self.sent = 0
+        self.changes = 0
+
+    def next(self, stamped: bool | None = None) -> bytes:
+        self.sent += 1
+        if self.regions > 1 and self.sent % self.every == 0:
+            self.changes += 1
+            if self.changes % 2:  # leave one out
+                ids = region_ids_of(self.datanode_id, self.regions)
+                del ids[(self.changes // 2) % self.regions]
+                self.current = Heartbeats(self.datanode_id, ids, self.full.node_epoch, self.full.stamped)
+            else:  # and put it back
+                self.current = self.full
+        return self.current.next(stamped)
 
 
 def heartbeats_of(datanode_id: int, regions: int, stamped: bool = True) -> Heartbeats:
@@ -140,8 +171,8 @@ class Counters:
 class _Stream:
     """One datanode's stream, periodic or flooding."""
 
-    def __init__(self, gen: LoadGenerator, datanode_id: int, payload: Heartbeats, period: float, phase: float,
-                 ramp: list[Heartbeats] | None = None) -> None:
+    def __init__(self, gen: LoadGenerator, datanode_id: int, payload: Heartbeats | ChangingHeartbeats, period: float,
+                 phase: float, ramp: list[Heartbeats] | None = None) -> None:
         self.gen = gen
         self.datanode_id = datanode_id
         self.payload = payload
@@ -251,8 +282,12 @@ class LoadGenerator:
             self._start_fleet_stream(datanode_id, period * ((i + 0.5) / n))
         return {"streams": len(self.fleet)}
 
-    async def flood(self, seconds: float, window: int, stamped: bool = True) -> dict:
+    async def flood(self, seconds: float, window: int, stamped: bool = True, change_every: int = 0) -> dict:
         loop = asyncio.get_running_loop()
+        plain = {d: s.payload for d, s in self.fleet.items()}
+        if change_every:  # for the flood only: the periodic heartbeats after it name every region again
+            for d, stream in self.fleet.items():
+                stream.payload = ChangingHeartbeats(stream.payload, d, self.regions, change_every)
         before = self.counters.as_dict()
         cpu0, t0 = time.process_time(), loop.time()
         self.window = window
@@ -262,6 +297,9 @@ class LoadGenerator:
         await asyncio.sleep(seconds)
         elapsed = loop.time() - t0
         self.flood_stamped = None
+        for d, payload in plain.items():
+            if d in self.fleet:
+                self.fleet[d].payload = payload
         after = self.counters.as_dict()
         return {
             "elapsed": elapsed, "cpu": time.process_time() - cpu0,
@@ -269,7 +307,7 @@ class LoadGenerator:
         }
 
     async def extra(self, addr: str, ids: list[int], regions: int, seconds: float, window: int,
-                    stamped: bool = True, ramp: bool = False) -> dict:
+                    stamped: bool = True, ramp: bool = False, change_every: int = 0) -> dict:
         loop = asyncio.get_running_loop()
         channels = [grpc.aio.insecure_channel(addr or self.addr, options=CHANNEL_OPTIONS)
                     for _ in range(len(self.channels))]
@@ -280,8 +318,10 @@ class LoadGenerator:
         for d in ids:
             epoch = time.time_ns() // 1_000_000
             steps = [Heartbeats(d, region_ids_of(d, k), epoch, stamped) for k in range(1, regions)] if ramp else []
-            streams.append(_Stream(self, d, Heartbeats(d, region_ids_of(d, regions), epoch, stamped), 1.0, 0.0,
-                                   steps))
+            payload = Heartbeats(d, region_ids_of(d, regions), epoch, stamped)
+            if change_every:
+                payload = ChangingHeartbeats(payload, d, regions, change_every)
+            streams.append(_Stream(self, d, payload, 1.0, 0.0, steps))
         until = math.inf if ramp else loop.time() + seconds
         tasks = [asyncio.ensure_future(s.run(methods[i % len(methods)], counters, lambda: until))
                  for i, s in enumerate(streams)]

@@ -37,6 +37,10 @@ class Config:
     churn_datanodes: int = 100  # churned histories: streams whose region indexes join one heartbeat apart
     churn_regions: int = 300
     churn_s: float = 10.0
+    change_every: int = 10  # the changing-region-set floods: one region left out or put back every this many messages
+    in_process: bool = True  # the in-process worst-case rows (the real table and tick, no gRPC)
+    in_process_budget_s: float = 120.0  # each of them stops adding datanodes past this
+    wide_regions: int = 100  # the wide variant: as many detectors, this many regions per datanode
     dump_page_size: int = 10_000
     baseline_datanodes: int = 100
     baseline_rounds: int = 5
@@ -47,7 +51,7 @@ class Config:
     @classmethod
     def quick_config(cls) -> Config:
         return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, churn_datanodes=50, churn_regions=200,
-                   churn_s=4.0, baseline_datanodes=50,
+                   churn_s=4.0, in_process_budget_s=30.0, baseline_datanodes=50,
                    baseline_rounds=3, baseline_naive_memory_datanodes=1, quick=True)
 
 
@@ -96,13 +100,13 @@ class Row:
         }
 
 
-def render(rows: list[Row]) -> str:
-    """A Markdown table: one header, one line per row."""
+def render(rows: list, columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
+    """A Markdown table: one header, one line per row (anything with `cells()` keyed by the columns)."""
     cells = [r.cells() for r in rows]
-    widths = {k: max(len(title), *(len(c[k]) for c in cells)) for k, title in COLUMNS}
-    line = lambda values: "| " + " | ".join(v.ljust(widths[k]) for (k, _), v in zip(COLUMNS, values)) + " |"  # noqa: E731
-    out = [line([title for _, title in COLUMNS]), "|" + "|".join("-" * (widths[k] + 2) for k, _ in COLUMNS) + "|"]
-    out += [line([c[k] for k, _ in COLUMNS]) for c in cells]
+    widths = {k: max(len(title), *(len(c[k]) for c in cells)) for k, title in columns}
+    line = lambda values: "| " + " | ".join(v.ljust(widths[k]) for (k, _), v in zip(columns, values)) + " |"  # noqa: E731
+    out = [line([title for _, title in columns]), "|" + "|".join("-" * (widths[k] + 2) for k, _ in columns) + "|"]
+    out += [line([c[k] for k, _ in columns]) for c in cells]
     return "\n".join(out)
 
 

@@ -23,16 +23,28 @@ Scenarios, in order (each is a row):
    flood (the fleet goes on at its period); deregistered afterwards.
    Heartbeats are stamped (`timestamp_millis`, `node_epoch`, `peer_addr`) as a
    real datanode's are; (4) and (5) also run with the same bytes every time,
-   rows labelled "best case, identical bytes".
-5b. churned histories: extra streams ramp their region set one region per
+   rows labelled "best case, identical bytes" (`bench.floods`).
+6. churned histories: extra streams ramp their region set one region per
    heartbeat (each region index joins at a different moment), then flood;
    deregistered afterwards.
-6. the gRPC ceiling: the same floods (both message sizes, stamped and identical) against a no-op
-   grpc.aio server (parses, answers a constant), once the service is
-   stopped, so the service's numbers can be read against what the transport
-   alone does on this machine with the same load generators.
-7. the naive baseline and the table, in-process in a child process, fed the
+7. the region set changes every 10th message (one region left out, then put
+   back, in turn): (4) and (5) again, stamped.
+8. the gRPC ceiling: the same floods (both message sizes: stamped, identical,
+   changing) against a no-op grpc.aio server (parses, answers a constant), once
+   the service is stopped, so the service's numbers can be read against what
+   the transport alone does on this machine with the same load generators
+   (`bench.ceiling`); each service row shows its server CPU per message beside
+   the no-op server's at the same size and kind, and the ratio.
+9. in-process, one fresh child process each (`bench.curve`): the worst case at
+   the fleet's size (each region joined its datanode at a different time) at
+   1,000 regions per datanode and at 100 (10,000 x 100), and the best case;
+   the real table and the real tick, timed call by call. (Their
+   "region-heartbeats/s" is one heartbeat's regions over its median apply.)
+10. the naive baseline and the table, in-process in a child process, fed the
    same heartbeat sequence; ratios printed under the table.
+
+`--curve` runs instead the cost as the work grows (`bench.curve`); `--profile`
+a py-spy record of the service under the stamped flood (`bench.profile`).
 """
 
 from __future__ import annotations
@@ -54,19 +66,12 @@ from prometheus_client import CollectorRegistry
 
 import supervisor_service.bench.baseline as baseline
 import supervisor_service.bench.ceiling as ceiling
+import supervisor_service.bench.curve as curve
 import supervisor_service.bench.loadgen as loadgen
+from supervisor_service.bench.floods import Floods
 from supervisor_service.bench.rows import Config, Row, baseline_rows, render
 from supervisor_service.bench.verdict import summary_notes, targets
 from supervisor_service.core import PhiAccrualOptions, phi_from
-
-SMALL_ID_BASE = 1 << 20  # datanode ids of the small-message scenario, apart from the fleet's
-CHURN_ID_BASE = 2 << 20  # and of the churned-histories scenario
-
-
-def _label(scenario: str, stamped: bool) -> str:
-    """A service row's name: the identical-bytes variant is labelled best case (it does not start with
-    "ingest", so the targets and notes read the stamped rows)."""
-    return scenario if stamped else f"best case, identical bytes: {scenario}"
 
 
 def _pair_floors(rows: list[Row]) -> None:
@@ -303,7 +308,7 @@ class Bench:
 
     # -------------------------------------------------------------- windows
 
-    def _begin(self, load_stats: bool = True) -> dict:
+    def begin(self, load_stats: bool = True) -> dict:
         host = self.host
         snap = {"t": time.monotonic(), "cpu": cpu_seconds(), "counters": host.counters()}
         if load_stats:
@@ -312,7 +317,7 @@ class Bench:
             snap["load_errors"] = sum(s["errors"] for s in stats)
         return snap
 
-    def _end(self, name: str, begin: dict, *, load_cpu: float | None = None) -> Row:
+    def end(self, name: str, begin: dict, *, load_cpu: float | None = None) -> Row:
         host = self.host
         end = time.monotonic()
         elapsed = end - begin["t"]
@@ -383,19 +388,19 @@ class Bench:
         failover_begin = None
         if cfg.failover:
             self.log(f"datanode {victim} stops ({cfg.regions} regions)")
-            failover_begin = self._begin()
+            failover_begin = self.begin()
             self.gens.one(self._owner(victim), "stop", victim)
             crossing = self._crossing(victim, opts)
-        begin = self._begin()
+        begin = self.begin()
         time.sleep(cfg.steady_s)
         period_label = f"{cfg.period_s:g} s period"
-        steady = self._end(f"steady: {cfg.datanodes:,} x {cfg.regions:,} regions, {period_label}", begin)
+        steady = self.end(f"steady: {cfg.datanodes:,} x {cfg.regions:,} regions, {period_label}", begin)
         self.rows.append(steady)
 
         self.log("dump of every detector")
-        begin = self._begin()
+        begin = self.begin()
         dump = self.gens.one(0, "dump", cfg.dump_page_size)
-        row = self._end("dump: every detector, during steady", begin)
+        row = self.end("dump: every detector, during steady", begin)
         row.result = f"{dump['rows']:,} rows in {dump['seconds']:.2f} s (first page {dump['first_page_s'] * 1e3:.0f} ms)"
         row.extra.update(dump=dump)
         self.rows.append(row)
@@ -428,7 +433,7 @@ class Bench:
             if moved >= crossing["regions"]:
                 break
             time.sleep(0.05)
-        row = self._end(f"failover: datanode {victim} ({crossing['regions']:,} regions) stops", begin)
+        row = self.end(f"failover: datanode {victim} ({crossing['regions']:,} regions) stops", begin)
         if submitted:
             first = min(e.at_millis for e in submitted)
             last = max(e.at_millis for e in submitted)
@@ -454,174 +459,37 @@ class Bench:
         while host.detectors() < want and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def flood_big(self, stamped: bool = True) -> None:
-        cfg = self.cfg
-        self.log(f"flood: {cfg.datanodes:,} streams x {cfg.regions:,} regions per message"
-                 + ("" if stamped else ", identical bytes"))
-        begin = self._begin(load_stats=False)
-        replies = self.gens.all("flood", cfg.flood_s, cfg.window, stamped)
-        row = self._end(_label(f"ingest: {cfg.regions:,} regions/message, every stream flat out", stamped), begin,
-                        load_cpu=sum(r["cpu"] for r in replies))
-        row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies, pair=(cfg.regions, stamped))
-        self.rows.append(row)
-        time.sleep(0.5)  # let the backlog drain before the next window
-
-    def flood_small(self, stamped: bool = True) -> None:
-        cfg = self.cfg
-        ids = list(range(SMALL_ID_BASE + 1, SMALL_ID_BASE + cfg.small_datanodes + 1))
-        self.log(f"flood: {cfg.small_datanodes:,} more streams x {cfg.small_regions} regions per message"
-                 + ("" if stamped else ", identical bytes"))
-        parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
-        begin = self._begin(load_stats=False)
-        replies = self.gens.call([("extra", "", part, cfg.small_regions, cfg.small_s, cfg.window, stamped)
-                                  for part in parts])
-        row = self._end(_label(f"ingest: {cfg.small_regions} regions/message, {cfg.small_datanodes:,} more streams "
-                               "flat out", stamped), begin, load_cpu=sum(r["cpu"] for r in replies))
-        row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies, pair=(cfg.small_regions, stamped))
-        self.rows.append(row)
-        self._deregister(ids, cfg.small_regions)
-
-    def flood_churned(self) -> None:
-        """Churned histories: each region index of a stream joins one heartbeat after the previous one
-        (the stream ramps its region set 1, 2, ... n flat out), then every stream floods the whole set."""
-        cfg = self.cfg
-        n, regions = cfg.churn_datanodes, cfg.churn_regions
-        ids = list(range(CHURN_ID_BASE + 1, CHURN_ID_BASE + n + 1))
-        self.log(f"churned histories: {n:,} streams ramp to {regions:,} regions one heartbeat apart, then flood")
-        parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
-        started = time.monotonic()
-        # The window begins once every stream is through its ramp: the load generators wait for
-        # that before measuring; here the service side starts its own window at the same moment,
-        # approximated by the slowest generator's ramp (each replies with how long it took).
-        commands = [("extra", "", part, regions, cfg.churn_s, cfg.window, True, True) for part in parts]
-        for (_, conn), command in zip(self.gens.procs, commands):
-            conn.send(command)
-        # The ramp's end shows in the table: every stream's last region registered.
-        want = self.host.detectors() + n * regions
-        deadline = time.monotonic() + 900
-        while self.host.detectors() < want and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ramp_s = time.monotonic() - started
-        time.sleep(0.2)  # the generators notice the ramp's end within 50 ms
-        begin = self._begin(load_stats=False)
-        replies = []
-        for (_, conn), command in zip(self.gens.procs, commands):
-            if not conn.poll(900 + cfg.churn_s):
-                raise RuntimeError("load generator did not finish the churned flood")
-            reply = conn.recv()
-            if "error" in reply:
-                raise RuntimeError(f"load generator failed on the churned flood: {reply['error']}")
-            replies.append(reply)
-        row = self._end(f"churned histories: {n:,} x {regions:,} regions, each region index joined one heartbeat "
-                        "apart, flat out", begin, load_cpu=sum(r["cpu"] for r in replies))
-        row.errors = sum(r["errors"] for r in replies)
-        row.result = f"ramp (the joins) took {ramp_s:.1f} s"
-        row.extra.update(client=replies, ramp_s=ramp_s)
-        self.rows.append(row)
-        self._deregister(ids, regions)
-
-    def _deregister(self, ids: list[int], regions: int) -> None:
-        from supervisor_service.client import SupervisorClient
-
-        pairs = [(d, r) for d in ids for r in loadgen.region_ids_of(d, regions)]
-        with SupervisorClient(self.host.service.addresses.grpc, timeout=60) as client:
-            removed = client.deregister(pairs)
-        self.log(f"deregistered {removed:,} detectors of the extra streams")
-
-    def transport_ceiling(self, streams: int, regions: int, stamped: bool = True) -> None:
-        cfg = self.cfg
-        self.log(f"gRPC ceiling: no-op server, {streams:,} streams x {regions:,} regions per message"
-                 + ("" if stamped else ", identical bytes"))
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=ceiling.main, args=(child,), daemon=True)
-        proc.start()
-        try:
-            if not parent.poll(30):
-                raise RuntimeError("the no-op server did not start")
-            port = parent.recv()["port"]
-            ids = list(range(SMALL_ID_BASE + 1, SMALL_ID_BASE + streams + 1))
-            parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
-            parent.send(("stats",))
-            before = parent.recv()
-            started = time.monotonic()
-            replies = self.gens.call([("extra", f"127.0.0.1:{port}", part, regions, cfg.ceiling_s, cfg.window,
-                                       stamped) for part in parts])
-            elapsed = time.monotonic() - started
-            parent.send(("stats",))
-            after = parent.recv()
-        finally:
-            try:
-                parent.send(("quit",))
-                parent.poll(5) and parent.recv()
-            except (OSError, EOFError):
-                pass
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-        messages = after["messages"] - before["messages"]
-        server_cpu = after["cpu"] - before["cpu"]
-        row = Row(
-            scenario=(f"gRPC ceiling: no-op server, {regions:,} regions/message" if stamped else
-                      f"gRPC ceiling: no-op server, {regions:,} regions/message, identical bytes (best case)"),
-            detectors=0,
-            msgs_s=messages / elapsed,
-            region_hb_s=messages * regions / elapsed,
-            cpu_service=server_cpu / elapsed,
-            cpu_load=sum(r["cpu"] for r in replies) / elapsed,
-            cpu_us_msg=server_cpu / messages * 1e6 if messages else None,
-            rejected=0,
-            errors=sum(r["errors"] for r in replies),
-            result="what grpc.aio alone carries here",
-            extra={"pair": (regions, stamped), "floor": True},
-        )
-        self.rows.append(row)
-
-    def naive_baseline(self) -> dict:
-        cfg = self.cfg
-        self.log("naive baseline and table, in-process (child process)")
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        kwargs = dict(datanodes=cfg.baseline_datanodes, regions=cfg.regions, rounds=cfg.baseline_rounds,
-                      target_detectors=cfg.datanodes * cfg.regions, period_ms=int(cfg.period_s * 1000),
-                      naive_memory_datanodes=cfg.baseline_naive_memory_datanodes)
-        proc = ctx.Process(target=baseline.main, args=(child, kwargs), daemon=True)
-        proc.start()
-        if not parent.poll(300):
-            proc.kill()
-            raise RuntimeError("the baseline did not finish")
-        result = parent.recv()
-        proc.join(5)
-        if "error" in result:
-            raise RuntimeError(f"baseline failed: {result['error']}")
-        self.rows.extend(baseline_rows(result))
-        return result
-
     # -------------------------------------------------------------- all
 
     def run(self) -> list[Row]:
         started = time.monotonic()
         cpu_count = os.cpu_count()
         cfg = self.cfg
+        floods = Floods(self)
         try:
             self.start()
             self.steady_dump_failover()
             modes = (True, False) if cfg.best_case else (True,)
             for stamped in modes:
-                self.flood_big(stamped)
+                floods.big(stamped)
             for stamped in modes:
-                self.flood_small(stamped)
+                floods.small(stamped)
             if cfg.churn_datanodes and cfg.churn_regions:
-                self.flood_churned()
+                floods.churned()
+            if cfg.change_every:  # last: the fleet's histories are no longer all alike after it
+                floods.big(True, cfg.change_every)
+                floods.small(True, cfg.change_every)
             # The ceiling runs alone: the fleet stops and the service with it.
             self.gens.all("fleet_stop")
             self.host.stop()
             self.host = None
+            sizes = ((cfg.datanodes, cfg.regions), (cfg.small_datanodes, cfg.small_regions))
             for stamped in modes:
-                self.transport_ceiling(cfg.datanodes, cfg.regions, stamped)
-                self.transport_ceiling(cfg.small_datanodes, cfg.small_regions, stamped)
+                for streams, regions in sizes:
+                    self.rows.append(ceiling.measure(self, streams, regions, stamped))
+            if cfg.change_every:
+                for streams, regions in sizes:
+                    self.rows.append(ceiling.measure(self, streams, regions, True, cfg.change_every))
         finally:
             if self.gens is not None:
                 self.gens.close()
@@ -629,7 +497,10 @@ class Bench:
                 self.host.stop()
             self.rss.stop()
         _pair_floors(self.rows)
-        result = self.naive_baseline()
+        if cfg.in_process:
+            self.rows.extend(curve.in_process_rows(cfg, self.log))
+        result = baseline.run_in_child(cfg, self.log)
+        self.rows.extend(baseline_rows(result))
         self.notes.extend(summary_notes(self.rows, result))
         self.notes.insert(0, f"{cpu_count} CPUs; {self.cfg.loadgens} load-generator processes; "
                              f"run took {time.monotonic() - started:.0f} s")
@@ -638,7 +509,19 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supervisor_service.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short windows (the whole run in under a minute)")
+    parser.add_argument("--quick", action="store_true", help="short windows (the whole run in a few minutes)")
+    parser.add_argument("--curve", action="store_true",
+                        help="instead: the cost as the work grows, in-process (see bench.curve), best and worst case")
+    parser.add_argument("--curve-sizes", default=",".join(map(str, curve.DEFAULT_SIZES)),
+                        help="detectors of each curve point, comma-separated (default %(default)s)")
+    parser.add_argument("--curve-regions", type=int, default=1000,
+                        help="regions per datanode on the curve (default 1000: the datanodes vary)")
+    parser.add_argument("--budget", type=float,
+                        help="seconds an in-process point may spend building its table before it stops adding "
+                             "datanodes (default 120; --quick 30; --curve 60)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: py-spy record of the service under the stamped fleet flood, top entries")
+    parser.add_argument("--profile-native", action="store_true", help="with --profile: C frames too (py-spy --native)")
     parser.add_argument("--datanodes", type=int, help="datanode streams of the fleet (default 1000)")
     parser.add_argument("--regions", type=int, help="regions per fleet datanode (default 1000)")
     parser.add_argument("--period", type=float, help="fleet heartbeat period, seconds (default 3)")
@@ -650,15 +533,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="streams of the churned-histories scenario (default 100, --quick 50; 0: skip it)")
     parser.add_argument("--churn-regions", type=int, help="their regions, joined one heartbeat apart "
                         "(default 300, --quick 200; never more streams or regions than the fleet's)")
+    parser.add_argument("--change-every", type=int,
+                        help="the changing-region-set floods change the set every this many messages (default 10; "
+                             "0: skip them)")
     parser.add_argument("--no-best-case", action="store_true", help="skip the identical-bytes (best case) rows")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process worst-case rows")
     parser.add_argument("--no-failover", action="store_true", help="skip the failover scenario")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--verbose", action="store_true", help="let the service log (warnings and up)")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        logging.getLogger("supervisor_service").setLevel(logging.ERROR)
+    if args.curve:
+        return curve_main(args)
     cfg = Config.quick_config() if args.quick else Config()
     for name, attr in (("datanodes", "datanodes"), ("regions", "regions"), ("period", "period_s"),
                        ("loadgens", "loadgens"), ("channels", "channels"), ("small_datanodes", "small_datanodes"),
-                       ("churn_datanodes", "churn_datanodes"), ("churn_regions", "churn_regions")):
+                       ("churn_datanodes", "churn_datanodes"), ("churn_regions", "churn_regions"),
+                       ("change_every", "change_every"), ("budget", "in_process_budget_s")):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, attr, value)
@@ -667,10 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg.ceiling_s = max(1.0, args.seconds * 0.75)
     cfg.failover = not args.no_failover
     cfg.best_case = not args.no_best_case
+    cfg.in_process = not args.no_in_process
     cfg.churn_datanodes = min(cfg.churn_datanodes, cfg.datanodes)
     cfg.churn_regions = min(cfg.churn_regions, cfg.regions)
-    if not args.verbose:
-        logging.getLogger("supervisor_service").setLevel(logging.ERROR)
+    if args.profile:
+        from supervisor_service.bench.profile import profile_main
+
+        return profile_main(Bench(cfg), args.seconds or 10.0, args.profile_native)
     bench = Bench(cfg)
     rows = bench.run()
     print(render(rows))
@@ -685,4 +580,23 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"config": asdict(cfg), "rows": [asdict(r) for r in rows], "notes": bench.notes,
                        "targets": targets(bench.rows, bench.cfg)}, f, indent=2, default=str)
+    return 0
+
+
+def curve_main(args) -> int:
+    """`--curve`: every point in its own child, one table, then how each cost grew."""
+    started = time.monotonic()
+    sizes = tuple(int(x.replace("_", "")) for x in args.curve_sizes.split(",") if x.strip())
+    points = curve.points_of(sizes, args.curve_regions, args.budget if args.budget is not None else 60.0)
+    log = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,  # noqa: E731
+                                flush=True)
+    summaries = curve.run_curve(points, log)
+    print(render([curve.CurveRow(s) for s in summaries], curve.CURVE_COLUMNS))
+    print()
+    print(f"- {os.cpu_count()} CPUs; each point in a fresh process; curve took {time.monotonic() - started:.0f} s")
+    for note in curve.linearity_notes(summaries):
+        print(f"- {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"curve": summaries}, f, indent=2, default=str)
     return 0
