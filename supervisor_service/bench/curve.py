@@ -28,8 +28,8 @@ state), with a tick every `tick_interval_ms` of detector time in between:
 
 Building the worst case costs what the table costs: past `budget_s` a point
 stops adding datanodes (at a datanode boundary, so every datanode it has is in
-the worst-case state) and says how many it built; the steady phase has a budget
-of its own. CPU per message over gRPC is not a curve column: it depends on the
+the worst-case state) and says how many it built, and the larger points of that
+case are not tried; the steady phase has a budget of its own. CPU per message over gRPC is not a curve column: it depends on the
 message size and the edge, not on the table's size; the floods of `make bench`
 give it at one million detectors (1,000 regions per message, stamped, identical
 bytes, churned, and a region set that changes every 10th message).
@@ -90,7 +90,7 @@ class Point:
     min_samples: int = 1_000
     """Steady heartbeats wanted (for a p99): more rounds when there are few datanodes."""
     min_rounds: int = 3
-    min_ticks: int = 10
+    min_ticks: int = 30
     period_ms: int = 3_000
     """Heartbeat interval of every datanode (the bench fleet's)."""
 
@@ -378,7 +378,7 @@ class CurveRow:
         }
 
 
-def points_of(sizes: tuple[int, ...] = DEFAULT_SIZES, regions: int = 1_000, budget_s: float = 60.0,
+def points_of(sizes: tuple[int, ...] = DEFAULT_SIZES, regions: int = 1_000, budget_s: float = 240.0,
               steady_budget_s: float = 30.0) -> list[Point]:
     """Best and worst case at each size (detectors), `regions` per datanode (at least one datanode)."""
     out = []
@@ -390,21 +390,33 @@ def points_of(sizes: tuple[int, ...] = DEFAULT_SIZES, regions: int = 1_000, budg
 
 
 def run_curve(points: list[Point], log=None) -> list[dict]:
-    """Each point in its own child, in order; their summaries."""
+    """Each point in its own child, in order; their summaries. Once a point of a case has not been
+    built within its budget, the larger points of that case are not tried (they would build as
+    many datanodes as it did, in as long, and say nothing more)."""
     out = []
+    stopped: dict[bool, dict] = {}  # case (worst) -> the summary of its point that ran out of budget
     for point in points:
+        short = stopped.get(point.worst)
+        if short is not None and point.detectors > short["point"]["datanodes"] * short["point"]["regions"]:
+            out.append({"point": asdict(point), "skipped": True,
+                        "error": f"skipped: the {short['point']['datanodes'] * short['point']['regions']:,}-detector "
+                                 f"point built {short['datanodes']:,} datanodes in its {point.budget_s:g} s"})
+            continue
         if log is not None:
             log(f"curve: {point.case} case, {point.datanodes:,} x {point.regions:,} regions")
-        out.append(run_point(point))
+        summary = run_point(point)
+        if "detectors" in summary and not summary["complete"]:
+            stopped[point.worst] = summary
+        out.append(summary)
     return out
 
 
 def linearity_notes(summaries: list[dict]) -> list[str]:
-    """How each cost grows between successive complete points of a case: the ratio of the cost to the
-    ratio of the sizes (1.0: linear in the detectors)."""
+    """How each cost grows between successive complete points of a case, beside how the detectors grew
+    (the same factor: linear in the detectors)."""
     notes = []
     for worst in (False, True):
-        pts = [s for s in summaries if "detectors" in s and s["point"]["worst"] == worst and s["detectors"]]
+        pts = [s for s in summaries if s.get("complete") and s["point"]["worst"] == worst and s["detectors"]]
         for a, b in zip(pts, pts[1:]):
             grow = b["detectors"] / a["detectors"]
             parts = []

@@ -26,9 +26,8 @@ def _nth(n: int) -> str:
 
 
 def changing(change_every: int) -> str:
+    """The name of the changing-region-set scenarios (a row's prefix)."""
     return f"region set changes every {_nth(change_every)} message"
-
-
 
 
 class Floods:
@@ -40,7 +39,7 @@ class Floods:
     def big(self, stamped: bool = True, change_every: int = 0) -> None:
         cfg = self.b.cfg
         self.b.log(f"flood: {cfg.datanodes:,} streams x {cfg.regions:,} regions per message"
-                 + ("" if stamped else ", identical bytes") + (f", {changing(change_every)}" if change_every else ""))
+                   + ("" if stamped else ", identical bytes") + (f", {changing(change_every)}" if change_every else ""))
         begin = self.b.begin(load_stats=False)
         replies = self.b.gens.all("flood", cfg.flood_s, cfg.window, stamped, change_every)
         what = f"{cfg.regions:,} regions/message, every stream flat out"
@@ -56,7 +55,7 @@ class Floods:
         cfg = self.b.cfg
         ids = list(range(SMALL_ID_BASE + 1, SMALL_ID_BASE + cfg.small_datanodes + 1))
         self.b.log(f"flood: {cfg.small_datanodes:,} more streams x {cfg.small_regions} regions per message"
-                 + ("" if stamped else ", identical bytes") + (f", {changing(change_every)}" if change_every else ""))
+                   + ("" if stamped else ", identical bytes") + (f", {changing(change_every)}" if change_every else ""))
         parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
         begin = self.b.begin(load_stats=False)
         replies = self.b.gens.call([("extra", "", part, cfg.small_regions, cfg.small_s, cfg.window, stamped, False,
