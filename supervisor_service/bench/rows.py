@@ -51,7 +51,7 @@ class Config:
     @classmethod
     def quick_config(cls) -> Config:
         return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, churn_datanodes=50, churn_regions=200,
-                   churn_s=4.0, in_process_budget_s=30.0, baseline_datanodes=50,
+                   churn_s=4.0, in_process_budget_s=60.0, baseline_datanodes=50,
                    baseline_rounds=3, baseline_naive_memory_datanodes=1, quick=True)
 
 

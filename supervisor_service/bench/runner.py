@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="regions per datanode on the curve (default 1000: the datanodes vary)")
     parser.add_argument("--budget", type=float,
                         help="seconds an in-process point may spend building its table before it stops adding "
-                             "datanodes (default 120; --quick 30; --curve 240)")
+                             "datanodes (default 120; --quick 60; --curve 240)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: py-spy record of the service under the stamped fleet flood, top entries")
     parser.add_argument("--profile-native", action="store_true", help="with --profile: C frames too (py-spy --native)")
