@@ -51,9 +51,10 @@ def targets(rows: list[Row], cfg: Config) -> list[tuple[str, bool | None, str]]:
     if ticks:
         out.append(("tick <= 10 ms median at 1M detectors", max(ticks) <= 10, f"{max(ticks):.1f} ms"))
     # The service's process: not the in-process rows' own children, nor the baseline's.
-    rss = max((r.rss_mib or 0) for r in rows if r.detectors and "in_process" not in r.extra
-              and not r.scenario.startswith(("naive", "detector")))
-    out.append(("RSS <= 512 MiB at 1M detectors", rss <= 512, f"{rss:,.0f} MiB peak"))
+    rss = max(((r.rss_mib or 0) for r in rows if r.detectors and "in_process" not in r.extra
+               and not r.scenario.startswith(("naive", "detector"))), default=None)
+    if rss is not None:
+        out.append(("RSS <= 512 MiB at 1M detectors", rss <= 512, f"{rss:,.0f} MiB peak"))
     if steady and steady.apply_p99 is not None:
         out.append(("apply latency p99 <= 50 ms at 333k region-heartbeats/s", steady.apply_p99 <= 50,
                     f"{steady.apply_p99:.1f} ms at {steady.region_hb_s:,.0f}/s"))
