@@ -340,6 +340,9 @@ CURVE_COLUMNS = (
 )
 
 
+_CASES = {True: "worst: each region joined at a different time", False: "best: a datanode's regions joined together"}
+
+
 @dataclass
 class CurveRow:
     """One point's line of the curve table."""
@@ -349,7 +352,7 @@ class CurveRow:
     def cells(self) -> dict[str, str]:
         s, p = self.summary, self.summary["point"]
         if s.get("error") and "detectors" not in s:
-            return {"case": "worst" if p["worst"] else "best",
+            return {"case": _CASES[p["worst"]],
                     "detectors": f"{p['datanodes'] * p['regions']:,} ({p['datanodes']:,} x {p['regions']:,})",
                     "tick": "-", "apply": "-", "rss": "-", "bpd": "-", "groups": "-", "note": s["error"]}
 
@@ -364,8 +367,7 @@ class CurveRow:
         if s.get("error"):
             note += f"; {s['error']}"
         return {
-            "case": ("worst: each region joined at a different time" if p["worst"] else
-                     "best: a datanode's regions joined together"),
+            "case": _CASES[p["worst"]],
             "detectors": size,
             "tick": f"{f(s['tick_p50_ms'], '{:.1f}')} / {f(s['tick_p99_ms'], '{:.1f}')} "
                     f"({f(s['table_p50_ms'], '{:.1f}')})",
@@ -420,9 +422,12 @@ def linearity_notes(summaries: list[dict]) -> list[str]:
         for a, b in zip(pts, pts[1:]):
             grow = b["detectors"] / a["detectors"]
             parts = []
-            for key, label in (("tick_p50_ms", "tick"), ("apply_p50_us", "apply"), ("rss_mib", "RSS")):
+            for key, label in (("tick_p50_ms", "tick"), ("apply_p50_us", "apply")):
                 if a.get(key) and b.get(key):
                     parts.append(f"{label} x{b[key] / a[key]:.2f}")
+            grown = [s["bytes_per_detector"] * s["detectors"] for s in (a, b) if s.get("bytes_per_detector")]
+            if len(grown) == 2 and grown[0] > 0:  # the memory the detectors added, not the interpreter's
+                parts.append(f"RSS over the empty service's x{grown[1] / grown[0]:.2f}")
             if parts:
                 notes.append(f"{'worst' if worst else 'best'} case, {a['detectors']:,} -> {b['detectors']:,} "
                              f"detectors (x{grow:.1f}): " + ", ".join(parts))

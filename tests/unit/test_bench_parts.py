@@ -75,10 +75,11 @@ def test_a_point_measures_every_steady_heartbeat_and_tick():
 def test_the_curve_has_a_best_and_a_worst_point_per_size_and_notes_their_growth():
     points = points_of((10_000, 3_000_000), regions=1000)
     assert [(p.datanodes, p.worst) for p in points] == [(10, False), (10, True), (3000, False), (3000, True)]
-    small = {"point": {"worst": False}, "complete": True, "detectors": 100, "tick_p50_ms": 1.0, "apply_p50_us": 2.0, "rss_mib": 10.0}
-    big = {"point": {"worst": False}, "complete": True, "detectors": 1000, "tick_p50_ms": 20.0, "apply_p50_us": 2.0, "rss_mib": 50.0}
+    small = {"point": {"worst": False}, "complete": True, "detectors": 100, "tick_p50_ms": 1.0, "apply_p50_us": 2.0, "bytes_per_detector": 50.0}
+    big = {"point": {"worst": False}, "complete": True, "detectors": 1000, "tick_p50_ms": 20.0, "apply_p50_us": 2.0, "bytes_per_detector": 40.0}
     (note,) = linearity_notes([small, big])
     assert "x10.0" in note and "tick x20.00" in note and "apply x1.00" in note
+    assert "RSS over the empty service's x8.00" in note
 
 
 def test_once_a_case_runs_out_of_budget_its_larger_points_are_skipped(monkeypatch):
