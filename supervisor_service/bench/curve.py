@@ -26,13 +26,18 @@ state), with a tick every `tick_interval_ms` of detector time in between:
 - **RSS**: the child's resident set once built (and its peak), and the growth
   over the empty service's, per detector.
 
-Building the worst case costs what the table costs: past `budget_s` a point
-stops adding datanodes (at a datanode boundary, so every datanode it has is in
-the worst-case state) and says how many it built, and the larger points of that
-case are not tried; the steady phase has a budget of its own. CPU per message over gRPC is not a curve column: it depends on the
-message size and the edge, not on the table's size; the floods of `make bench`
-give it at one million detectors (1,000 regions per message, stamped, identical
-bytes, churned, and a region set that changes every 10th message).
+Building the worst case costs one `heartbeat` call per detector (each region's
+join), whatever the table: past `budget_s` (by default `budget_for` the size)
+a point stops adding datanodes (at a datanode boundary, so every datanode it
+has is in the worst-case state) and says how many it built, and the larger
+points of that case are not tried; the steady phase has a budget of its own.
+
+CPU per message over gRPC is not a curve column: it depends on the message
+size and the edge more than on the table's size, and a flood at each point
+would need the fleet's streams at that size (3,000 of them at 3M) on the same
+two cores; the floods of `make bench` give it at one million detectors (1,000
+and 10 regions per message: stamped, identical bytes, churned, and a region
+set that changes every 10th message).
 """
 
 from __future__ import annotations
@@ -289,9 +294,10 @@ def in_process_rows(cfg, log) -> list[Row]:
     machine, not the table."""
     size = cfg.datanodes * cfg.regions
     wide = min(cfg.wide_regions, cfg.regions)
-    points = [Point(cfg.datanodes, cfg.regions, True, cfg.in_process_budget_s),
-              Point(max(1, size // wide), wide, True, cfg.in_process_budget_s),
-              Point(cfg.datanodes, cfg.regions, False, cfg.in_process_budget_s)]
+    budget = cfg.in_process_budget_s if cfg.in_process_budget_s is not None else budget_for(size)
+    points = [Point(cfg.datanodes, cfg.regions, True, budget),
+              Point(max(1, size // wide), wide, True, budget),
+              Point(cfg.datanodes, cfg.regions, False, budget)]
     if wide == cfg.regions:
         del points[1]
     rows = []
@@ -380,14 +386,25 @@ class CurveRow:
         }
 
 
-def points_of(sizes: tuple[int, ...] = DEFAULT_SIZES, regions: int = 1_000, budget_s: float = 240.0,
+def budget_for(detectors: int) -> float:
+    """A point's default build budget: 60 s, or 200 s per million detectors when that is more. The
+    worst case is one `heartbeat` call per detector (each region's join), so its build time grows
+    with the detectors whatever the table: at 3M about 3M calls, minutes on two shared cores. A
+    table that cannot build 10,000 detectors in a minute says so at the first point, and the larger
+    ones are not tried."""
+    return max(60.0, 200.0 * detectors / 1e6)
+
+
+def points_of(sizes: tuple[int, ...] = DEFAULT_SIZES, regions: int = 1_000, budget_s: float | None = None,
               steady_budget_s: float = 30.0) -> list[Point]:
-    """Best and worst case at each size (detectors), `regions` per datanode (at least one datanode)."""
+    """Best and worst case at each size (detectors), `regions` per datanode (at least one datanode);
+    each point's budget `budget_s`, or `budget_for` its size."""
     out = []
     for size in sizes:
         datanodes = max(1, size // regions)
+        budget = budget_s if budget_s is not None else budget_for(datanodes * regions)
         for worst in (False, True):
-            out.append(Point(datanodes, regions, worst, budget_s, steady_budget_s))
+            out.append(Point(datanodes, regions, worst, budget, steady_budget_s))
     return out
 
 
@@ -402,7 +419,7 @@ def run_curve(points: list[Point], log=None) -> list[dict]:
         if short is not None and point.detectors > short["point"]["datanodes"] * short["point"]["regions"]:
             out.append({"point": asdict(point), "skipped": True,
                         "error": f"skipped: the {short['point']['datanodes'] * short['point']['regions']:,}-detector "
-                                 f"point built {short['datanodes']:,} datanodes in its {point.budget_s:g} s"})
+                                 f"point built {short['datanodes']:,} datanodes in its {short['point']['budget_s']:g} s"})
             continue
         if log is not None:
             log(f"curve: {point.case} case, {point.datanodes:,} x {point.regions:,} regions")

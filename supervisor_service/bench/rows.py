@@ -39,7 +39,7 @@ class Config:
     churn_s: float = 10.0
     change_every: int = 10  # the changing-region-set floods: one region left out or put back every this many messages
     in_process: bool = True  # the in-process worst-case rows (the real table and tick, no gRPC)
-    in_process_budget_s: float = 120.0  # each of them stops adding datanodes past this
+    in_process_budget_s: float | None = None  # each stops adding datanodes past this (None: curve.budget_for)
     wide_regions: int = 100  # the wide variant: as many detectors, this many regions per datanode
     dump_page_size: int = 10_000
     baseline_datanodes: int = 100
@@ -51,7 +51,7 @@ class Config:
     @classmethod
     def quick_config(cls) -> Config:
         return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, churn_datanodes=50, churn_regions=200,
-                   churn_s=4.0, in_process_budget_s=60.0, baseline_datanodes=50,
+                   churn_s=4.0, baseline_datanodes=50,
                    baseline_rounds=3, baseline_naive_memory_datanodes=1, quick=True)
 
 

@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="regions per datanode on the curve (default 1000: the datanodes vary)")
     parser.add_argument("--budget", type=float,
                         help="seconds an in-process point may spend building its table before it stops adding "
-                             "datanodes (default 120; --quick 60; --curve 240)")
+                             "datanodes (default 60, or 200 per million detectors when more)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: py-spy record of the service under the stamped fleet flood, top entries")
     parser.add_argument("--profile-native", action="store_true", help="with --profile: C frames too (py-spy --native)")
@@ -587,7 +587,7 @@ def curve_main(args) -> int:
     """`--curve`: every point in its own child, one table, then how each cost grew."""
     started = time.monotonic()
     sizes = tuple(int(x.replace("_", "")) for x in args.curve_sizes.split(",") if x.strip())
-    points = curve.points_of(sizes, args.curve_regions, args.budget if args.budget is not None else 240.0)
+    points = curve.points_of(sizes, args.curve_regions, args.budget)
     log = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,  # noqa: E731
                                 flush=True)
     summaries = curve.run_curve(points, log)

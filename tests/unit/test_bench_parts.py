@@ -75,6 +75,7 @@ def test_a_point_measures_every_steady_heartbeat_and_tick():
 def test_the_curve_has_a_best_and_a_worst_point_per_size_and_notes_their_growth():
     points = points_of((10_000, 3_000_000), regions=1000)
     assert [(p.datanodes, p.worst) for p in points] == [(10, False), (10, True), (3000, False), (3000, True)]
+    assert [p.budget_s for p in points] == [60.0, 60.0, 600.0, 600.0]
     small = {"point": {"worst": False}, "complete": True, "detectors": 100, "tick_p50_ms": 1.0, "apply_p50_us": 2.0, "bytes_per_detector": 50.0}
     big = {"point": {"worst": False}, "complete": True, "detectors": 1000, "tick_p50_ms": 20.0, "apply_p50_us": 2.0, "bytes_per_detector": 40.0}
     (note,) = linearity_notes([small, big])
@@ -92,7 +93,7 @@ def test_once_a_case_runs_out_of_budget_its_larger_points_are_skipped(monkeypatc
     out = curve.run_curve(points_of((1000, 10_000, 100_000), regions=1000))
     assert [("skipped" in s, s["point"]["worst"]) for s in out] == [
         (False, False), (False, True), (False, False), (False, True), (False, False), (True, True)]
-    assert out[-1]["error"] == "skipped: the 10,000-detector point built 1 datanodes in its 240 s"
+    assert out[-1]["error"] == "skipped: the 10,000-detector point built 1 datanodes in its 60 s"
     assert CurveRow(out[-1]).cells()["note"] == out[-1]["error"]
 
 
