@@ -7,7 +7,7 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test test-min bench soak report proto lint clean venv system-deps
+.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
@@ -78,9 +78,15 @@ test-min:
 	cd $(MIN_SRC) && $(CURDIR)/$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/unit tests/integration/test_server.py
 
-# The scale benchmark (README "Performance"): `make bench`, or `make bench BENCH_ARGS=--quick` (under a minute).
+# The scale benchmark (README "Performance"): `make bench`, or `make bench BENCH_ARGS=--quick` (a few minutes);
+# `make bench BENCH_ARGS=--curve`: the cost as the work grows, 10k to 3M detectors, best and worst case.
 bench: proto
 	$(PY) -m supervisor_service.bench $(BENCH_ARGS)
+
+# Where the service's CPU goes under the stamped 1,000-regions flood: py-spy (a dev dependency) records
+# the service's process, the top entries are printed. `PROFILE_ARGS="--seconds 20 --datanodes 500"`.
+profile: proto
+	$(PY) -m supervisor_service.bench --profile $(PROFILE_ARGS)
 
 # The soak (README "Soak"): the real service for SOAK_MINUTES (default 10) under churn, stalls and Dumps.
 soak: proto

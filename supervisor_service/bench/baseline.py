@@ -20,6 +20,7 @@ service's.
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import time
 
 import numpy as np
@@ -161,3 +162,23 @@ def main(conn, kwargs: dict) -> None:
         conn.send(run(**kwargs))
     except Exception as exc:  # noqa: BLE001 - reported by the parent
         conn.send({"error": repr(exc)})
+
+
+def run_in_child(cfg, log) -> dict:
+    """`run` in a child process at the bench's sizes; its result."""
+    log("naive baseline and table, in-process (child process)")
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    kwargs = dict(datanodes=cfg.baseline_datanodes, regions=cfg.regions, rounds=cfg.baseline_rounds,
+                  target_detectors=cfg.datanodes * cfg.regions, period_ms=int(cfg.period_s * 1000),
+                  naive_memory_datanodes=cfg.baseline_naive_memory_datanodes)
+    proc = ctx.Process(target=main, args=(child, kwargs), daemon=True)
+    proc.start()
+    if not parent.poll(300):
+        proc.kill()
+        raise RuntimeError("the baseline did not finish")
+    result = parent.recv()
+    proc.join(5)
+    if "error" in result:
+        raise RuntimeError(f"baseline failed: {result['error']}")
+    return result

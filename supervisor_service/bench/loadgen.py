@@ -1,22 +1,30 @@
 """A load-generator process: datanode heartbeat streams over real gRPC (grpc.aio), driven by commands.
 
 One process runs many datanodes on one asyncio loop, one `SendHeartbeat` bidi
-stream per datanode, spread over a few HTTP/2 connections. Requests are
-serialized once per datanode and sent as bytes (the service stamps heartbeats
-with its own clock, so every heartbeat of a datanode is the same message):
-the generator's CPU goes to gRPC, not to protobuf.
+stream per datanode, spread over a few HTTP/2 connections. By default every
+heartbeat is what a real datanode sends: `timestamp_millis` from the
+generator's wall clock on each message, a `node_epoch` (the stream's start
+time), a `peer_addr`; so no two messages of a stream are the same bytes. The
+fields that do not change are serialized once per datanode and the stamp is
+spliced in between (field order as protobuf writes it), so the generator's CPU
+goes to gRPC, not to protobuf. `stamped=False` sends the same bytes every time
+(no timestamp): the best case of the edge's fastest path, for a labelled row.
 
 The parent talks to it over a `multiprocessing` pipe; every command is a
 tuple and gets one reply (a dict):
 
 - `("fleet", ids, regions, period_s)`: start one stream per datanode id,
   heartbeating every `period_s` seconds, phases spread over the period;
-- `("flood", seconds, window)`: every fleet stream sends as fast as answers
-  come back (`window` requests outstanding) for `seconds`, then resumes its
-  period; replies when done;
-- `("extra", addr, ids, regions, seconds, window)`: open extra streams (to
-  `addr`, or the service when empty) and flood them for `seconds`, then
-  close them; replies when done;
+- `("flood", seconds, window, stamped=True, change_every=0)`: every fleet stream
+  sends as fast as answers come back (`window` requests outstanding) for
+  `seconds`, then resumes its period; replies when done. With `change_every`,
+  the region set changes every that many messages (`ChangingHeartbeats`);
+- `("extra", addr, ids, regions, seconds, window, stamped=True, ramp=False, change_every=0)`:
+  open extra streams (to `addr`, or the service when empty) and flood them for
+  `seconds`, then close them; replies when done. With `ramp`, each stream
+  first sends `regions` messages naming regions 0..k (k = 0, 1, ...), so each
+  region index joins at a different moment (churned histories), and the
+  `seconds` are measured after that;
 - `("stop", id)` / `("start", id)`: end one fleet datanode's stream (it
   goes silent) / start it again;
 - `("dump", page_size)`: read a Dump of every detector and time it;
@@ -28,6 +36,7 @@ tuple and gets one reply (a dict):
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 import traceback
@@ -50,12 +59,86 @@ def region_ids_of(datanode_id: int, regions: int) -> list[int]:
     return [(datanode_id << 32) | n for n in range(regions)]
 
 
-def heartbeat_bytes(datanode_id: int, regions: int) -> bytes:
+def peer_addr_of(datanode_id: int) -> str:
+    return f"10.{(datanode_id >> 16) & 255}.{(datanode_id >> 8) & 255}.{datanode_id & 255}:4001"
+
+
+def heartbeat_bytes(datanode_id: int, regions: int, node_epoch: int = 0) -> bytes:
+    """The heartbeat without a timestamp: the same bytes every time (the best case)."""
     return pb.HeartbeatRequest(
-        datanode_id=datanode_id,
-        region_ids=region_ids_of(datanode_id, regions),
-        peer_addr=f"10.{(datanode_id >> 16) & 255}.{(datanode_id >> 8) & 255}.{datanode_id & 255}:4001",
+        datanode_id=datanode_id, region_ids=region_ids_of(datanode_id, regions),
+        peer_addr=peer_addr_of(datanode_id), node_epoch=node_epoch,
     ).SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_TIMESTAMP_TAG = bytes([2 << 3])  # HeartbeatRequest.timestamp_millis, varint
+
+
+class Heartbeats:
+    """One datanode's heartbeat bytes: `next()` stamps `timestamp_millis` with the wall clock, or
+    (not `stamped`) returns the same bytes every time.
+
+    The serialized message is split around field 2 (the stamp): field 1 before it, fields 3 to 5
+    after, as protobuf itself writes them, so a stamped message is byte for byte what
+    `SerializeToString()` of the whole request would give."""
+
+    __slots__ = ("head", "tail", "fixed", "stamped", "node_epoch")
+
+    def __init__(self, datanode_id: int, region_ids: list[int], node_epoch: int, stamped: bool = True) -> None:
+        self.node_epoch = node_epoch
+        self.head = pb.HeartbeatRequest(datanode_id=datanode_id).SerializeToString()
+        self.tail = pb.HeartbeatRequest(region_ids=region_ids, peer_addr=peer_addr_of(datanode_id),
+                                        node_epoch=node_epoch).SerializeToString()
+        self.fixed = self.head + self.tail
+        self.stamped = stamped
+
+    def next(self, stamped: bool | None = None) -> bytes:
+        if not (self.stamped if stamped is None else stamped):
+            return self.fixed
+        return b"".join((self.head, _TIMESTAMP_TAG, _varint(time.time_ns() // 1_000_000), self.tail))
+
+
+class ChangingHeartbeats:
+    """A datanode's heartbeats whose region set changes every `every`-th message: in turn one of its
+    regions is left out (the next one each time round) and put back, so the set is never one the
+    service has not seen and no detector is created. Same `next()` as `Heartbeats`; the changed
+    message is serialized when it is first needed (once per `every` messages)."""
+
+    __slots__ = ("datanode_id", "regions", "every", "full", "current", "sent", "changes")
+
+    def __init__(self, full: Heartbeats, datanode_id: int, regions: int, every: int) -> None:
+        self.datanode_id = datanode_id
+        self.regions = regions
+        self.every = every
+        self.full = self.current = full
+        self.sent = 0
+        self.changes = 0
+
+    def next(self, stamped: bool | None = None) -> bytes:
+        self.sent += 1
+        if self.regions > 1 and self.sent % self.every == 0:
+            self.changes += 1
+            if self.changes % 2:  # leave one out
+                ids = region_ids_of(self.datanode_id, self.regions)
+                del ids[(self.changes // 2) % self.regions]
+                self.current = Heartbeats(self.datanode_id, ids, self.full.node_epoch, self.full.stamped)
+            else:  # and put it back
+                self.current = self.full
+        return self.current.next(stamped)
+
+
+def heartbeats_of(datanode_id: int, regions: int, stamped: bool = True) -> Heartbeats:
+    """A datanode's heartbeats, its epoch its start time (wall ms: a restart gets a newer one)."""
+    return Heartbeats(datanode_id, region_ids_of(datanode_id, regions), time.time_ns() // 1_000_000, stamped)
 
 
 @dataclass
@@ -88,10 +171,12 @@ class Counters:
 class _Stream:
     """One datanode's stream, periodic or flooding."""
 
-    def __init__(self, gen: LoadGenerator, datanode_id: int, payload: bytes, period: float, phase: float) -> None:
+    def __init__(self, gen: LoadGenerator, datanode_id: int, payload: Heartbeats | ChangingHeartbeats, period: float,
+                 phase: float, ramp: list[Heartbeats] | None = None) -> None:
         self.gen = gen
         self.datanode_id = datanode_id
         self.payload = payload
+        self.ramp = ramp or []  # sent first, one after the other (the region set growing)
         self.period = period
         self.phase = phase
         self.stopped = False
@@ -106,10 +191,17 @@ class _Stream:
         pending = 0
         next_due = loop.time() + self.phase
         try:
+            for step in self.ramp:
+                await call.write(step.next())
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
+                    raise RuntimeError("stream ended")
+                counters.add_answer(raw)
+            self.ramp = []
             while not self.stopped:
                 if loop.time() < flood_until():
                     while pending < gen.window:
-                        await call.write(self.payload)
+                        await call.write(self.payload.next(gen.flood_stamped))
                         counters.sent += 1
                         pending += 1
                     raw = await call.read()
@@ -136,7 +228,7 @@ class _Stream:
                 next_due += self.period
                 if next_due < loop.time():  # fell behind (a flood ended): keep the phase, skip the missed
                     next_due = loop.time() + self.period
-                await call.write(self.payload)
+                await call.write(self.payload.next())
                 counters.sent += 1
                 pending += 1
             while pending:
@@ -169,6 +261,7 @@ class LoadGenerator:
         self.changed = asyncio.Event()
         self.regions = 0
         self.period = 1.0
+        self.flood_stamped: bool | None = None  # a flood's stamping, when it overrides the streams'
 
     def _wake(self) -> None:
         """Wake every sleeping periodic stream (a flood starts or a datanode restarts)."""
@@ -176,7 +269,7 @@ class LoadGenerator:
         self.changed = asyncio.Event()
 
     def _start_fleet_stream(self, datanode_id: int, phase: float) -> None:
-        stream = _Stream(self, datanode_id, heartbeat_bytes(datanode_id, self.regions), self.period, phase)
+        stream = _Stream(self, datanode_id, heartbeats_of(datanode_id, self.regions), self.period, phase)
         self.fleet[datanode_id] = stream
         method = self.methods[datanode_id % len(self.methods)]
         stream.task = asyncio.ensure_future(stream.run(method, self.counters))
@@ -189,33 +282,58 @@ class LoadGenerator:
             self._start_fleet_stream(datanode_id, period * ((i + 0.5) / n))
         return {"streams": len(self.fleet)}
 
-    async def flood(self, seconds: float, window: int) -> dict:
+    async def flood(self, seconds: float, window: int, stamped: bool = True, change_every: int = 0) -> dict:
         loop = asyncio.get_running_loop()
+        plain = {d: s.payload for d, s in self.fleet.items()}
+        if change_every:  # for the flood only: the periodic heartbeats after it name every region again
+            for d, stream in self.fleet.items():
+                stream.payload = ChangingHeartbeats(stream.payload, d, self.regions, change_every)
         before = self.counters.as_dict()
         cpu0, t0 = time.process_time(), loop.time()
         self.window = window
+        self.flood_stamped = stamped
         self.flood_until = t0 + seconds
         self._wake()
         await asyncio.sleep(seconds)
         elapsed = loop.time() - t0
+        self.flood_stamped = None
+        for d, payload in plain.items():
+            if d in self.fleet:
+                self.fleet[d].payload = payload
         after = self.counters.as_dict()
         return {
             "elapsed": elapsed, "cpu": time.process_time() - cpu0,
             **{k: after[k] - before[k] for k in ("sent", "acked", "rejected", "errors")},
         }
 
-    async def extra(self, addr: str, ids: list[int], regions: int, seconds: float, window: int) -> dict:
+    async def extra(self, addr: str, ids: list[int], regions: int, seconds: float, window: int,
+                    stamped: bool = True, ramp: bool = False, change_every: int = 0) -> dict:
         loop = asyncio.get_running_loop()
         channels = [grpc.aio.insecure_channel(addr or self.addr, options=CHANNEL_OPTIONS)
                     for _ in range(len(self.channels))]
         methods = [c.stream_stream(METHOD, request_serializer=None, response_deserializer=None) for c in channels]
         counters = Counters()
         self.window = window
-        cpu0, t0 = time.process_time(), loop.time()
-        until = t0 + seconds
-        streams = [_Stream(self, d, heartbeat_bytes(d, regions), 1.0, 0.0) for d in ids]
+        streams = []
+        for d in ids:
+            epoch = time.time_ns() // 1_000_000
+            steps = [Heartbeats(d, region_ids_of(d, k), epoch, stamped) for k in range(1, regions)] if ramp else []
+            payload = Heartbeats(d, region_ids_of(d, regions), epoch, stamped)
+            if change_every:
+                payload = ChangingHeartbeats(payload, d, regions, change_every)
+            streams.append(_Stream(self, d, payload, 1.0, 0.0, steps))
+        until = math.inf if ramp else loop.time() + seconds
         tasks = [asyncio.ensure_future(s.run(methods[i % len(methods)], counters, lambda: until))
                  for i, s in enumerate(streams)]
+        ramp_s = 0.0
+        if ramp:  # every stream ramps at its own pace (flat out); the window starts once all are through
+            r0 = loop.time()
+            while not all(not s.ramp or t.done() for s, t in zip(streams, tasks)):
+                await asyncio.sleep(0.05)
+            ramp_s = loop.time() - r0
+            until = loop.time() + seconds
+        base = counters.as_dict()  # the ramp's messages are not the window's
+        cpu0, t0 = time.process_time(), loop.time()
         await asyncio.sleep(seconds)
         for s in streams:
             s.stopped = True
@@ -226,7 +344,9 @@ class LoadGenerator:
             task.cancel()
         for c in channels:
             await c.close()
-        return {"elapsed": elapsed, "cpu": cpu, **counters.as_dict()}
+        after = counters.as_dict()
+        window_counts = {k: after[k] - base[k] for k in ("sent", "acked", "rejected", "errors")}
+        return {"elapsed": elapsed, "cpu": cpu, "ramp_s": ramp_s, "reasons": after["reasons"], **window_counts}
 
     async def stop_one(self, datanode_id: int) -> dict:
         stream = self.fleet.pop(datanode_id)

@@ -13,6 +13,7 @@ COLUMNS = (
     ("apply_ms", "apply latency p50/p99 ms"),
     ("rss_mib", "RSS MiB"),
     ("cpu", "CPU cores service+load"),
+    ("cpu_msg", "server CPU us/message (no-op server, ratio)"),
     ("rejected", "rejected / stream errors"),
     ("result", "result"),
 )
@@ -32,6 +33,14 @@ class Config:
     small_regions: int = 10
     small_s: float = 10.0
     ceiling_s: float = 6.0
+    best_case: bool = True  # also the identical-bytes rows (service and no-op server), labelled best case
+    churn_datanodes: int = 100  # churned histories: streams whose region indexes join one heartbeat apart
+    churn_regions: int = 300
+    churn_s: float = 10.0
+    change_every: int = 10  # the changing-region-set floods: one region left out or put back every this many messages
+    in_process: bool = True  # the in-process worst-case rows (the real table and tick, no gRPC)
+    in_process_budget_s: float | None = None  # each stops adding datanodes past this (None: curve.budget_for)
+    wide_regions: int = 100  # the wide variant: as many detectors, this many regions per datanode
     dump_page_size: int = 10_000
     baseline_datanodes: int = 100
     baseline_rounds: int = 5
@@ -41,7 +50,8 @@ class Config:
 
     @classmethod
     def quick_config(cls) -> Config:
-        return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, baseline_datanodes=50,
+        return cls(steady_s=4.0, flood_s=4.0, small_s=4.0, ceiling_s=3.0, churn_datanodes=50, churn_regions=200,
+                   churn_s=4.0, baseline_datanodes=50,
                    baseline_rounds=3, baseline_naive_memory_datanodes=1, quick=True)
 
 
@@ -58,6 +68,8 @@ class Row:
     rss_mib: float | None = None
     cpu_service: float | None = None
     cpu_load: float | None = None
+    cpu_us_msg: float | None = None  # server CPU per acknowledged message, us
+    floor_us_msg: float | None = None  # the same of the no-op server, same message size and stamping
     rejected: int | None = None
     errors: int | None = None
     result: str = ""
@@ -80,18 +92,21 @@ class Row:
             "rss_mib": num(self.rss_mib),
             "cpu": "-" if self.cpu_service is None else
                    f"{self.cpu_service:.2f}" + ("" if self.cpu_load is None else f" + {self.cpu_load:.2f}"),
+            "cpu_msg": "-" if self.cpu_us_msg is None else f"{self.cpu_us_msg:,.0f}" + (
+                "" if self.floor_us_msg is None else
+                f" ({self.floor_us_msg:,.0f}, {self.cpu_us_msg / max(self.floor_us_msg, 1e-9):.2f}x)"),
             "rejected": "-" if self.rejected is None else f"{self.rejected} / {self.errors or 0}",
             "result": self.result or "-",
         }
 
 
-def render(rows: list[Row]) -> str:
-    """A Markdown table: one header, one line per row."""
+def render(rows: list, columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
+    """A Markdown table: one header, one line per row (anything with `cells()` keyed by the columns)."""
     cells = [r.cells() for r in rows]
-    widths = {k: max(len(title), *(len(c[k]) for c in cells)) for k, title in COLUMNS}
-    line = lambda values: "| " + " | ".join(v.ljust(widths[k]) for (k, _), v in zip(COLUMNS, values)) + " |"  # noqa: E731
-    out = [line([title for _, title in COLUMNS]), "|" + "|".join("-" * (widths[k] + 2) for k, _ in COLUMNS) + "|"]
-    out += [line([c[k] for k, _ in COLUMNS]) for c in cells]
+    widths = {k: max(len(title), *(len(c[k]) for c in cells)) for k, title in columns}
+    line = lambda values: "| " + " | ".join(v.ljust(widths[k]) for (k, _), v in zip(columns, values)) + " |"  # noqa: E731
+    out = [line([title for _, title in columns]), "|" + "|".join("-" * (widths[k] + 2) for k, _ in columns) + "|"]
+    out += [line([c[k] for k, _ in columns]) for c in cells]
     return "\n".join(out)
 
 

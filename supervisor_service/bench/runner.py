@@ -21,12 +21,30 @@ Scenarios, in order (each is a row):
 4. ingest at 1,000 regions per message: every datanode stream floods.
 5. ingest at 10 regions per message: 1,000 more datanodes of 10 regions
    flood (the fleet goes on at its period); deregistered afterwards.
-6. the gRPC ceiling: the same floods (both message sizes) against a no-op
-   grpc.aio server (parses, answers a constant), once the service is
-   stopped, so the service's numbers can be read against what the transport
-   alone does on this machine with the same load generators.
-7. the naive baseline and the table, in-process in a child process, fed the
+   Heartbeats are stamped (`timestamp_millis`, `node_epoch`, `peer_addr`) as a
+   real datanode's are; (4) and (5) also run with the same bytes every time,
+   rows labelled "best case, identical bytes" (`bench.floods`).
+6. churned histories: extra streams ramp their region set one region per
+   heartbeat (each region index joins at a different moment), then flood;
+   deregistered afterwards.
+7. the region set changes every 10th message (one region left out, then put
+   back, in turn): (4) and (5) again, stamped.
+8. the gRPC ceiling: the same floods (both message sizes: stamped, identical,
+   changing) against a no-op grpc.aio server (parses, answers a constant), once
+   the service is stopped, so the service's numbers can be read against what
+   the transport alone does on this machine with the same load generators
+   (`bench.ceiling`); each service row shows its server CPU per message beside
+   the no-op server's at the same size and kind, and the ratio.
+9. in-process, one fresh child process each (`bench.curve`): the worst case at
+   the fleet's size (each region joined its datanode at a different time) at
+   1,000 regions per datanode and at 100 (10,000 x 100), and the best case;
+   the real table and the real tick, timed call by call. (Their
+   "region-heartbeats/s" is one heartbeat's regions over its median apply.)
+10. the naive baseline and the table, in-process in a child process, fed the
    same heartbeat sequence; ratios printed under the table.
+
+`--curve` runs instead the cost as the work grows (`bench.curve`); `--profile`
+a py-spy record of the service under the stamped flood (`bench.profile`).
 """
 
 from __future__ import annotations
@@ -48,12 +66,21 @@ from prometheus_client import CollectorRegistry
 
 import supervisor_service.bench.baseline as baseline
 import supervisor_service.bench.ceiling as ceiling
+import supervisor_service.bench.curve as curve
 import supervisor_service.bench.loadgen as loadgen
+from supervisor_service.bench.floods import Floods
 from supervisor_service.bench.rows import Config, Row, baseline_rows, render
 from supervisor_service.bench.verdict import summary_notes, targets
 from supervisor_service.core import PhiAccrualOptions, phi_from
 
-SMALL_ID_BASE = 1 << 20  # datanode ids of the small-message scenario, apart from the fleet's
+
+def _pair_floors(rows: list[Row]) -> None:
+    """Each service row gets the no-op server's CPU per message at the same message size and stamping."""
+    floors = {r.extra["pair"]: r.cpu_us_msg for r in rows if r.extra.get("floor")}
+    for r in rows:
+        pair = r.extra.get("pair")
+        if pair is not None and not r.extra.get("floor"):
+            r.floor_us_msg = floors.get(pair)
 
 
 def percentile(values, q: float) -> float | None:
@@ -281,7 +308,7 @@ class Bench:
 
     # -------------------------------------------------------------- windows
 
-    def _begin(self, load_stats: bool = True) -> dict:
+    def begin(self, load_stats: bool = True) -> dict:
         host = self.host
         snap = {"t": time.monotonic(), "cpu": cpu_seconds(), "counters": host.counters()}
         if load_stats:
@@ -290,7 +317,7 @@ class Bench:
             snap["load_errors"] = sum(s["errors"] for s in stats)
         return snap
 
-    def _end(self, name: str, begin: dict, *, load_cpu: float | None = None) -> Row:
+    def end(self, name: str, begin: dict, *, load_cpu: float | None = None) -> Row:
         host = self.host
         end = time.monotonic()
         elapsed = end - begin["t"]
@@ -305,6 +332,7 @@ class Bench:
         ticks = host.tick_tap.between(begin["t"], end)
         applies = host.apply_tap.between(begin["t"], end)
         rejected = sum(v for k, v in delta.items() if k.startswith("supervisor_heartbeats:rejected"))
+        accepted = delta.get("supervisor_heartbeats:accepted", 0.0)
         row = Row(
             scenario=name,
             detectors=host.detectors(),
@@ -313,6 +341,8 @@ class Bench:
             rss_mib=self.rss.peak(begin["t"], end),
             cpu_service=cpu / elapsed,
             cpu_load=None if load_cpu is None else load_cpu / elapsed,
+            # This process's CPU (the service, ticks included, and the idle orchestrator) per accepted message.
+            cpu_us_msg=cpu / accepted * 1e6 if accepted else None,
             rejected=int(rejected),
             errors=load_errors,
         )
@@ -358,19 +388,19 @@ class Bench:
         failover_begin = None
         if cfg.failover:
             self.log(f"datanode {victim} stops ({cfg.regions} regions)")
-            failover_begin = self._begin()
+            failover_begin = self.begin()
             self.gens.one(self._owner(victim), "stop", victim)
             crossing = self._crossing(victim, opts)
-        begin = self._begin()
+        begin = self.begin()
         time.sleep(cfg.steady_s)
         period_label = f"{cfg.period_s:g} s period"
-        steady = self._end(f"steady: {cfg.datanodes:,} x {cfg.regions:,} regions, {period_label}", begin)
+        steady = self.end(f"steady: {cfg.datanodes:,} x {cfg.regions:,} regions, {period_label}", begin)
         self.rows.append(steady)
 
         self.log("dump of every detector")
-        begin = self._begin()
+        begin = self.begin()
         dump = self.gens.one(0, "dump", cfg.dump_page_size)
-        row = self._end("dump: every detector, during steady", begin)
+        row = self.end("dump: every detector, during steady", begin)
         row.result = f"{dump['rows']:,} rows in {dump['seconds']:.2f} s (first page {dump['first_page_s'] * 1e3:.0f} ms)"
         row.extra.update(dump=dump)
         self.rows.append(row)
@@ -403,7 +433,7 @@ class Bench:
             if moved >= crossing["regions"]:
                 break
             time.sleep(0.05)
-        row = self._end(f"failover: datanode {victim} ({crossing['regions']:,} regions) stops", begin)
+        row = self.end(f"failover: datanode {victim} ({crossing['regions']:,} regions) stops", begin)
         if submitted:
             first = min(e.at_millis for e in submitted)
             last = max(e.at_millis for e in submitted)
@@ -429,125 +459,48 @@ class Bench:
         while host.detectors() < want and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def flood_big(self) -> None:
-        cfg = self.cfg
-        self.log(f"flood: {cfg.datanodes:,} streams x {cfg.regions:,} regions per message")
-        begin = self._begin(load_stats=False)
-        replies = self.gens.all("flood", cfg.flood_s, cfg.window)
-        row = self._end(f"ingest: {cfg.regions:,} regions/message, every stream flat out", begin,
-                        load_cpu=sum(r["cpu"] for r in replies))
-        row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies)
-        self.rows.append(row)
-        time.sleep(0.5)  # let the backlog drain before the next window
-
-    def flood_small(self) -> None:
-        cfg = self.cfg
-        ids = list(range(SMALL_ID_BASE + 1, SMALL_ID_BASE + cfg.small_datanodes + 1))
-        self.log(f"flood: {cfg.small_datanodes:,} more streams x {cfg.small_regions} regions per message")
-        parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
-        begin = self._begin(load_stats=False)
-        replies = self.gens.call([("extra", "", part, cfg.small_regions, cfg.small_s, cfg.window) for part in parts])
-        row = self._end(f"ingest: {cfg.small_regions} regions/message, {cfg.small_datanodes:,} more streams "
-                        "flat out", begin, load_cpu=sum(r["cpu"] for r in replies))
-        row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies)
-        self.rows.append(row)
-        from supervisor_service.client import SupervisorClient
-
-        pairs = [(d, r) for d in ids for r in loadgen.region_ids_of(d, cfg.small_regions)]
-        with SupervisorClient(self.host.service.addresses.grpc, timeout=60) as client:
-            removed = client.deregister(pairs)
-        self.log(f"deregistered {removed:,} small-datanode detectors")
-
-    def transport_ceiling(self, streams: int, regions: int) -> None:
-        cfg = self.cfg
-        self.log(f"gRPC ceiling: no-op server, {streams:,} streams x {regions:,} regions per message")
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=ceiling.main, args=(child,), daemon=True)
-        proc.start()
-        try:
-            if not parent.poll(30):
-                raise RuntimeError("the no-op server did not start")
-            port = parent.recv()["port"]
-            ids = list(range(SMALL_ID_BASE + 1, SMALL_ID_BASE + streams + 1))
-            parts = [[d for d in ids if d % cfg.loadgens == i] for i in range(cfg.loadgens)]
-            parent.send(("stats",))
-            before = parent.recv()
-            started = time.monotonic()
-            replies = self.gens.call([("extra", f"127.0.0.1:{port}", part, regions, cfg.ceiling_s, cfg.window)
-                                      for part in parts])
-            elapsed = time.monotonic() - started
-            parent.send(("stats",))
-            after = parent.recv()
-        finally:
-            try:
-                parent.send(("quit",))
-                parent.poll(5) and parent.recv()
-            except (OSError, EOFError):
-                pass
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-        messages = after["messages"] - before["messages"]
-        row = Row(
-            scenario=f"gRPC ceiling: no-op server, {regions:,} regions/message",
-            detectors=0,
-            msgs_s=messages / elapsed,
-            region_hb_s=messages * regions / elapsed,
-            cpu_service=(after["cpu"] - before["cpu"]) / elapsed,
-            cpu_load=sum(r["cpu"] for r in replies) / elapsed,
-            rejected=0,
-            errors=sum(r["errors"] for r in replies),
-            result="what grpc.aio alone carries here",
-        )
-        self.rows.append(row)
-
-    def naive_baseline(self) -> dict:
-        cfg = self.cfg
-        self.log("naive baseline and table, in-process (child process)")
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        kwargs = dict(datanodes=cfg.baseline_datanodes, regions=cfg.regions, rounds=cfg.baseline_rounds,
-                      target_detectors=cfg.datanodes * cfg.regions, period_ms=int(cfg.period_s * 1000),
-                      naive_memory_datanodes=cfg.baseline_naive_memory_datanodes)
-        proc = ctx.Process(target=baseline.main, args=(child, kwargs), daemon=True)
-        proc.start()
-        if not parent.poll(300):
-            proc.kill()
-            raise RuntimeError("the baseline did not finish")
-        result = parent.recv()
-        proc.join(5)
-        if "error" in result:
-            raise RuntimeError(f"baseline failed: {result['error']}")
-        self.rows.extend(baseline_rows(result))
-        return result
-
     # -------------------------------------------------------------- all
 
     def run(self) -> list[Row]:
         started = time.monotonic()
         cpu_count = os.cpu_count()
         cfg = self.cfg
+        floods = Floods(self)
         try:
             self.start()
             self.steady_dump_failover()
-            self.flood_big()
-            self.flood_small()
+            modes = (True, False) if cfg.best_case else (True,)
+            for stamped in modes:
+                floods.big(stamped)
+            for stamped in modes:
+                floods.small(stamped)
+            if cfg.churn_datanodes and cfg.churn_regions:
+                floods.churned()
+            if cfg.change_every:  # last: the fleet's histories are no longer all alike after it
+                floods.big(True, cfg.change_every)
+                floods.small(True, cfg.change_every)
             # The ceiling runs alone: the fleet stops and the service with it.
             self.gens.all("fleet_stop")
             self.host.stop()
             self.host = None
-            self.transport_ceiling(cfg.datanodes, cfg.regions)
-            self.transport_ceiling(cfg.small_datanodes, cfg.small_regions)
+            sizes = ((cfg.datanodes, cfg.regions), (cfg.small_datanodes, cfg.small_regions))
+            for stamped in modes:
+                for streams, regions in sizes:
+                    self.rows.append(ceiling.measure(self, streams, regions, stamped))
+            if cfg.change_every:
+                for streams, regions in sizes:
+                    self.rows.append(ceiling.measure(self, streams, regions, True, cfg.change_every))
         finally:
             if self.gens is not None:
                 self.gens.close()
             if self.host is not None:
                 self.host.stop()
             self.rss.stop()
-        result = self.naive_baseline()
+        _pair_floors(self.rows)
+        if cfg.in_process:
+            self.rows.extend(curve.in_process_rows(cfg, self.log))
+        result = baseline.run_in_child(cfg, self.log)
+        self.rows.extend(baseline_rows(result))
         self.notes.extend(summary_notes(self.rows, result))
         self.notes.insert(0, f"{cpu_count} CPUs; {self.cfg.loadgens} load-generator processes; "
                              f"run took {time.monotonic() - started:.0f} s")
@@ -556,7 +509,19 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supervisor_service.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short windows (the whole run in under a minute)")
+    parser.add_argument("--quick", action="store_true", help="short windows (the whole run in a few minutes)")
+    parser.add_argument("--curve", action="store_true",
+                        help="instead: the cost as the work grows, in-process (see bench.curve), best and worst case")
+    parser.add_argument("--curve-sizes", default=",".join(map(str, curve.DEFAULT_SIZES)),
+                        help="detectors of each curve point, comma-separated (default %(default)s)")
+    parser.add_argument("--curve-regions", type=int, default=1000,
+                        help="regions per datanode on the curve (default 1000: the datanodes vary)")
+    parser.add_argument("--budget", type=float,
+                        help="seconds an in-process point may spend building its table before it stops adding "
+                             "datanodes (default 60, or 200 per million detectors when more)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: py-spy record of the service under the stamped fleet flood, top entries")
+    parser.add_argument("--profile-native", action="store_true", help="with --profile: C frames too (py-spy --native)")
     parser.add_argument("--datanodes", type=int, help="datanode streams of the fleet (default 1000)")
     parser.add_argument("--regions", type=int, help="regions per fleet datanode (default 1000)")
     parser.add_argument("--period", type=float, help="fleet heartbeat period, seconds (default 3)")
@@ -564,22 +529,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, help="HTTP/2 connections per load generator (default 4)")
     parser.add_argument("--small-datanodes", type=int, help="streams of the small-message flood (default 1000)")
     parser.add_argument("--seconds", type=float, help="length of each measured window")
+    parser.add_argument("--churn-datanodes", type=int,
+                        help="streams of the churned-histories scenario (default 100, --quick 50; 0: skip it)")
+    parser.add_argument("--churn-regions", type=int, help="their regions, joined one heartbeat apart "
+                        "(default 300, --quick 200; never more streams or regions than the fleet's)")
+    parser.add_argument("--change-every", type=int,
+                        help="the changing-region-set floods change the set every this many messages (default 10; "
+                             "0: skip them)")
+    parser.add_argument("--no-best-case", action="store_true", help="skip the identical-bytes (best case) rows")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process worst-case rows")
     parser.add_argument("--no-failover", action="store_true", help="skip the failover scenario")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--verbose", action="store_true", help="let the service log (warnings and up)")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        logging.getLogger("supervisor_service").setLevel(logging.ERROR)
+    if args.curve:
+        return curve_main(args)
     cfg = Config.quick_config() if args.quick else Config()
     for name, attr in (("datanodes", "datanodes"), ("regions", "regions"), ("period", "period_s"),
-                       ("loadgens", "loadgens"), ("channels", "channels"), ("small_datanodes", "small_datanodes")):
+                       ("loadgens", "loadgens"), ("channels", "channels"), ("small_datanodes", "small_datanodes"),
+                       ("churn_datanodes", "churn_datanodes"), ("churn_regions", "churn_regions"),
+                       ("change_every", "change_every"), ("budget", "in_process_budget_s")):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, attr, value)
     if args.seconds is not None:
-        cfg.steady_s = cfg.flood_s = cfg.small_s = args.seconds
+        cfg.steady_s = cfg.flood_s = cfg.small_s = cfg.churn_s = args.seconds
         cfg.ceiling_s = max(1.0, args.seconds * 0.75)
     cfg.failover = not args.no_failover
-    if not args.verbose:
-        logging.getLogger("supervisor_service").setLevel(logging.ERROR)
+    cfg.best_case = not args.no_best_case
+    cfg.in_process = not args.no_in_process
+    cfg.churn_datanodes = min(cfg.churn_datanodes, cfg.datanodes)
+    cfg.churn_regions = min(cfg.churn_regions, cfg.regions)
+    if args.profile:
+        from supervisor_service.bench.profile import profile_main
+
+        return profile_main(Bench(cfg), args.seconds or 10.0, args.profile_native)
     bench = Bench(cfg)
     rows = bench.run()
     print(render(rows))
@@ -594,4 +580,23 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"config": asdict(cfg), "rows": [asdict(r) for r in rows], "notes": bench.notes,
                        "targets": targets(bench.rows, bench.cfg)}, f, indent=2, default=str)
+    return 0
+
+
+def curve_main(args) -> int:
+    """`--curve`: every point in its own child, one table, then how each cost grew."""
+    started = time.monotonic()
+    sizes = tuple(int(x.replace("_", "")) for x in args.curve_sizes.split(",") if x.strip())
+    points = curve.points_of(sizes, args.curve_regions, args.budget)
+    log = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,  # noqa: E731
+                                flush=True)
+    summaries = curve.run_curve(points, log)
+    print(render([curve.CurveRow(s) for s in summaries], curve.CURVE_COLUMNS))
+    print()
+    print(f"- {os.cpu_count()} CPUs; each point in a fresh process; curve took {time.monotonic() - started:.0f} s")
+    for note in curve.linearity_notes(summaries):
+        print(f"- {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"curve": summaries}, f, indent=2, default=str)
     return 0
