@@ -45,6 +45,8 @@ Idx = npt.NDArray[np.intp]
 
 EMPTY_U64: RegionArray = np.empty(0, dtype=np.uint64)
 _FAR = float(2**62)
+SCALAR_DROPS = 6
+"""Up to this many full windows drop their oldest interval one by one: cheaper than the vector path."""
 _STATE = ("start", "end", "ostart", "oend", "seeds", "plen", "pstart", "n", "s1", "s2", "last", "mean", "std", "due", "size")
 
 
@@ -303,6 +305,9 @@ class NodeHistory(GroupArrays):
         """mean, std and due of groups `g` from their sums (the reference's `stats_from_sums`, the
         same operations in the same order). For all groups (`g` a slice), also `longest`."""
         opts = self.c.opts
+        if isinstance(g, slice) and not self.wide:
+            self._refresh_all()
+            return
         n, s1, s2 = self.n[g], self.s1[g], self.s2[g]
         if self.wide:
             mean = np.array([a / b for a, b in zip(s1.tolist(), n.tolist())], dtype=np.float64)
@@ -327,6 +332,25 @@ class NodeHistory(GroupArrays):
         np.clip(reach, -_FAR, _FAR, out=reach)
         self.due[g] = np.floor(reach, out=reach)
         self.due[g] -= 2
+
+    def _refresh_all(self) -> None:
+        """`refresh` of every group (int64 sums), written in place: the steady path's."""
+        opts = self.c.opts
+        n, s1, s2 = self.n, self.s1, self.s2
+        mean = np.divide(s1, n, out=self.mean)
+        self.longest = float(mean.max())
+        num = n * s2
+        num -= s1 * s1
+        std = np.divide(num, n * n, out=self.std)
+        mean += opts.acceptable_heartbeat_pause_ms
+        np.sqrt(std, out=std)
+        np.maximum(std, opts.min_std_deviation_ms, out=std)
+        reach = std * self.c.safe_y
+        reach += mean
+        reach += self.last
+        np.clip(reach, -_FAR, _FAR, out=reach)
+        self.due[:] = np.floor(reach, out=reach)
+        self.due -= 2
 
     def refresh_one(self, g: int) -> None:
         """`refresh` of one group, in Python numbers (the reference's own function)."""
@@ -410,9 +434,12 @@ class NodeHistory(GroupArrays):
         """Aligned groups `g` take log entry `x`, the newest, already appended."""
         self.solo = None
         n = self.n[g]
-        full = n >= self.c.opts.max_sample_size
-        if full.any():
-            f = np.flatnonzero(full) if isinstance(g, slice) else g[full]
+        full = np.flatnonzero(n >= self.c.opts.max_sample_size)
+        f = full if isinstance(g, slice) else g[full]
+        if 0 < f.size <= SCALAR_DROPS:  # a few full windows (joined apart: the met ones): one by one
+            for r in f.tolist():
+                self.drop_oldest(r)
+        elif f.size:
             seeds, plen = self.seeds[f], self.plen[f]
             older = self.oend[f] > self.ostart[f]
             plain = f[(seeds == 0) & ~older & (plen == 0)]

@@ -202,10 +202,11 @@ class DetectorTable:
         else:
             # Of the groups that heard the newest heartbeat, the longest mean interval: the datanode
             # is not silent before the slowest of its current histories expects it.
-            due, newest = int(node.due.min()), int(node.last.max())
-            if steady:  # the steady path: every group heard the newest heartbeat
-                interval = node.longest
+            due = int(node.due.min())
+            if steady and node.tail is not None:  # the steady path: every group heard the newest heartbeat
+                newest, interval = node.tail, node.longest
             else:
+                newest = int(node.last.max())
                 at = node.last == newest
                 interval = float(np.max(node.s1[at] / node.n[at]))
         node.min_due = self._due[slot] = due
