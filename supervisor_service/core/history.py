@@ -244,63 +244,6 @@ class GroupArrays:
             setattr(self, name, getattr(self, name)[:g])
         return into
 
-    def tidy_private(self) -> None:
-        """Rebuild the private buffer once most of it has been consumed."""
-        if self.priv.used > 4096:
-            live = self.size > 0
-            if self.priv.used > 4 * int(self.plen[live].sum()):
-                self.priv.rebuild(self.pstart, self.plen, live)
-
-    def merge(self) -> None:
-        """Fold the aligned groups without a private prefix whose windows start at the same place:
-        their windows are the same seeds and the same log slice, so their states are identical
-        (how groups that joined apart meet once their windows are full, and fresh groups join)."""
-        self.solo = None
-        if self.size.size < 2:
-            return
-        cand = np.flatnonzero(
-            (self.plen == 0) & (self.oend == self.ostart) & (self.end == self.log.size) & (self.last == self.tail)
-            & (self.size > 0)
-        )
-        if cand.size < 2:
-            return
-        key = self.start[cand] * 3 + self.seeds[cand]
-        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        if first.size == cand.size:
-            return
-        into = cand[first][inverse.reshape(-1)]  # each candidate -> the first group with its window
-        moved = into != cand
-        np.add.at(self.size, into[moved], self.size[cand[moved]])
-        self.size[cand[moved]] = 0
-        self.due[cand[moved]] = 2**62
-        self.dead += int(np.count_nonzero(moved))
-        remap = np.arange(self.size.size, dtype=np.intp)
-        remap[cand] = into
-        self.gids = remap[self.gids]
-
-
-class NodeHistory(GroupArrays):
-    """The detectors of one datanode: the window arithmetic and the heartbeats."""
-
-    __slots__ = ()
-
-    def fresh_group(self, size: int, ts: int) -> int:
-        """A new group of `size` detectors heartbeat at `ts` for the first time (window: the seeds)."""
-        self.solo = None
-        self.synced = False
-        (g,) = self._new_groups(1).tolist()
-        lo, hi, m = self.c.lo, self.c.hi, self.log.size
-        self.start[g] = self.end[g] = m
-        self.seeds[g], self.plen[g], self.n[g] = 2, 0, 2
-        self.s1[g], self.s2[g] = lo + hi, lo * lo + hi * hi
-        self.last[g], self.size[g] = ts, size
-        if self.tail is None:
-            self.tail = ts
-        self.refresh_one(g)
-        return int(g)
-
-    # ------------------------------------------------------------ window arithmetic
-
     def refresh(self, g: Idx | slice) -> None:
         """mean, std and due of groups `g` from their sums (the reference's `stats_from_sums`, the
         same operations in the same order). For all groups (`g` a slice), also `longest`."""
@@ -359,6 +302,63 @@ class NodeHistory(GroupArrays):
         self.mean[g], self.std[g] = mean, std
         reach = min(int(self.last[g]) + (mean + self.c.safe_y * std), _FAR)
         self.due[g] = int(max(math.floor(reach), -_FAR)) - 2
+
+    def tidy_private(self) -> None:
+        """Rebuild the private buffer once most of it has been consumed."""
+        if self.priv.used > 4096:
+            live = self.size > 0
+            if self.priv.used > 4 * int(self.plen[live].sum()):
+                self.priv.rebuild(self.pstart, self.plen, live)
+
+    def merge(self) -> None:
+        """Fold the aligned groups without a private prefix whose windows start at the same place:
+        their windows are the same seeds and the same log slice, so their states are identical
+        (how groups that joined apart meet once their windows are full, and fresh groups join)."""
+        self.solo = None
+        if self.size.size < 2:
+            return
+        cand = np.flatnonzero(
+            (self.plen == 0) & (self.oend == self.ostart) & (self.end == self.log.size) & (self.last == self.tail)
+            & (self.size > 0)
+        )
+        if cand.size < 2:
+            return
+        key = self.start[cand] * 3 + self.seeds[cand]
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        if first.size == cand.size:
+            return
+        into = cand[first][inverse.reshape(-1)]  # each candidate -> the first group with its window
+        moved = into != cand
+        np.add.at(self.size, into[moved], self.size[cand[moved]])
+        self.size[cand[moved]] = 0
+        self.due[cand[moved]] = 2**62
+        self.dead += int(np.count_nonzero(moved))
+        remap = np.arange(self.size.size, dtype=np.intp)
+        remap[cand] = into
+        self.gids = remap[self.gids]
+
+
+class NodeHistory(GroupArrays):
+    """The detectors of one datanode: the window arithmetic and the heartbeats."""
+
+    __slots__ = ()
+
+    def fresh_group(self, size: int, ts: int) -> int:
+        """A new group of `size` detectors heartbeat at `ts` for the first time (window: the seeds)."""
+        self.solo = None
+        self.synced = False
+        (g,) = self._new_groups(1).tolist()
+        lo, hi, m = self.c.lo, self.c.hi, self.log.size
+        self.start[g] = self.end[g] = m
+        self.seeds[g], self.plen[g], self.n[g] = 2, 0, 2
+        self.s1[g], self.s2[g] = lo + hi, lo * lo + hi * hi
+        self.last[g], self.size[g] = ts, size
+        if self.tail is None:
+            self.tail = ts
+        self.refresh_one(g)
+        return int(g)
+
+    # ------------------------------------------------------------ window arithmetic
 
     def drop_oldest(self, g: int) -> None:
         """Remove group g's oldest interval (its window is full); the scalar path."""
