@@ -7,11 +7,13 @@ Production passes `prometheus_client.REGISTRY`; each test builds its own
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Callable
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor_service.core import HOLD_REASONS, PHI_BUCKETS
@@ -48,6 +50,69 @@ class _SingleWriterHistogram(Collector):
             cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(self._name, self._doc)
         family.add_metric([], cumulative, total)
+        yield family
+
+
+class _LoopCounterChild:
+    """One labelled series of a `_LoopCounter`: a plain number, added to by one thread."""
+
+    __slots__ = ("value", "created")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+
+class _LoopCounter(Collector):
+    """A labelled counter incremented by one thread only (the gRPC server's event loop, once or
+    twice per heartbeat message), exported exactly as a `Counter` is: `<name>_total` and
+    `<name>_created` per label set, a label set appearing once `labels()` has named it.
+
+    `Counter.inc` takes a lock, about a microsecond on every message; here an increment is an
+    addition to a plain number, which only that thread writes. A scrape (another thread) reads
+    each number whole under the GIL; the lock guards only the set of label sets, so that a scrape
+    never iterates it while `labels()` adds one.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = labelnames
+        self._lock = threading.Lock()
+        self._children: dict[tuple[str, ...], _LoopCounterChild] = {}
+
+    def labels(self, *values: object, **by_name: object) -> _LoopCounterChild:
+        """The child of a label set, as `Counter.labels` (positional or by name, not both)."""
+        if values and by_name:
+            raise ValueError("Can't pass both *args and **kwargs")
+        if by_name:
+            if sorted(by_name) != sorted(self._labelnames):
+                raise ValueError("Incorrect label names")
+            values = tuple(by_name[n] for n in self._labelnames)
+        elif len(values) != len(self._labelnames):
+            raise ValueError("Incorrect label count")
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(key, _LoopCounterChild())
+        return child
+
+    def describe(self):
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+    def collect(self):
+        with self._lock:
+            children = list(self._children.items())
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        created = prometheus_client.metrics._use_created  # prometheus_client.disable_created_metrics()
+        for key, child in children:
+            family.add_metric(key, float(child.value), created=child.created if created else None)
         yield family
 
 
@@ -89,15 +154,15 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         r = registry
-        self.heartbeats = Counter(
-            "supervisor_heartbeats", "Heartbeat messages received, by outcome.", ["outcome"], registry=r
+        # Counted on the server's event loop, for every heartbeat message (see _LoopCounter).
+        self.heartbeats = _LoopCounter(
+            "supervisor_heartbeats", "Heartbeat messages received, by outcome.", ("outcome",)
         )
-        self.heartbeat_regions = Counter(
-            "supervisor_heartbeat_regions",
-            "Region entries in heartbeat messages, by outcome.",
-            ["outcome"],
-            registry=r,
+        r.register(self.heartbeats)
+        self.heartbeat_regions = _LoopCounter(
+            "supervisor_heartbeat_regions", "Region entries in heartbeat messages, by outcome.", ("outcome",)
         )
+        r.register(self.heartbeat_regions)
         self.heartbeat_streams = Gauge(
             "supervisor_heartbeat_streams", "Open SendHeartbeat streams.", registry=r
         )

@@ -50,6 +50,10 @@ class PeerDirectory:
 
     Written by the gRPC edge on every heartbeat message, read by the embedded
     PeerLookup and Selector; a lock guards it because both sides are threads.
+    The two calls of every message take it only when something changes: a
+    heartbeat that repeats the known address and epoch stores its times (each
+    a single attribute, written whole under the GIL), and an epoch not below
+    the newest needs no consistent pair of fields to be let through.
 
     Epochs fence a datanode's earlier life: a heartbeat with an epoch below the
     newest seen is stale, unless the newest has been silent for longer than
@@ -67,6 +71,12 @@ class PeerDirectory:
     def observe(self, datanode_id: int, addr: str, epoch: int = 0) -> None:
         """An accepted heartbeat (`addr` empty: keep the address known; `epoch` 0: unknown)."""
         now = self._clock.now_ms()
+        seen = self._seen.get(datanode_id)
+        if seen is not None and (not addr or addr == seen.addr) and (not epoch or epoch == seen.epoch):
+            seen.last_seen_ms = now  # nothing else changes: no lock (see the class docstring)
+            if epoch:
+                seen.epoch_heard_ms = now
+            return
         with self._lock:
             seen = self._seen.get(datanode_id)
             if seen is None:
@@ -87,6 +97,9 @@ class PeerDirectory:
         """None when `epoch` is not below the newest seen (or unknown); otherwise for how long, in ms,
         the newest has been silent (the heartbeat is stale while that is at most `new_life_after_ms`)."""
         if epoch == 0:
+            return None
+        seen = self._seen.get(datanode_id)
+        if seen is None or epoch >= seen.epoch:  # the common answer needs one field: read unlocked
             return None
         with self._lock:
             seen = self._seen.get(datanode_id)
