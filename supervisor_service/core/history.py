@@ -87,9 +87,6 @@ class IntervalLog:
     def at(self, idx: Ints) -> Ints:
         return self.buf[idx - self.base]
 
-    def values(self, a: int, b: int) -> list[int]:
-        return self.buf[a - self.base : b - self.base].tolist()  # type: ignore[no-any-return]
-
     def keep_from(self, first: int) -> None:
         """Drop entries before absolute index `first`, and make room for at least as many again."""
         kept = self.buf[first - self.base : self.size - self.base]
@@ -268,13 +265,7 @@ class GroupArrays:
         np.maximum(std, opts.min_std_deviation_ms, out=std)
         self.mean[g] = mean
         self.std[g] = std
-        # ts < due proves phi(ts) < threshold (core.phivec): 2 ms below the bound, for the rounding.
-        reach = std * self.c.safe_y
-        reach += mean
-        reach += self.last[g]
-        np.clip(reach, -_FAR, _FAR, out=reach)
-        self.due[g] = np.floor(reach, out=reach)
-        self.due[g] -= 2
+        self._set_due(g, mean, std)
 
     def _refresh_all(self) -> None:
         """`refresh` of every group (int64 sums), written in place: the steady path's."""
@@ -288,20 +279,29 @@ class GroupArrays:
         mean += opts.acceptable_heartbeat_pause_ms
         np.sqrt(std, out=std)
         np.maximum(std, opts.min_std_deviation_ms, out=std)
+        self._set_due(slice(None), mean, std)
+
+    def _set_due(self, g: Idx | slice, mean: npt.NDArray[np.float64], std: npt.NDArray[np.float64]) -> None:
+        """due of groups `g` from their mean and std: ts < due proves phi(ts) < threshold
+        (core.phivec); 2 ms below the bound, for the rounding."""
         reach = std * self.c.safe_y
         reach += mean
-        reach += self.last
+        reach += self.last[g]
         np.clip(reach, -_FAR, _FAR, out=reach)
-        self.due[:] = np.floor(reach, out=reach)
-        self.due -= 2
+        self.due[g] = np.floor(reach, out=reach)
+        self.due[g] -= 2
+
+    def due_at(self, last: int, mean: float, std: float) -> int:
+        """`_set_due` of one group, in Python numbers."""
+        reach = min(last + (mean + self.c.safe_y * std), _FAR)
+        return int(max(math.floor(reach), -_FAR)) - 2
 
     def refresh_one(self, g: int) -> None:
         """`refresh` of one group, in Python numbers (the reference's own function)."""
         n, s1, s2 = int(self.n[g]), int(self.s1[g]), int(self.s2[g])
         mean, std = stats_from_sums(n, s1, s2, self.c.opts)
         self.mean[g], self.std[g] = mean, std
-        reach = min(int(self.last[g]) + (mean + self.c.safe_y * std), _FAR)
-        self.due[g] = int(max(math.floor(reach), -_FAR)) - 2
+        self.due[g] = self.due_at(int(self.last[g]), mean, std)
 
     def tidy_private(self) -> None:
         """Rebuild the private buffer once most of it has been consumed."""
@@ -577,8 +577,7 @@ class NodeHistory(GroupArrays):
         self.start[0], self.end[0], self.s1[0], self.s2[0], self.last[0] = start + 1, end + 1, s1, s2, ts
         mean, std = stats_from_sums(cap, s1, s2, self.c.opts)
         self.mean[0], self.std[0] = mean, std
-        reach = min(ts + (mean + self.c.safe_y * std), _FAR)
-        self.due[0] = self.min_due = int(max(math.floor(reach), -_FAR)) - 2
+        self.due[0] = self.min_due = self.due_at(ts, mean, std)
         self.interval = s1 / cap
 
     def _trim(self) -> None:
