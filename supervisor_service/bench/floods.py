@@ -42,13 +42,8 @@ class Floods:
                    + ("" if stamped else ", identical bytes") + (f", {changing(change_every)}" if change_every else ""))
         begin = self.b.begin(load_stats=False)
         replies = self.b.gens.all("flood", cfg.flood_s, cfg.window, stamped, change_every)
-        what = f"{cfg.regions:,} regions/message, every stream flat out"
-        name = f"{changing(change_every)}: {what}" if change_every else label(f"ingest: {what}", stamped)
-        row = self.b.end(name, begin, load_cpu=sum(r["cpu"] for r in replies))
-        row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies, pair=(cfg.regions, stamped, change_every) if change_every else
-                         (cfg.regions, stamped))
-        self.b.rows.append(row)
+        self._record(f"{cfg.regions:,} regions/message, every stream flat out", begin, replies, cfg.regions,
+                     stamped, change_every)
         time.sleep(0.5)  # let the backlog drain before the next window
 
     def small(self, stamped: bool = True, change_every: int = 0) -> None:
@@ -60,14 +55,19 @@ class Floods:
         begin = self.b.begin(load_stats=False)
         replies = self.b.gens.call([("extra", "", part, cfg.small_regions, cfg.small_s, cfg.window, stamped, False,
                                    change_every) for part in parts])
-        what = f"{cfg.small_regions} regions/message, {cfg.small_datanodes:,} more streams flat out"
+        self._record(f"{cfg.small_regions} regions/message, {cfg.small_datanodes:,} more streams flat out", begin,
+                     replies, cfg.small_regions, stamped, change_every)
+        self._deregister(ids, cfg.small_regions)
+
+    def _record(self, what: str, begin: dict, replies: list[dict], regions: int, stamped: bool,
+                change_every: int) -> None:
+        """The row of one flood window, keyed for pairing with the no-op server's row of the same stream."""
         name = f"{changing(change_every)}: {what}" if change_every else label(f"ingest: {what}", stamped)
         row = self.b.end(name, begin, load_cpu=sum(r["cpu"] for r in replies))
         row.errors = sum(r["errors"] for r in replies)
-        row.extra.update(client=replies, pair=(cfg.small_regions, stamped, change_every) if change_every else
-                         (cfg.small_regions, stamped))
+        row.extra.update(client=replies, pair=(regions, stamped, change_every) if change_every else
+                         (regions, stamped))
         self.b.rows.append(row)
-        self._deregister(ids, cfg.small_regions)
 
     def churned(self) -> None:
         """Churned histories: each region index of a stream joins one heartbeat after the previous one

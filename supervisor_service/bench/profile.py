@@ -109,11 +109,7 @@ def profile_main(bench, seconds: float, native: bool = False) -> int:
         Floods(bench).big(True)
         spy_out, _ = spy.communicate(timeout=seconds + 60)
     finally:
-        if bench.gens is not None:
-            bench.gens.close()
-        if bench.host is not None:
-            bench.host.stop()
-        bench.rss.stop()
+        bench.stop()
     if spy.returncode != 0 or not os.path.exists(raw):
         print(f"py-spy could not record this process (exit {spy.returncode}):\n{spy_out}", file=sys.stderr)
         return 1

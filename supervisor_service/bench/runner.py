@@ -380,6 +380,14 @@ class Bench:
             time.sleep(0.1)
         self.log(f"{want:,} detectors in the table")
 
+    def stop(self) -> None:
+        """Stop what `start` started and is still running: the load generators, the service, the sampler."""
+        if self.gens is not None:
+            self.gens.close()
+        if self.host is not None:
+            self.host.stop()
+        self.rss.stop()
+
     def steady_dump_failover(self) -> None:
         cfg = self.cfg
         host = self.host
@@ -491,11 +499,7 @@ class Bench:
                 for streams, regions in sizes:
                     self.rows.append(ceiling.measure(self, streams, regions, True, cfg.change_every))
         finally:
-            if self.gens is not None:
-                self.gens.close()
-            if self.host is not None:
-                self.host.stop()
-            self.rss.stop()
+            self.stop()
         _pair_floors(self.rows)
         if cfg.in_process:
             self.rows.extend(curve.in_process_rows(cfg, self.log))
