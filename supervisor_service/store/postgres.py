@@ -73,21 +73,22 @@ SELECT (SELECT count(*) FROM fence),
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced by `***` (for logs and errors)."""
+    """The URL with its password replaced by `***` (for logs and errors).
+
+    Errs on the side of hiding: everything between the first ':' after the scheme and the last '@'
+    before the query goes (a password with an unescaped '/' or '@' in it too)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, hostport = netloc.rpartition("@")
+    head, q, query = rest.partition("?")
+    userinfo, at, after = head.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    redacted = f"{scheme}://{userinfo}{at}{hostport}{slash}{tail}"
-    for key in ("password=", "passfile="):  # a password given as a query parameter
-        start = redacted.find(key)
-        if start >= 0:
-            end = redacted.find("&", start)
-            redacted = redacted[:start + len(key)] + "***" + (redacted[end:] if end >= 0 else "")
-    return redacted
+    parts = []
+    for param in query.split("&") if q else ():
+        key, eq, _ = param.partition("=")
+        parts.append(f"{key}=***" if eq and key.strip().lower() == "password" else param)
+    return f"{scheme}://{userinfo}{at}{after}{q}{'&'.join(parts)}"
 
 
 def parse_url(url: str) -> dict[str, Any]:
@@ -108,8 +109,7 @@ def parse_url(url: str) -> dict[str, Any]:
 
 def params_password(url: str) -> str:
     """The password written in the URL's userinfo, '' when none (to strip it from messages)."""
-    netloc = url.partition("://")[2].partition("/")[0]
-    userinfo, at, _ = netloc.rpartition("@")
+    userinfo, at, _ = url.partition("://")[2].partition("?")[0].rpartition("@")
     return userinfo.split(":", 1)[1] if at and ":" in userinfo else ""
 
 
