@@ -95,6 +95,9 @@ def parse_url(url: str) -> dict[str, Any]:
     """The connection parameters of a `postgresql://` URL; ValueError naming what is wrong (never the password)."""
     if not (url.startswith("postgresql://") or url.startswith("postgres://")):
         raise ValueError(f"expected postgresql://user[:password]@host[:port]/dbname, got {redact(url)!r}")
+    if url.partition("://")[2].partition("?")[0].count("@") > 1:
+        raise ValueError(f"{redact(url)!r} has more than one '@' before its query: write an '@' of the user "
+                         "name or password as %40 (and '/' as %2F, ':' as %3A)")
     try:
         params = conninfo_to_dict(url)
     except psycopg.Error as exc:
@@ -216,7 +219,7 @@ def ensure_schema(session: PostgresSession) -> None:
             except psycopg.errors.UniqueViolation:
                 pass  # another replica created it at the same moment (IF NOT EXISTS is not atomic)
 
-    session.run(create, what="creating the tables")
+    session.run(create, what="connecting (and creating the tables if missing)")
 
 
 class PostgresKV:

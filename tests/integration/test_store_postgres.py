@@ -3,6 +3,9 @@ commit, recovery by another connection, terms that only grow, and a paused datab
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,10 +17,12 @@ from supervisor_service.cluster import PostgresElection
 from supervisor_service.core import CountsSet, MaintenanceSet, RegistryAdd
 from supervisor_service.store import FencedOut, PostgresKV, StateStore, StoreError
 from tests.support import store_golden as golden
+from tests.support.servers import ServiceProcess, free_port
 
 pytestmark = pytest.mark.realtime
 
 TTL_MS = 2000
+PASSWORD = "pw-that-must-not-leak-7f3a"
 
 
 def _take_lease(url: str, name: str, holder: str = "test:1", ttl_ms: int = 60_000) -> int:
@@ -254,3 +259,43 @@ def test_a_paused_database_makes_the_leader_step_down_in_time(postgres):
     finally:
         election.resign()
         kv.close()
+
+
+def test_serve_on_an_unreachable_database_is_one_line_without_the_password(tmp_path):
+    port = free_port()  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor_service.cli", "serve", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", ""],
+        env={**_clean_env(), "SUPERVISOR_STORE": f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/db"},
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert proc.returncode == 69, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("supervisor-service: error:"), lines
+    assert f"127.0.0.1:{port}" in lines[0] and "postgres:***@" in lines[0]
+    assert PASSWORD not in proc.stderr + proc.stdout
+
+
+def test_a_password_in_the_url_never_reaches_the_log(tmp_path, postgres):
+    """Through a start, a pause of the database (errors, a lost leadership) and a stop."""
+    store = postgres.store().replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@")
+    env = {"SUPERVISOR_STORE": store, "SUPERVISOR_LEADER_LEASE_TTL_MS": str(TTL_MS),
+           "SUPERVISOR_LOG_LEVEL": "debug"}
+    replica = ServiceProcess(env, str(tmp_path / "replica.log"))
+    try:
+        replica.wait_serving(leader=True)
+        postgres.pause()
+        try:
+            time.sleep(TTL_MS / 1000 + 1)
+        finally:
+            postgres.resume()
+        replica.wait_serving(leader=True)
+    finally:
+        replica.stop()
+    text = (tmp_path / "replica.log").read_text()
+    assert "leadership_lost" in text and "postgres:***@" in text, text[-3000:]
+    assert PASSWORD not in text
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")} | {
+        "SUPERVISOR_LOG_FORMAT": "json", "GRPC_VERBOSITY": "NONE", "SUPERVISOR_SHUTDOWN_TIMEOUT_MS": "2000"}
