@@ -284,7 +284,7 @@ class Settings(BaseSettings):
     @field_validator("store_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not v.startswith("/") or v.endswith("/") or "//" in v:
+        if not v.startswith("/") or v.endswith("/") or "//" in v or "\x00" in v:  # NUL: not a PostgreSQL text
             raise ValueError(f"expected an absolute key prefix like /region-supervisor/cluster-a, got {v!r}")
         return v
 

@@ -213,9 +213,7 @@ class PostgresElection:
                 return
             if remaining <= 0:
                 raise StoreError("lease renewal overdue")
-            params = {"name": self.name, "term": term, "ttl_ms": self._ttl_ms}
-            renewed = self._db.run(lambda c: c.execute(_RENEW, params).fetchone(), what="renewing the lease",
-                                   timeout_s=remaining)
+            renewed = self._renew(term, sent, remaining)
             if renewed is None:
                 self._held = 0
                 raise StoreError(f"the leader lease of term {term} expired or was taken at the database")
@@ -223,6 +221,22 @@ class PostgresElection:
                 if self._deadline == 0.0:
                     continue  # stepped down meanwhile: released on the next turn
                 self._deadline = sent + self._ttl_s - self._margin_s
+
+    def _renew(self, term: int, sent: float, remaining: float) -> tuple | None:
+        """The renewal's row (None: the lease is no longer this term's). A connection that broke (the
+        server restarted, a proxy or an idle timeout closed it) is made again and the renewal sent once
+        more while the deadline allows: the update is conditional, so sending it twice is harmless."""
+        params = {"name": self.name, "term": term, "ttl_ms": self._ttl_ms}
+        try:
+            return self._db.run(lambda c: c.execute(_RENEW, params).fetchone(), what="renewing the lease",
+                                timeout_s=remaining)
+        except StoreError as exc:
+            left = remaining - (time.monotonic() - sent)
+            if left < 0.2 or "no answer within" in str(exc):
+                raise
+            log_event(log, logging.WARNING, "lease_renewal_retried", error=describe(exc))
+            return self._db.run(lambda c: c.execute(_RENEW, params).fetchone(), what="renewing the lease",
+                                timeout_s=left)
 
     def _release(self) -> None:
         """Give the lease row up (best effort: it expires by itself anyway)."""

@@ -245,13 +245,14 @@ class PostgresKV:
 
     def read_prefix(self, prefix: str) -> dict[str, bytes]:
         def read(conn: psycopg.Connection) -> dict[str, bytes]:
-            if prefix:
+            if prefix and ord(prefix[-1]) < 0x10FFFF:
                 # Keys compare bytewise (COLLATE "C"): the keys with this prefix are those in [prefix, next).
                 upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
                 rows = conn.execute("SELECT key, value FROM supervisor_kv WHERE key >= %s AND key < %s",
                                     (prefix, upper)).fetchall()
             else:
-                rows = conn.execute("SELECT key, value FROM supervisor_kv").fetchall()
+                rows = conn.execute("SELECT key, value FROM supervisor_kv WHERE starts_with(key, %s)",
+                                    (prefix,)).fetchall()
             return {k: bytes(v) for k, v in rows}
 
         return self.session.run(read, what=f"reading {prefix!r}")

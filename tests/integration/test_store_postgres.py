@@ -261,6 +261,36 @@ def test_a_paused_database_makes_the_leader_step_down_in_time(postgres):
         kv.close()
 
 
+def test_a_broken_connection_does_not_end_the_leadership_nor_lose_a_write(postgres):
+    """The server ends every connection of the service (a restart, a proxy's idle timeout): the leader
+    renews on a new one and keeps its term; the writer's commit is retried and lands."""
+    url = postgres.store()
+    kv = PostgresKV(url)
+    events: list = []
+    election = _election(kv, "10.0.0.1:50051", events, prefix="/b")
+    store = StateStore(kv, "/b", flush_interval_s=0, holds_term=election.holds)
+    try:
+        election.start()
+        _wait(election.is_leader, 5, "no leader")
+        store.load()
+        store.start()
+        term = election.term
+        store.submit([RegistryAdd(1, np.array([10], dtype=np.uint64))], term=term)
+        store.flush()
+        for _ in range(3):
+            _sql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name LIKE 'region-supervisor-%%' AND pid <> pg_backend_pid()")
+            time.sleep(TTL_MS / 3000 + 0.2)  # a renewal falls on the broken connection
+        store.submit([RegistryAdd(1, np.array([10, 11], dtype=np.uint64))], term=term)
+        store.flush()
+        assert election.is_leader() and election.term == term and events == [("elected", term)], events
+        assert StateStore(kv, "/b").load().registry[1].tolist() == [10, 11]
+    finally:
+        store.stop(5)
+        election.resign()
+        kv.close()
+
+
 def test_serve_on_an_unreachable_database_is_one_line_without_the_password(tmp_path):
     port = free_port()  # nothing listens there
     proc = subprocess.run(
