@@ -47,12 +47,15 @@ T = TypeVar("T")
 # step (27 bytes a region), and small enough to be sent and applied well within a statement's deadline.
 _MAX_TXN_BYTES = 32 * 1024 * 1024
 
-SCHEMA = (
-    'CREATE TABLE IF NOT EXISTS supervisor_kv (key text COLLATE "C" PRIMARY KEY, value bytea NOT NULL)',
-    "CREATE TABLE IF NOT EXISTS supervisor_lease (name text PRIMARY KEY, holder text NOT NULL, "
-    "term bigint NOT NULL, expires_at timestamptz NOT NULL)",
-    "CREATE SEQUENCE IF NOT EXISTS supervisor_term",
-)
+# What the service creates when it is missing (a user without CREATE on the schema can use the objects an
+# administrator made with these statements, given SELECT, INSERT, UPDATE, DELETE and USAGE on the sequence).
+SCHEMA = {
+    "supervisor_kv": 'CREATE TABLE IF NOT EXISTS supervisor_kv (key text COLLATE "C" PRIMARY KEY, '
+                     "value bytea NOT NULL)",
+    "supervisor_lease": "CREATE TABLE IF NOT EXISTS supervisor_lease (name text PRIMARY KEY, holder text NOT NULL, "
+                        "term bigint NOT NULL, expires_at timestamptz NOT NULL)",
+    "supervisor_term": "CREATE SEQUENCE IF NOT EXISTS supervisor_term",
+}
 
 _COMMIT = """
 WITH fence AS (
@@ -211,15 +214,38 @@ def _message(exc: BaseException, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
+# The columns the statements rely on, as information_schema names their types.
+_COLUMNS = {
+    ("supervisor_kv", "key"): "text", ("supervisor_kv", "value"): "bytea",
+    ("supervisor_lease", "name"): "text", ("supervisor_lease", "holder"): "text",
+    ("supervisor_lease", "term"): "bigint", ("supervisor_lease", "expires_at"): "timestamp with time zone",
+}
+
+
 def ensure_schema(session: PostgresSession) -> None:
-    def create(conn: psycopg.Connection) -> None:
-        for statement in SCHEMA:
+    """Create the tables and the sequence if missing; refuse, naming it, a table of that name made otherwise."""
+
+    def create(conn: psycopg.Connection) -> list[str]:
+        # Only what is missing: CREATE ... IF NOT EXISTS needs the CREATE privilege even when it exists.
+        row = conn.execute("SELECT " + ", ".join(f"to_regclass('{name}') IS NULL" for name in SCHEMA)).fetchone()
+        assert row is not None
+        for statement in (statement for (_, statement), missing in zip(SCHEMA.items(), row) if missing):
             try:
                 conn.execute(statement)
             except psycopg.errors.UniqueViolation:
                 pass  # another replica created it at the same moment (IF NOT EXISTS is not atomic)
+        rows = conn.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name IN ('supervisor_kv', 'supervisor_lease')"
+        ).fetchall()
+        found = {(t, c): d for t, c, d in rows}
+        return [f"{t}.{c} is {found.get((t, c), 'missing')}, not {d}"
+                for (t, c), d in _COLUMNS.items() if found.get((t, c)) != d]
 
-    session.run(create, what="connecting (and creating the tables if missing)")
+    wrong = session.run(create, what="connecting (and creating the tables if missing)")
+    if wrong:
+        raise StoreError(f"PostgreSQL store {session.shown}: tables of these names exist but are not the "
+                         f"supervisor's ({'; '.join(wrong)}): use another database or schema", reason="postgres")
 
 
 class PostgresKV:

@@ -16,6 +16,7 @@ import pytest
 from supervisor_service.cluster import PostgresElection
 from supervisor_service.core import CountsSet, MaintenanceSet, RegistryAdd
 from supervisor_service.store import FencedOut, PostgresKV, StateStore, StoreError
+from supervisor_service.store.postgres import SCHEMA
 from tests.support import store_golden as golden
 from tests.support.servers import ServiceProcess, free_port
 
@@ -287,6 +288,37 @@ def test_a_broken_connection_does_not_end_the_leadership_nor_lose_a_write(postgr
         assert StateStore(kv, "/b").load().registry[1].tolist() == [10, 11]
     finally:
         store.stop(5)
+        election.resign()
+        kv.close()
+
+
+def test_tables_made_otherwise_are_refused_and_a_user_without_create_uses_an_administrators(postgres):
+    url = postgres.store()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE supervisor_kv (key text PRIMARY KEY, value text)")
+    with pytest.raises(StoreError, match=r"not the supervisor's \(supervisor_kv.value is text, not bytea\)"):
+        PostgresKV(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE supervisor_kv")
+        conn.execute("DO $$ BEGIN CREATE ROLE supervisor_least LOGIN; EXCEPTION WHEN duplicate_object THEN END $$")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    least = url.replace("postgresql://postgres@", "postgresql://supervisor_least@")
+    with pytest.raises(StoreError, match="permission denied"):
+        PostgresKV(least)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in SCHEMA.values():
+            conn.execute(statement)
+        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON supervisor_kv, supervisor_lease TO supervisor_least")
+        conn.execute("GRANT USAGE ON SEQUENCE supervisor_term TO supervisor_least")
+    kv = PostgresKV(least)
+    events: list = []
+    election = _election(kv, "10.0.0.1:50051", events, prefix="/l")
+    try:
+        election.start()
+        _wait(election.is_leader, 5, "no leader")
+        kv.commit({"/l/x": b"1"}, set(), ("/l/leader", election.term))
+        assert kv.read_prefix("/l/") == {"/l/x": b"1"}
+    finally:
         election.resign()
         kv.close()
 
