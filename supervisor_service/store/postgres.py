@@ -192,7 +192,8 @@ class PostgresSession:
         conninfo = self._conninfo
         if timeout_s < self.timeout_s:
             conninfo = make_conninfo(conninfo, connect_timeout=str(max(2, round(timeout_s))))
-        self._conn = psycopg.connect(conninfo, autocommit=True)
+        # Never prepared: statements stay valid through a transaction-pooling proxy (PgBouncer).
+        self._conn = psycopg.connect(conninfo, autocommit=True, prepare_threshold=None)
         return self._conn
 
     def _drop(self) -> None:
@@ -297,7 +298,7 @@ class PostgresKV:
         }
 
         def write(conn: psycopg.Connection) -> tuple[int, int | None, bool | None]:
-            row = conn.execute(_COMMIT, params, prepare=False).fetchone()
+            row = conn.execute(_COMMIT, params).fetchone()
             assert row is not None
             return row[0], row[1], row[2]
 
