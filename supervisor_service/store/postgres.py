@@ -187,14 +187,38 @@ class PostgresSession:
                     timer.cancel()
 
     def _connect(self, timeout_s: float) -> psycopg.Connection:
+        """The open connection, or a new one within `timeout_s`: libpq's connect_timeout is whole seconds,
+        2 at least, so the connection is made on a thread of its own that is given up (it closes what
+        it gets) when the caller's deadline is shorter."""
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        conninfo = self._conninfo
-        if timeout_s < self.timeout_s:
-            conninfo = make_conninfo(conninfo, connect_timeout=str(max(2, round(timeout_s))))
-        # Never prepared: statements stay valid through a transaction-pooling proxy (PgBouncer).
-        self._conn = psycopg.connect(conninfo, autocommit=True, prepare_threshold=None)
-        return self._conn
+        outcome: dict[str, Any] = {}
+        lock = threading.Lock()
+
+        def connect() -> None:
+            try:
+                # Never prepared: statements stay valid through a transaction-pooling proxy (PgBouncer).
+                conn = psycopg.connect(self._conninfo, autocommit=True, prepare_threshold=None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                outcome["error"] = exc
+                return
+            with lock:
+                if outcome.get("abandoned"):
+                    conn.close()
+                else:
+                    outcome["conn"] = conn
+
+        thread = threading.Thread(target=connect, name="postgres-connect", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        with lock:
+            if "conn" in outcome:
+                self._conn = outcome["conn"]
+                return self._conn
+            if "error" in outcome:
+                raise outcome["error"]
+            outcome["abandoned"] = True
+        raise TimeoutError(f"no connection within {timeout_s:.1f} s")
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

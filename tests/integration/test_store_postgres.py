@@ -16,8 +16,9 @@ import pytest
 from supervisor_service.cluster import PostgresElection
 from supervisor_service.core import CountsSet, MaintenanceSet, RegistryAdd
 from supervisor_service.store import FencedOut, PostgresKV, StateStore, StoreError
-from supervisor_service.store.postgres import SCHEMA
+from supervisor_service.store.postgres import SCHEMA, PostgresSession
 from tests.support import store_golden as golden
+from tests.support.proxy import PausableProxy
 from tests.support.servers import ServiceProcess, free_port
 
 pytestmark = pytest.mark.realtime
@@ -321,6 +322,29 @@ def test_tables_made_otherwise_are_refused_and_a_user_without_create_uses_an_adm
     finally:
         election.resign()
         kv.close()
+
+
+def test_no_statement_nor_connection_outlives_its_deadline_behind_a_dead_link(postgres):
+    """Behind a link that delivers nothing (a paused proxy: the handshake completes in the kernel, then
+    silence), a connection and a statement both fail at the caller's deadline, not libpq's 2 s or more."""
+    proxy = PausableProxy(postgres.endpoint)
+    session = PostgresSession(postgres.store(proxy.endpoint), name="test", timeout_s=5.0)
+    try:
+        assert session.run(lambda c: c.execute("SELECT 1").fetchone(), what="a check") == (1,)
+        for reconnect in (False, True):
+            if reconnect:
+                session._drop()
+            proxy.pause()
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="no answer within 0.5 s"):
+                session.run(lambda c: c.execute("SELECT 1").fetchone(), what="a check", timeout_s=0.5)
+            assert time.monotonic() - started < 1.0
+            proxy.resume()
+        assert session.run(lambda c: c.execute("SELECT 2").fetchone(), what="a check") == (2,)
+    finally:
+        proxy.resume()
+        session.close()
+        proxy.stop()
 
 
 def test_serve_on_an_unreachable_database_is_one_line_without_the_password(tmp_path):
