@@ -168,9 +168,15 @@ class PostgresSession:
                 raise StoreError(f"PostgreSQL store {self.shown}: closed", reason="postgres")
             started = time.monotonic()
             timer: threading.Timer | None = None
+            fired = threading.Event()
+
+            def expire(conn: psycopg.Connection) -> None:
+                fired.set()
+                _cut(conn)
+
             try:
                 conn = self._connect(timeout)
-                timer = threading.Timer(max(0.01, timeout - (time.monotonic() - started)), _cut, (conn,))
+                timer = threading.Timer(max(0.01, timeout - (time.monotonic() - started)), expire, (conn,))
                 timer.daemon = True
                 timer.start()
                 return op(conn)
@@ -185,6 +191,9 @@ class PostgresSession:
             finally:
                 if timer is not None:
                     timer.cancel()
+                    timer.join()  # a cut under way ends before the descriptor can be closed and reused
+                    if fired.is_set():
+                        self._drop()  # cut just as the answer came: its socket is of no more use
 
     def _connect(self, timeout_s: float) -> psycopg.Connection:
         """The open connection, or a new one within `timeout_s`: libpq's connect_timeout is whole seconds,

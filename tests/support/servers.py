@@ -254,7 +254,7 @@ class PostgresServer:
     def stop(self) -> None:
         self.resume()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown: backends are ended, no wait for clients
+            self.proc.send_signal(signal.SIGQUIT)  # immediate shutdown: no checkpoint, the data is thrown away
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
