@@ -7,12 +7,12 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps
+.PHONY: run test test-min bench profile soak chaos report proto lint clean venv system-deps
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
 # (or fail under CI=true).
-SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server
+SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server gcc:gcc mkfs.ext4:e2fsprogs
 
 venv: $(STAMP)
 
@@ -91,6 +91,14 @@ profile: proto
 # The soak (README "Soak"): the real service for SOAK_MINUTES (default 10) under churn, stalls and Dumps.
 soak: proto
 	$(PY) -m supervisor_service.bench.soak $(SOAK_ARGS)
+
+# The seeded chaos suite (README "Chaos testing"): three replicas on a three-member etcd under a nemesis, then
+# the invariants checked on the recorded history; exits 1 on any violation. CHAOS_SEED (default 1),
+# CHAOS_MINUTES (default 3, the whole run), CHAOS_ARGS (e.g. "--seeds 1,2,3", "--scenario disk").
+CHAOS_SEED ?= 1
+CHAOS_MINUTES ?= 3
+chaos: proto system-deps
+	CHAOS_SEED=$(CHAOS_SEED) CHAOS_MINUTES=$(CHAOS_MINUTES) $(PY) -m tests.chaos $(CHAOS_ARGS)
 
 # The detection-quality report committed in docs/ (README "Detection quality"): about two minutes on two cores.
 report: proto
