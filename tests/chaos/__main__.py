@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="", help="comma-separated fault kinds (default: all): " +
                         ", ".join(KIND_NAMES))
     parser.add_argument("--work-dir", default="", help="where logs and history.json go (default: a temp dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="SUPERVISOR_X=VALUE",
+                        help="a setting of every replica (to show the checker failing a weakened service)")
     parser.add_argument("--scenario", choices=("cluster", "disk", "all"), default="all",
                         help="cluster: the etcd cluster run; disk: the SQLite disk-fault run")
     args = parser.parse_args(argv)
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in kinds if k not in KIND_NAMES]
     if unknown:
         parser.error(f"unknown fault kinds: {unknown}")
+    extra_env = dict(item.split("=", 1) for item in args.set)
+    if any(not k.startswith("SUPERVISOR_") for k in extra_env):
+        parser.error("--set takes SUPERVISOR_NAME=VALUE")
     seeds = [int(s) for s in args.seeds.split(",") if s] or [args.seed]
     seconds = max(10.0, args.minutes * 60 - OVERHEAD_S)
     failed = False
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario in ("cluster", "all"):
             work = os.path.join(args.work_dir, f"seed-{seed}") if args.work_dir else None
             result = run_chaos(seed=seed, seconds=seconds, datanodes=args.datanodes, deaths_count=args.deaths,
-                               kinds=kinds, work_dir=work)
+                               kinds=kinds, work_dir=work, extra_env=extra_env)
             print(render(seed, result.faults, result.history, result.violations, result.numbers,
                          result.nemesis_errors))
             print(f"history and logs: {result.work_dir}")

@@ -260,8 +260,9 @@ class ChaosCluster:
     """Everything of one run; `start()` brings it up, `close()` takes it all down."""
 
     def __init__(self, *, seed: int, datanodes: int, regions_per_datanode: int = 4, work_dir: str | None = None,
-                 clock_shim: bool = True) -> None:
+                 clock_shim: bool = True, extra_env: dict[str, str] | None = None) -> None:
         self.seed = seed
+        self.extra_env = dict(extra_env or {})
         self.work_dir = work_dir or tempfile.mkdtemp(prefix=f"chaos-{seed}-")
         os.makedirs(self.work_dir, exist_ok=True)
         self.n_datanodes = datanodes
@@ -324,6 +325,7 @@ class ChaosCluster:
             "SUPERVISOR_SELECTOR_ENDPOINT": remote_proxies["selector"].endpoint,
             "SUPERVISOR_PEER_LOOKUP_ENDPOINT": remote_proxies["lookup"].endpoint,
         })
+        env.update(self.extra_env)
         if shim:
             env.update({"LD_PRELOAD": shim, "CLOCKSHIFT_FILE": self.clock_file})
         return Replica(i, port, source_ip, etcd_proxies, remote_proxies, front, env,

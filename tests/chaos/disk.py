@@ -202,6 +202,9 @@ def run_disk(*, seed: int, work_dir: str | None = None, datanodes: int = 6, log=
         return DiskResult(seed, History(seed=seed), [], [], skipped=why)
     work_dir = work_dir or tempfile.mkdtemp(prefix=f"chaos-disk-{seed}-")
     os.makedirs(work_dir, exist_ok=True)
+    from tests.chaos.run import close_harness_log, harness_log
+
+    handler = harness_log(work_dir)
     rng = random.Random(seed ^ 0xD15C)
     disk = Ext4Image(work_dir)
     migration = ChaosRegionMigration(seed=seed)
@@ -312,6 +315,7 @@ def run_disk(*, seed: int, work_dir: str | None = None, datanodes: int = 6, log=
         for fake in (migration, selector, lookup):
             fake.stop()
         disk.close()
+        close_harness_log(handler)
 
     for call in migration.attempts:
         req, resp = call.request, call.response

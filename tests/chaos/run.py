@@ -91,6 +91,22 @@ class MetasrvWriter:
         self.acks.append(Ack(time.monotonic() - self.started_at, "maintenance", datanode_ids=[phantom]))
 
 
+def harness_log(work_dir: str) -> logging.Handler:
+    """The datanodes' and clients' own log lines (streams broken by the faults) into work_dir/harness.log."""
+    handler = logging.FileHandler(os.path.join(work_dir, "harness.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s %(fields)s",
+                                           defaults={"fields": ""}))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def close_harness_log(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
 def _wait(predicate, timeout: float, step: float = 0.2):
     deadline = time.monotonic() + timeout
     while True:
@@ -102,16 +118,11 @@ def _wait(predicate, timeout: float, step: float = 0.2):
 
 def run_chaos(*, seed: int, seconds: float, datanodes: int = 24, deaths_count: int | None = None,
               kinds: tuple[str, ...] = KIND_NAMES, work_dir: str | None = None, log=print,
-              failover_bound_s: float = 60.0, recovery_bound_s: float = 30.0) -> RunResult:
+              failover_bound_s: float = 60.0, recovery_bound_s: float = 30.0,
+              extra_env: dict[str, str] | None = None) -> RunResult:
     """`seconds` of faults (the whole run takes about a minute more: bring-up, heal, checks)."""
-    cluster = ChaosCluster(seed=seed, datanodes=datanodes, work_dir=work_dir)
-    # The datanodes' and clients' own log lines (streams broken by the faults) go to the work dir.
-    handler = logging.FileHandler(os.path.join(cluster.work_dir, "harness.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s %(fields)s",
-                                           defaults={"fields": ""}))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    cluster = ChaosCluster(seed=seed, datanodes=datanodes, work_dir=work_dir, extra_env=extra_env)
+    handler = harness_log(cluster.work_dir)
     faults = schedule(seed, seconds, kinds)
     count = deaths_count if deaths_count is not None else max(1, min(datanodes // 8, 2 + int(seconds // 60)))
     plan = deaths(seed, seconds, list(range(1, datanodes + 1)), count)
@@ -229,8 +240,7 @@ def run_chaos(*, seed: int, seconds: float, datanodes: int = 24, deaths_count: i
         if nemesis is not None and nemesis._thread.is_alive():
             nemesis.stop()
         cluster.close()
-        root.removeHandler(handler)
-        handler.close()
+        close_harness_log(handler)
     violations = check(history)
     with open(os.path.join(cluster.work_dir, "history.json"), "w") as f:
         f.write(history.to_json())
