@@ -165,11 +165,16 @@ def _no_double_submit(h: History) -> list[Violation]:
     """A region of a datanode is in at most one live decision at a time: a second decision (another
     request_id) moving it again is allowed only once the first one ended without moving it (its
     answer left the region out or put it in peer_conflict, or GetMigrationStatus said NOT_FOUND or
-    FAILED before the second arrived). Retries of one decision share its request_id."""
+    FAILED before the second arrived), or ended at all (SUCCEEDED) while the datanode was still alive.
+    Retries of one decision share its request_id."""
     released_at: dict[str, float] = {}
+    succeeded_at: dict[str, float] = {}
     for p in sorted(h.polls, key=lambda p: p.at):
         if p.state in _RELEASING_STATES:
             released_at.setdefault(p.procedure_id, p.at)
+        elif p.state == "MIGRATION_STATE_SUCCEEDED":
+            succeeded_at.setdefault(p.procedure_id, p.at)
+    died = {d.datanode_id: d.at for d in h.deaths}
     decisions: dict[tuple[int, int], list[Submit]] = defaultdict(list)
     seen_requests: set[tuple[str, int, int]] = set()
     for s in sorted((s for s in h.submits if s.executed), key=lambda s: s.at):
@@ -184,6 +189,12 @@ def _no_double_submit(h: History) -> list[Violation]:
         for earlier, later in zip(subs, subs[1:]):
             held = any(r in earlier.categories.get(c, ()) for c in _HOLDING)
             freed = released_at.get(earlier.procedure_id)
+            done = succeeded_at.get(earlier.procedure_id)
+            if freed is None and done is not None and not (d in died and died[d] <= done):
+                # A datanode alive after the move ended heartbeats the region again (it was given
+                # back): a new failure is a new decision. A dead one reports nothing: moving its
+                # region again after the move ended is a double (a state that forgot the move).
+                freed = done
             if held and not (earlier.procedure_id and freed is not None and freed <= later.at):
                 doubles.setdefault((later.request_id, d), (earlier, later, []))[2].append(r)
     out = []

@@ -82,6 +82,22 @@ def test_a_second_decision_after_not_found_is_allowed_but_not_before():
     assert _invariants(h) == {hist.NO_DOUBLE_SUBMIT}
 
 
+def test_a_dead_datanode_moved_again_after_its_move_succeeded_is_a_double():
+    h = clean()  # p1 SUCCEEDED at 22: datanode 7 is dead, nothing may move its regions again
+    h.submits.append(_submit(30.0, request_id="q2", procedure="p2", term=9, replica="r1"))
+    assert _invariants(h) == {hist.NO_DOUBLE_SUBMIT}
+
+
+def test_a_live_datanode_failing_again_after_a_finished_move_is_a_new_decision():
+    h = clean()
+    h.deaths, h.live_datanodes = [], [1, 2, 3, 7]
+    h.heartbeats_accepted_at[7] = 16.0
+    h.submits.append(_submit(30.0, request_id="q2", procedure="p2"))
+    assert _invariants(h) == {hist.LIVE_NOT_FAILED_OVER}  # a false failover, but not a double one
+    h.deaths, h.live_datanodes = [Death(25.0, 7, [70, 71])], [1, 2, 3]  # it dies after the move ended
+    assert _invariants(h) == {hist.LIVE_NOT_FAILED_OVER}
+
+
 def test_a_dead_datanode_not_failed_over_in_time_is_found():
     h = clean()
     h.submits = [_submit(50.0)]  # healed at 15, bound 30: due at 45
