@@ -214,11 +214,13 @@ def run_chaos(*, seed: int, seconds: float, datanodes: int = 24, deaths_count: i
         history.faults = list(nemesis.records)
 
         executed = [s for s in history.submits if s.executed]
-        first_after: list[float] = []
+        after_death: list[float] = []  # death -> its first region submitted
+        after_heal: list[float] = []  # heal -> the first submission of a datanode that died during the faults
         for death in history.deaths:
             times = [s.at for s in executed if s.from_id == death.datanode_id]
             if times:
-                first_after.append(max(0.0, min(times) - max(death.at, history.healed_at)))
+                after_death.append(round(min(times) - death.at, 1))
+                after_heal.append(round(max(0.0, min(times) - history.healed_at), 1))
         numbers.update({
             "faults_injected": len([f for f in history.faults if f.kind != "datanode_death"]),
             "datanodes": datanodes, "datanodes_died": len(history.deaths),
@@ -232,7 +234,9 @@ def run_chaos(*, seed: int, seconds: float, datanodes: int = 24, deaths_count: i
             "leader_after_heal_s": None if history.leader_at is None else round(history.leader_at - history.healed_at, 2),
             "worst_heartbeat_after_heal_s": round(max(
                 ((v or 1e9) - history.healed_at for v in history.heartbeats_accepted_at.values()), default=0.0), 2),
-            "worst_failover_after_heal_or_death_s": round(max(first_after, default=0.0), 2),
+            "failover_after_death_s": sorted(after_death),
+            "failover_after_heal_s (0: before the heal)": sorted(after_heal),
+            "procedures_answered_not_found": len({p.procedure_id for p in history.polls if p.state == "MIGRATION_STATE_NOT_FOUND"}),
             "proxy_connections": sum(p.connections for p in cluster.proxies),
             "total_s": round(time.monotonic() - t0, 1),
         })
