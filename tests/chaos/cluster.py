@@ -38,6 +38,12 @@ TTL_MS = 2000
 TICK_MS = 200
 HEARTBEAT_S = 0.5
 REMOTE_TIMEOUT_MS = 2000
+# A region's first failover gets this timeout (base x (count + 1), count 0): short enough that a slow
+# migration outlives it within a run, longer than any cut of a replica's remotes the nemesis makes
+# (overlapping cuts stay under 8 s). A migration whose status cannot be learnt for a whole timeout
+# ends then, by the contract, and its regions are failed over again.
+MIGRATION_BASE_TIMEOUT_MS = 12_000
+MIGRATION_TIMEOUT_MS = MIGRATION_BASE_TIMEOUT_MS
 TABLE = 1024
 
 REPLICA_ENV = {
@@ -48,6 +54,7 @@ REPLICA_ENV = {
     "SUPERVISOR_WARMUP_GRACE_MS": "3000",
     "SUPERVISOR_WARMUP_FRACTION": "0.8",
     "SUPERVISOR_REMOTE_TIMEOUT_MS": str(REMOTE_TIMEOUT_MS),
+    "SUPERVISOR_MIGRATION_BASE_TIMEOUT_MS": str(MIGRATION_BASE_TIMEOUT_MS),
     "SUPERVISOR_MIGRATION_STATUS_POLL_INTERVAL_MS": "500",
     "SUPERVISOR_SUBMIT_RETRY_BACKOFF_MS": "500",
     "SUPERVISOR_SUBMIT_RETRY_BACKOFF_MAX_MS": "4000",
@@ -378,6 +385,7 @@ class ChaosCluster:
         for p in self.proxies:
             p.heal()
         self.migration.clear_faults()
+        self.migration.slow_s = 0.0
         self.selector.lie = ""
         self.set_clock_offset(0)
         self.etcd.heal()

@@ -49,7 +49,7 @@ def disk_available() -> str:
     """'' when the disk scenario can run here, else why not."""
     if os.geteuid() != 0:
         return "the disk scenario needs root (mount)"
-    for tool in ("mount", "umount", "mkfs.ext4", "e2fsck", "findmnt"):
+    for tool in ("mount", "umount", "mkfs.ext4", "e2fsck", "findmnt", "losetup"):
         if shutil.which(tool) is None:
             return f"the disk scenario needs {tool} (Debian packages mount, e2fsprogs)"
     return ""
@@ -100,8 +100,21 @@ class Ext4Image:
     def repair(self) -> None:
         """What an operator does once the service is stopped: unmount, fsck, mount again."""
         subprocess.run(["umount", self.mnt], check=True)
+        # The loop device is let go asynchronously: mounting the image again before it is would
+        # get the old, read-only superblock back.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and subprocess.run(
+                ["losetup", "-j", self.image], capture_output=True, text=True).stdout.strip():
+            time.sleep(0.1)
         subprocess.run(["e2fsck", "-fy", self.image], capture_output=True)  # exit 1: errors corrected
         self.mount()
+        probe = os.path.join(self.mnt, ".writable")
+        try:
+            with open(probe, "w") as f:
+                f.write("x")
+            os.unlink(probe)
+        except OSError:
+            subprocess.run(["mount", "-o", "remount,rw", self.mnt], check=True)
 
     def close(self) -> None:
         subprocess.run(["umount", "-l", self.mnt], check=False, capture_output=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from tests.chaos.cluster import REMOTE_TIMEOUT_MS, TTL_MS, ChaosCluster, Replica
+from tests.chaos.cluster import MIGRATION_TIMEOUT_MS, REMOTE_TIMEOUT_MS, TTL_MS, ChaosCluster, Replica
 from tests.chaos.history import FaultRecord
 
 # (kind, family) in the order of the report's rows.
@@ -44,6 +44,7 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("migration_unavailable", "remote"),
     ("migration_two_categories", "remote"),
     ("migration_unknown_procedure", "remote"),
+    ("migration_slow", "remote"),
     ("selector_self", "remote"),
     ("selector_fewer", "remote"),
     ("selector_duplicates", "remote"),
@@ -88,6 +89,7 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KIND_NAMES) -> 
             "clock_forward": rng.choice((30, 300, 3600)),
             "clock_back": -rng.choice((30, 300, 3600)),
             "migration_hang": REMOTE_TIMEOUT_MS / 1000 + rng.uniform(0.5, 2.0),
+            "migration_slow": MIGRATION_TIMEOUT_MS / 1000 + rng.uniform(3.0, 8.0),
         }.get(kind, 0.0)
         duration = min(duration, max(1.0, seconds - t))
         out.append(Fault(round(t, 2), round(duration, 2), kind, rng.random() < 0.6, rng.randrange(1 << 30),
@@ -238,6 +240,9 @@ class Nemesis:
         if kind == "migration_unavailable":
             c.migration.fail(grpc.StatusCode.UNAVAILABLE, details="chaos: RegionMigration unavailable")
             return "every method", c.migration.clear_faults
+        if kind == "migration_slow":
+            c.migration.slow_s = f.amount
+            return f"procedures started now run {f.amount:.1f} s", lambda: setattr(c.migration, "slow_s", 0.0)
         if kind == "migration_two_categories":
             c.migration.contradict_next += 2
             return "next 2 submissions", lambda: setattr(c.migration, "contradict_next", 0)

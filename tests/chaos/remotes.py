@@ -3,8 +3,10 @@ behaviours the nemesis switches on and off.
 
 RegionMigration carries out every submission it accepts (fenced on the leader
 term, idempotent on request_id, as the real service must be) and reports a
-procedure SUCCEEDED `complete_after_s` after it started, unless the nemesis
-made it forget the procedure (NOT_FOUND). The Selector picks round-robin
+procedure SUCCEEDED `complete_after_s` after it started (or `slow_s`, for one
+started while the nemesis made migrations slow: longer than the supervisor's
+migration timeout), unless the nemesis made it forget the procedure
+(NOT_FOUND). The Selector picks round-robin
 among the live datanodes; its lies are switched on by `lie`. Every call is
 recorded with the caller's peer address, which names the replica (each
 replica's proxy connects from its own 127.x address).
@@ -24,6 +26,8 @@ class ChaosRegionMigration(FakeRegionMigration):
     def __init__(self, *, complete_after_s: float = 2.0, seed: int = 0) -> None:
         self.complete_after_s = complete_after_s
         self._started: dict[str, float] = {}
+        self._takes: dict[str, float] = {}  # procedure -> how long it runs (when not complete_after_s)
+        self.slow_s = 0.0  # > 0: procedures started now run this long
         self._forgotten: set[str] = set()
         self.forget_next = 0
         self.contradict_next = 0
@@ -36,6 +40,8 @@ class ChaosRegionMigration(FakeRegionMigration):
         regions = list(request.region_ids)
         with self._chaos_lock:
             self._started[procedure] = time.monotonic()
+            if self.slow_s > 0:
+                self._takes[procedure] = self.slow_s
             if self.forget_next > 0:
                 self.forget_next -= 1
                 self._forgotten.add(procedure)
@@ -51,7 +57,7 @@ class ChaosRegionMigration(FakeRegionMigration):
         now = time.monotonic()
         with self._chaos_lock:
             running = sorted(p for p, t in self._started.items()
-                             if p not in self._forgotten and now - t < self.complete_after_s)
+                             if p not in self._forgotten and now - t < self._takes.get(p, self.complete_after_s))
             if running:
                 self._forgotten.add(self._rng.choice(running))
                 return True
@@ -62,9 +68,10 @@ class ChaosRegionMigration(FakeRegionMigration):
         with self._chaos_lock:
             started = self._started.get(request.procedure_id)
             forgotten = request.procedure_id in self._forgotten
+            takes = self._takes.get(request.procedure_id, self.complete_after_s)
         if started is None or forgotten:
             state = pb.MIGRATION_STATE_NOT_FOUND
-        elif time.monotonic() - started >= self.complete_after_s:
+        elif time.monotonic() - started >= takes:
             state = pb.MIGRATION_STATE_SUCCEEDED
         else:
             state = pb.MIGRATION_STATE_RUNNING
