@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 from tests.chaos.nemesis import KIND_NAMES
@@ -20,10 +21,12 @@ OVERHEAD_S = 60.0  # bring-up, healing, the waits for failovers and the settle t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", "1")))
+    parser.add_argument("--seed", type=int, default=os.environ.get("CHAOS_SEED", "1"), help="CHAOS_SEED (default 1)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds, run one after the other")
-    parser.add_argument("--minutes", type=float, default=float(os.environ.get("CHAOS_MINUTES", "3")))
-    parser.add_argument("--datanodes", type=int, default=int(os.environ.get("CHAOS_DATANODES", "24")))
+    parser.add_argument("--minutes", type=float, default=os.environ.get("CHAOS_MINUTES", "3"),
+                        help="CHAOS_MINUTES (default 3): the whole run of one seed, at least 1.2")
+    parser.add_argument("--datanodes", type=int, default=os.environ.get("CHAOS_DATANODES", "24"),
+                        help="simulated datanodes, 6 to 200 (default 24)")
     parser.add_argument("--deaths", type=int, default=None, help="datanodes that really die (default: by length)")
     parser.add_argument("--kinds", default="", help="comma-separated fault kinds (default: all): " +
                         ", ".join(KIND_NAMES))
@@ -33,14 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=("cluster", "disk", "all"), default="all",
                         help="cluster: the etcd cluster run; disk: the SQLite disk-fault run")
     args = parser.parse_args(argv)
+    if not 1.2 <= args.minutes <= 24 * 60:
+        parser.error(f"--minutes (CHAOS_MINUTES) must be between 1.2 and 1440, not {args.minutes}")
+    if not 6 <= args.datanodes <= 200:
+        parser.error(f"--datanodes must be between 6 and 200, not {args.datanodes}")
+    if args.deaths is not None and not 0 <= args.deaths <= args.datanodes // 3:
+        parser.error(f"--deaths must be between 0 and a third of the datanodes ({args.datanodes // 3}): more "
+                     "silent together is a mass failure, which the service rightly holds")
+    if args.scenario != "disk":
+        for binary, package in (("etcd", "etcd-server"), ("gcc", "gcc")):
+            if shutil.which(binary) is None:
+                parser.error(f"{binary} not found: install the Debian package {package} (`make chaos` does it as root)")
     kinds = tuple(k for k in args.kinds.split(",") if k) or KIND_NAMES
     unknown = [k for k in kinds if k not in KIND_NAMES]
     if unknown:
         parser.error(f"unknown fault kinds: {unknown}")
-    extra_env = dict(item.split("=", 1) for item in args.set)
-    if any(not k.startswith("SUPERVISOR_") for k in extra_env):
+    if any("=" not in item or not item.startswith("SUPERVISOR_") for item in args.set):
         parser.error("--set takes SUPERVISOR_NAME=VALUE")
-    seeds = [int(s) for s in args.seeds.split(",") if s] or [args.seed]
+    extra_env = dict(item.split("=", 1) for item in args.set)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [args.seed]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, not {args.seeds!r}")
     seconds = max(10.0, args.minutes * 60 - OVERHEAD_S)
     failed = False
     for seed in seeds:

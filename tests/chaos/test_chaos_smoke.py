@@ -18,7 +18,7 @@ SMOKE_SEED = 7
 # The kinds most likely to break an invariant, so the minute is spent on them.
 SMOKE_KINDS = ("replica_kill", "replica_pause", "etcd_kill_majority", "etcd_pause_one", "cut_etcd",
                "cut_datanodes_oneway", "cut_remotes", "loss", "migration_hang", "migration_unknown_procedure",
-               "migration_two_categories", "selector_self", "clock_forward", "clock_back")
+               "migration_two_categories", "migration_slow", "selector_self", "clock_forward", "clock_back")
 
 
 @pytest.mark.timeout(240)
