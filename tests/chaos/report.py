@@ -31,8 +31,7 @@ def table(history: History, violations: list[Violation]) -> str:
     width = max(len(s) for s in short)
     rows = [k for k in KIND_NAMES + (DATANODE_DEATH,) if k in counts] + ["none"]
     head = f"| {'fault':<28} | {'n':>3} | " + " | ".join(f"{s:<{width}}" for s in short) + " |"
-    lines = [head, "|" + "|".join("-" * (len(c) + 2) for c in head.strip("|").split("|")[:-1]) + "|"]
-    lines[1] = "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     for kind in rows:
         n = counts.get(kind, 0)
         if kind == "none" and not any(k == "none" for k, _ in cells):
