@@ -7,12 +7,14 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test test-min bench profile soak chaos report proto lint clean venv system-deps
+.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
 # (or fail under CI=true).
-SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server gcc:gcc mkfs.ext4:e2fsprogs
+SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server
+# The chaos suite compiles its clock shim and formats a small ext4 image for its disk faults.
+SYSTEM_PACKAGES += gcc:gcc mkfs.ext4:e2fsprogs
 
 venv: $(STAMP)
 
@@ -97,6 +99,7 @@ soak: proto
 # CHAOS_MINUTES (default 3, the whole run), CHAOS_ARGS (e.g. "--seeds 1,2,3", "--scenario disk").
 CHAOS_SEED ?= 1
 CHAOS_MINUTES ?= 3
+.PHONY: chaos
 chaos: proto system-deps
 	CHAOS_SEED=$(CHAOS_SEED) CHAOS_MINUTES=$(CHAOS_MINUTES) $(PY) -m tests.chaos $(CHAOS_ARGS)
 
