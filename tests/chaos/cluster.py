@@ -10,7 +10,8 @@ and a fault-injecting proxy on every link a fault may cut.
 Replica rN's proxies connect from 127.0.1.(N+1), so a remote call names its
 replica by its peer address. Each replica advertises its datanode-side
 proxy, so leader hints lead through it too. Replica r0 runs with the clock
-shim (`clockshift.c`) preloaded: its wall clock follows `clock_offset_ms`.
+Every replica runs with the clock shim (`clockshift.c`) preloaded: its wall clock
+follows its own offset file (`set_clock_offset`), 0 unless a clock fault is on.
 """
 
 from __future__ import annotations
@@ -275,7 +276,6 @@ class ChaosCluster:
         self.n_datanodes = datanodes
         self.regions_per_datanode = regions_per_datanode
         self.clock_shim = clock_shim
-        self.clock_file = os.path.join(self.work_dir, "clock-offset-ms")
         self.etcd: EtcdCluster | None = None
         self.migration: ChaosRegionMigration | None = None
         self.selector: ChaosSelector | None = None
@@ -292,11 +292,11 @@ class ChaosCluster:
         addrs = {d: f"127.0.0.1:{41000 + d}" for d in range(1, self.n_datanodes + 1)}
         self.selector = ChaosSelector([pb.Peer(id=d, addr=a) for d, a in addrs.items()])
         self.lookup = ChaosPeerLookup(addrs)
-        self.set_clock_offset(0)
         shim = compile_clock_shim(self.work_dir) if self.clock_shim else ""
         self.etcd.wait_healthy()
         for i in range(3):
-            self.replicas.append(self._replica(i, shim if i == 0 else ""))
+            self.set_clock_offset(i, 0)
+            self.replicas.append(self._replica(i, shim))
         for r in self.replicas:
             r.start()
         for r in self.replicas:
@@ -334,7 +334,7 @@ class ChaosCluster:
         })
         env.update(self.extra_env)
         if shim:
-            env.update({"LD_PRELOAD": shim, "CLOCKSHIFT_FILE": self.clock_file})
+            env.update({"LD_PRELOAD": shim, "CLOCKSHIFT_FILE": self.clock_file(i)})
         return Replica(i, port, source_ip, etcd_proxies, remote_proxies, front, env,
                        os.path.join(self.work_dir, f"replica-{i}.log"))
 
@@ -362,11 +362,16 @@ class ChaosCluster:
                 pass
         return None
 
-    def set_clock_offset(self, ms: int) -> None:
-        tmp = self.clock_file + ".tmp"
+    def clock_file(self, replica: int) -> str:
+        return os.path.join(self.work_dir, f"clock-offset-ms.r{replica}")
+
+    def set_clock_offset(self, replica: int, ms: int) -> None:
+        """Replica `replica`'s wall clock runs `ms` ahead (behind, when negative) from now on."""
+        path = self.clock_file(replica)
+        tmp = path + ".tmp"
         with open(tmp, "w") as f:
             f.write(f"{int(ms)}\n")
-        os.replace(tmp, self.clock_file)
+        os.replace(tmp, path)
 
     def live_peers(self) -> None:
         """Tell the Selector which datanodes are alive (a dead one is no target)."""
@@ -387,7 +392,8 @@ class ChaosCluster:
         self.migration.clear_faults()
         self.migration.slow_s = 0.0
         self.selector.lie = ""
-        self.set_clock_offset(0)
+        for i in range(len(self.replicas)):
+            self.set_clock_offset(i, 0)
         self.etcd.heal()
         for r in self.replicas:
             r.resume()

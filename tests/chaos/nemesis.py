@@ -255,6 +255,7 @@ class Nemesis:
             c.selector.lie = lie
             return lie, lambda: setattr(c.selector, "lie", "")
         if kind in ("clock_forward", "clock_back"):
-            c.set_clock_offset(int(f.amount * 1000))
-            return f"r0 wall clock {f.amount:+g} s", lambda: c.set_clock_offset(0)
+            r = self._replica(f)
+            c.set_clock_offset(r.index, int(f.amount * 1000))
+            return f"{r.name} wall clock {f.amount:+g} s", lambda: c.set_clock_offset(r.index, 0)
         raise ValueError(f"unknown fault kind {kind!r}")

@@ -44,6 +44,10 @@ class _Echo:
                 conn.sendall(data)
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop (close alone does not)
+        except OSError:
+            pass
         self.sock.close()
 
 
