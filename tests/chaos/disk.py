@@ -346,8 +346,8 @@ def run_disk(*, seed: int, work_dir: str | None = None, datanodes: int = 6, log=
             history.deaths.append(Death(dn.died_at - started, d, dn.current_regions()))
         else:
             history.live_datanodes.append(d)
-            history.heartbeats_accepted_at[d] = (dn.first_accepted_after(started + history.healed_at) or 0) - started \
-                if dn.first_accepted_after(started + history.healed_at) else None
+            first = dn.first_accepted_after(started + history.healed_at)
+            history.heartbeats_accepted_at[d] = None if first is None else first - started
     violations = check(history)
     for at, what in (writer.unclear if writer is not None else []):
         violations.append(Violation(REFUSALS_CLEAR, at, f"a write was refused unclearly: {what}"))
