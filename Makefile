@@ -14,6 +14,8 @@ PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 # (or fail under CI=true). PostgreSQL's server binaries are off PATH (/usr/lib/postgresql/*/bin):
 # its package is probed by pg_ctlcluster, which postgresql-common (a dependency of the server) puts there.
 SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server pg_ctlcluster:postgresql
+# The chaos suite compiles its clock shim and formats a small ext4 image for its disk faults.
+SYSTEM_PACKAGES += gcc:gcc mkfs.ext4:e2fsprogs
 
 venv: $(STAMP)
 
@@ -92,6 +94,15 @@ profile: proto
 # The soak (README "Soak"): the real service for SOAK_MINUTES (default 10) under churn, stalls and Dumps.
 soak: proto
 	$(PY) -m supervisor_service.bench.soak $(SOAK_ARGS)
+
+# The seeded chaos suite (README "Chaos testing"): three replicas on a three-member etcd under a nemesis, then
+# the invariants checked on the recorded history; exits 1 on any violation. CHAOS_SEED (default 1),
+# CHAOS_MINUTES (default 3, the whole run), CHAOS_ARGS (e.g. "--seeds 1,2,3", "--scenario disk").
+CHAOS_SEED ?= 1
+CHAOS_MINUTES ?= 3
+.PHONY: chaos
+chaos: proto system-deps
+	CHAOS_SEED=$(CHAOS_SEED) CHAOS_MINUTES=$(CHAOS_MINUTES) $(PY) -m tests.chaos $(CHAOS_ARGS)
 
 # The detection-quality report committed in docs/ (README "Detection quality"): about two minutes on two cores.
 report: proto

@@ -247,6 +247,13 @@ class Migrations:
             proc.next_poll_ms = now + self._policy.status_poll_interval_ms
             if ev.error is not None:
                 self._metrics.failover_errors.labels(stage="status").inc()
+            if ev.error is None and state is MigrationState.RUNNING:
+                # Known to run: ending it at its timeout would move its regions a second time while
+                # it goes on. The timeout counts from the last RUNNING answer instead.
+                for sid in proc.sids:
+                    sub = self._inflight.get(sid)
+                    if sub is not None and sub.deadline_ms:
+                        sub.deadline_ms = max(sub.deadline_ms, now + sub.task.timeout_ms)
             return
         ended = [self._end(sid) for sid in sorted(proc.sids)]  # the procedure goes with its last one
         regions = sum(len(sub.regions) for sub in ended)

@@ -134,9 +134,13 @@ class Recovery:
         else:
             # On this boot the monotonic clock says exactly how long it has run; elsewhere a full
             # timeout from now (status polls learn the real end; at most one timeout longer).
-            sub.deadline_ms = now + max(rec.timeout_ms - self._clock.elapsed_since(rec.mark, now), 1)
+            remaining = rec.timeout_ms - self._clock.elapsed_since(rec.mark, now)
             if rec.procedure_id:
                 poll_at = now
+                # Its stored mark is the submission: RUNNING answers since then are not stored.
+                # Long enough to be asked twice before it ends; a RUNNING answer extends it.
+                remaining = max(remaining, 2 * self._policy.status_poll_interval_ms)
+            sub.deadline_ms = now + max(remaining, 1)
         self._inflight.add(sub, poll_at)
 
     def _upgrade_legacy(self, state: StoredState, now: int) -> None:

@@ -152,6 +152,39 @@ def test_submission_answered_late_goes_to_one_target_under_one_request_id(servic
             fake.stop()
 
 
+def test_a_migration_running_past_its_timeout_is_not_submitted_again(service):
+    """RegionMigration keeps answering RUNNING beyond the supervisor's migration timeout: the region
+    stays in that one migration (found by the chaos suite: CHAOS_SEED=21, fault migration_slow)."""
+    from tests.support.datanodes import Cluster, regions_of
+
+    rm = FakeRegionMigration()  # every procedure RUNNING, for ever
+    sel = FakeSelector([peer(d, f"10.0.0.{d}:4001") for d in (1, 2, 4)], per_call=True)
+    lookup = FakePeerLookup({d: f"10.0.0.{d}:4001" for d in (1, 2, 3)})
+    try:
+        svc = service(**FAST, region_migration_endpoint=rm.endpoint, selector_endpoint=sel.endpoint,
+                      peer_lookup_endpoint=lookup.endpoint, migration_status_poll_interval_ms=100,
+                      migration_base_timeout_ms=1000, resubmit_backoff_ms=100, warmup_grace_ms=0,
+                      max_failed_datanode_fraction=1.0)
+        cluster = Cluster(svc.addresses.grpc)
+        try:
+            cluster.warm_up()
+            cluster.nodes[3].stop()
+            wait_for(lambda: rm.submissions, 20, message="no SubmitRegionMigration answered in time")
+            timeout_s = rm.submissions[0].request.timeout_millis / 1000
+            procedure = rm.submissions[0].response.procedure_id
+            # Three timeouts of RUNNING answers (a positive signal: the polls go on).
+            wait_for(lambda: [c for c in rm.status_polls if c.request.procedure_id == procedure
+                              and c.at >= rm.submissions[0].at + 3 * timeout_s], 3 * timeout_s + 10)
+        finally:
+            cluster.close()
+        assert len(rm.migrations) == 1, [(c.request.region_ids, c.request.request_id) for c in rm.submissions]
+        assert sorted(rm.submissions[0].request.region_ids) == sorted(regions_of(3))
+        assert sample(svc.registry, "supervisor_migrations_in_flight") == len(regions_of(3))
+    finally:
+        for fake in (rm, sel, lookup):
+            fake.stop()
+
+
 def test_dry_run_journal_answers_a_request_id_once_across_a_restart():
     from supervisor_service.core import FakeClock, MigrationTask
 

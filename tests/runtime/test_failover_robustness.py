@@ -592,6 +592,29 @@ def _first_life(sims, *, scope: tuple[int, ...]) -> tuple[Sim, int]:
     return first, started
 
 
+def test_a_migration_running_past_its_timeout_is_asked_again_after_a_recovery_on_the_same_boot(sims):
+    """A leader kept a migration past its timeout on RUNNING answers (not stored), then lost and won
+    the leadership again in the same process: the recovered decision is polled before it can end,
+    and a RUNNING answer keeps it (found by the chaos suite's migration_slow, CHAOS_SEED=21)."""
+    first = sims(guards=None)
+    heartbeat_then_die(first, 1, (10,), others=[(2, [20])])
+    procs: list[str] = []
+    while not procs:
+        drive(first, TICK, select=rotating_selector(), submit=accept(procs), others=[(2, [20])])
+    running = lambda s, e: StatusPolled(e.procedure_id, state=MigrationState.RUNNING)  # noqa: E731
+    drive(first, BASE + 30_000, select=rotating_selector(), submit=accept(procs), poll=running, others=[(2, [20])])
+    assert procs == ["proc-1"] and first.migrating() == {10}
+    # The same process (same boot, same clock) leads again, past the stored timeout of the decision.
+    second = sims(guards=None, kv=first.kv, clock=FakeClock(first.now + 1000, boot_id="boot-a"), term=2)
+    assert second.migrating() == {10}
+    second.advance(TICK)
+    assert [e for e in second.tick() if not isinstance(e, PollMigration)] == []
+    second.handle(StatusPolled("proc-1", state=MigrationState.RUNNING))
+    drive(second, BASE // 2, select=rotating_selector(), submit=accept(), poll=running, others=[(2, [20])])
+    assert second.of(SelectPeers) == [] and second.of(SubmitMigration) == []
+    assert second.migrating() == {10}
+
+
 @pytest.mark.parametrize("step_ms", [HOUR, -HOUR], ids=["ahead", "behind"])
 @pytest.mark.parametrize("same_boot", [True, False], ids=["same-boot", "other-boot"])
 def test_clock_step_between_lives_ends_neither_migration_nor_maintenance_early(sims, step_ms, same_boot):
@@ -618,7 +641,9 @@ def test_clock_step_between_lives_ends_neither_migration_nor_maintenance_early(s
             if isinstance(e, SelectPeers) and e.job.datanode_id == 1 and resubmitted_at is None:
                 resubmitted_at = second.now - offset
             if isinstance(e, PollMigration):
-                second.handle(StatusPolled(e.procedure_id, state=MigrationState.RUNNING))
+                # Nothing is learnt in the second life (a RUNNING answer would keep it in flight):
+                # the migration ends at its timeout, which the clock step must not bring forward.
+                second.handle(StatusPolled(e.procedure_id, state=None, error="unavailable"))
         if maintenance_end is None and 2 not in second.sup.datanode_maintenance:
             maintenance_end = second.now - offset
     migration_deadline = started + BASE

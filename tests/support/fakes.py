@@ -62,6 +62,7 @@ class Call:
     outcome: str = "pending"  # "OK", the status code name it was answered with, or "CLIENT_GONE"
     response: Any = None
     done_at: float | None = None
+    peer: str = ""  # the caller's address as gRPC saw it ("ipv4:127.0.0.1:54321")
 
     @property
     def ok(self) -> bool:
@@ -158,7 +159,7 @@ class _FakeServer:
             return sum(1 for c in self.calls if c.done_at is None)
 
     def _serve(self, method: str, request, context: grpc.ServicerContext, answer: Callable[[Any], Any]):
-        call = Call(method, request, time.monotonic())
+        call = Call(method, request, time.monotonic(), peer=context.peer())
         with self._lock:
             self.calls.append(call)
         try:

@@ -4,6 +4,7 @@
 - Every module of the package has a docstring (generated code aside).
 - Every test file lives in `tests/unit`, `tests/runtime` or `tests/integration`; helpers live in
   `tests/support`, and no test imports another test module (what two tests share is a helper).
+  `tests/chaos` is the chaos suite (`make chaos`): its harness modules and its own tests, together.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def test_every_test_file_lives_in_unit_runtime_or_integration_and_helpers_in_sup
             ok = parts[1] == "__init__.py" or parts[1].startswith("test_")
         elif len(parts) == 2 and parts[0] == "support":
             ok = not parts[1].startswith("test_")
+        elif len(parts) == 2 and parts[0] == "chaos":
+            ok = True  # a runnable package (python -m tests.chaos): harness modules and test_*.py
         else:
             ok = False
         if not ok:

@@ -937,12 +937,41 @@ def test_expired_procedure_is_not_polled_any_more():
     sim.submit_done(sub.task, t, submitted=(10,), procedure_id="p-8")
     assert sim.tick(t + 1000) == [PollMigration("p-8")]
     sim.status("p-8", MigrationState.RUNNING, t + 1000)
-    deadline = t + sub.task.timeout_ms
+    deadline = t + 1000 + sub.task.timeout_ms  # a timeout after the last RUNNING answer
+    assert [e for e in sim.tick(deadline - 1) if not isinstance(e, PollMigration)] == []
     effects = sim.tick(deadline)
     assert [e for e in effects if isinstance(e, PollMigration)] == []
     sel = one_select([e for e in effects if isinstance(e, SelectPeers)])
     sim.select_done(sel.job, [P5], deadline)
     assert [e for e in sim.tick(deadline + 5000) if isinstance(e, PollMigration)] == []
+
+
+def test_a_migration_reported_running_is_not_failed_over_again_at_its_timeout():
+    """RegionMigration says the procedure runs: ending it at the timeout would put the region in two
+    migrations (found by the chaos suite, CHAOS_SEED=21 with migration_slow). Each RUNNING answer gives
+    it another timeout from then; once the polls stop being answered, it ends a timeout after the last
+    RUNNING."""
+    sim = Sim(FailoverPolicy(status_poll_interval_ms=1000))
+    t, sub = submitted_task(sim)
+    sim.submit_done(sub.task, t, submitted=(10,), procedure_id="p-11")
+    timeout = sub.task.timeout_ms
+    now = t
+    while now < t + 3 * timeout:
+        now += 1000
+        effects = sim.tick(now)
+        assert [e for e in effects if not isinstance(e, PollMigration)] == [], now - t
+        if PollMigration("p-11") in effects:
+            assert sim.status("p-11", MigrationState.RUNNING, now) == []
+    last_running = now
+    assert sim.value("supervisor_migrations_in_flight") == 1
+    while now < last_running + timeout - 1000:  # polls fail from now on: nothing is learnt
+        now += 1000
+        effects = sim.tick(now)
+        assert [e for e in effects if not isinstance(e, PollMigration)] == [], now - last_running
+        for e in effects:
+            sim.status(e.procedure_id, None, now, error="unavailable")
+    sel = one_select(sim.tick(last_running + timeout))
+    assert sel.job.region_ids == (10,)
 
 
 def test_not_leader_does_not_poll():
@@ -984,7 +1013,8 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.submits: dict[int, SubmitMigration] = {}  # task id -> effect not answered yet
         self.ambiguous: dict[str, MigrationTask] = {}  # request id -> task whose call failed (maybe done)
         self.polls: set[str] = set()
-        self.inflight: dict[int, tuple[int, str, int]] = {}  # region -> (datanode, procedure, deadline)
+        # region -> (datanode, procedure, deadline, timeout)
+        self.inflight: dict[int, tuple[int, str, int, int]] = {}
         self.counts: dict[tuple[int, int], int] = {}
         self.next_proc = 0
         for d, regions in _FUZZ_REGIONS.items():
@@ -1027,7 +1057,7 @@ class SupervisorMachine(RuleBasedStateMachine):
                 self.submits[task.task_id] = e
             elif isinstance(e, PollMigration):
                 assert e.procedure_id not in self.polls, "a second poll while one is out"
-                assert any(p == e.procedure_id for _, p, _ in self.inflight.values())
+                assert any(p == e.procedure_id for _, p, _, _ in self.inflight.values())
                 self.polls.add(e.procedure_id)
             else:  # pragma: no cover - unknown effect
                 raise AssertionError(e)
@@ -1048,7 +1078,7 @@ class SupervisorMachine(RuleBasedStateMachine):
     def tick(self, dt):
         """Time passes, then a tick."""
         self.now += dt
-        for r, (_, _, deadline) in list(self.inflight.items()):
+        for r, (_, _, deadline, _) in list(self.inflight.items()):
             if self.now >= deadline:
                 del self.inflight[r]
         self._take(self.sim.tick(self.now))
@@ -1089,11 +1119,12 @@ class SupervisorMachine(RuleBasedStateMachine):
                     assert not self.sim.sup.table.contains(*key)
                 elif cat in ("submitted", "migrating"):
                     self.counts[key] = self.counts.get(key, 0) + 1
-                    self.inflight[r] = (task.datanode_id, proc if cat == "submitted" else "", self.now + task.timeout_ms)
+                    self.inflight[r] = (task.datanode_id, proc if cat == "submitted" else "", self.now + task.timeout_ms,
+                                        task.timeout_ms)
         answered = {r for rs in categories.values() for r in rs}
         for r in task.region_ids:
             if r not in answered:  # not mentioned: held in flight under the procedure, not counted
-                self.inflight[r] = (task.datanode_id, proc, self.now + task.timeout_ms)
+                self.inflight[r] = (task.datanode_id, proc, self.now + task.timeout_ms, task.timeout_ms)
 
     @precondition(lambda self: self.selects)
     @rule(data=st.data(), outcome=st.sampled_from(["peers", "peers", "short", "error"]))
@@ -1139,8 +1170,12 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.polls.discard(proc)
         error = "unavailable" if state is None else None
         assert self.sim.status(proc, state, self.now, error=error) == []
+        if state is MigrationState.RUNNING:  # known to run: a timeout from now
+            for r, (d, p, deadline, timeout) in list(self.inflight.items()):
+                if p == proc:
+                    self.inflight[r] = (d, p, max(deadline, self.now + timeout), timeout)
         if state in (MigrationState.SUCCEEDED, MigrationState.FAILED, MigrationState.NOT_FOUND):
-            for r, (d, p, _) in list(self.inflight.items()):
+            for r, (d, p, _, _) in list(self.inflight.items()):
                 if p == proc:
                     del self.inflight[r]
                     if state is MigrationState.SUCCEEDED:
