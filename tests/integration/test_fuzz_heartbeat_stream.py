@@ -18,6 +18,7 @@ Properties:
 from __future__ import annotations
 
 import queue
+import time
 
 import grpc
 import pytest
@@ -61,15 +62,15 @@ class Stream:
 
 
 class Target:
-    def __init__(self) -> None:
-        self.fuzzed = Fuzzed()
+    def __init__(self, **settings) -> None:
+        self.fuzzed = Fuzzed(**settings)
         self.good = Stream(self.fuzzed.channel)
-        self.good_beat = pb.HeartbeatRequest(
-            datanode_id=GOOD, region_ids=GOOD_REGIONS, peer_addr="10.9.9.9:4001").SerializeToString()
         self.check_good()
 
     def check_good(self) -> None:
-        answer = self.good.send(self.good_beat)
+        beat = pb.HeartbeatRequest(datanode_id=GOOD, region_ids=GOOD_REGIONS, peer_addr="10.9.9.9:4001",
+                                   timestamp_millis=int(time.time() * 1000))
+        answer = self.good.send(beat.SerializeToString())
         assert not answer.rejected and answer.accepted_regions == len(GOOD_REGIONS), answer
         assert answer.reason == "", answer.reason
 
@@ -78,9 +79,12 @@ class Target:
         self.fuzzed.close()
 
 
-@pytest.fixture(scope="module")
-def target():
-    t = Target()
+@pytest.fixture(scope="module", params=["server_clock", "client_clock"])
+def target(request):
+    """As deployed, and trusting any client stamp (`heartbeat_clock=client`, no skew bound): there the
+    fuzzed `timestamp_millis` (int64 extremes) reach the detector table."""
+    extra = {} if request.param == "server_clock" else dict(heartbeat_clock="client", max_client_clock_skew_ms=0)
+    t = Target(**extra)
     yield t
     t.fuzzed.check_consistent()
     t.close()

@@ -43,9 +43,12 @@ def _message_class(descriptor):
 METHODS = [m for m in SERVICE.methods if not m.client_streaming]  # SendHeartbeat: its own module
 
 
-@pytest.fixture(scope="module")
-def fuzzed():
-    target = Fuzzed()
+@pytest.fixture(scope="module", params=["server_clock", "client_clock"])
+def fuzzed(request):
+    """The service fuzzed: as deployed, and with the datanodes' clocks trusted whatever they say
+    (`heartbeat_clock=client`, no skew bound: the replay mode, where extreme stamps reach the table)."""
+    extra = {} if request.param == "server_clock" else dict(heartbeat_clock="client", max_client_clock_skew_ms=0)
+    target = Fuzzed(**extra)
     yield target
     target.check_consistent()
     target.close()

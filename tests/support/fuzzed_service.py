@@ -5,7 +5,8 @@ changes only through the calls) with limits small enough that "huge" is reachabl
 per request or heartbeat, 1 MiB messages. `call(method, raw)` sends raw bytes to any method through
 a generic channel method (the server's own parsing is what is fuzzed) and returns the status;
 `state()` is what a refused call must not change; `check_consistent()` asserts the service is SERVING
-and a Dump of everything is consistent; `clean()` gives the next example the same empty state.
+and a Dump of everything is consistent; `clean()` gives the next example the same state: the
+`BASELINE` detectors, maintenance off.
 """
 
 from __future__ import annotations
@@ -26,15 +27,20 @@ FUZZ_SETTINGS = dict(
     max_dump_page_size=LIMIT,
 )
 RPC_TIMEOUT = 20.0
+# Detectors every example starts with, so that a Dump or a Deregister has something to work on.
+BASELINE = ((1, 0), (1, 1), (1, 2**64 - 1), (2**64 - 1, 5), (2**64 - 1, 2**64 - 1))
 
 
 class Fuzzed:
     """The service under fuzz, a channel to it, and the generic calls of every method."""
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, addr: str | None = None, **settings) -> None:
+        """A service started in this process with `settings`, or the one already serving at `addr`."""
         self.factory = ServiceFactory()
-        self.svc = self.factory(**{**FUZZ_SETTINGS, **settings})
-        self.channel = grpc.insecure_channel(self.svc.addresses.grpc)
+        if addr is None:
+            addr = self.factory(**{**FUZZ_SETTINGS, **settings}).addresses.grpc
+        self.channel = grpc.insecure_channel(addr)
+        self._register(BASELINE)
 
     def call(self, method, raw: bytes) -> tuple[grpc.StatusCode, str, list[bytes]]:
         path = f"/{method.containing_service.full_name}/{method.name}"
@@ -82,7 +88,7 @@ class Fuzzed:
     def clean(self, keep=frozenset()) -> None:
         """Deregister every detector (but those of the datanodes in `keep`) and switch maintenance off:
         each example starts from the same state."""
-        pairs = [(d, r) for d, r in self.state()[0] if d not in keep]
+        pairs = [(d, r) for d, r in self.state()[0] if d not in keep and (d, r) not in BASELINE]
         for i in range(0, len(pairs), LIMIT):
             chunk = [pb.DetectingRegion(datanode_id=d, region_id=r) for d, r in pairs[i:i + LIMIT]]
             code, details, _ = self.call(SERVICE.methods_by_name["DeregisterDetectors"],
@@ -94,6 +100,13 @@ class Fuzzed:
                 request = pb.SetMaintenanceModeRequest(enabled=False, datanode_ids=datanodes[i:i + LIMIT])
                 code, details, _ = self.call(off, request.SerializeToString())
                 assert code == grpc.StatusCode.OK, (code, details)
+
+        self._register(BASELINE)
+
+    def _register(self, pairs) -> None:
+        request = pb.RegisterDetectorsRequest(regions=[pb.DetectingRegion(datanode_id=d, region_id=r) for d, r in pairs])
+        code, details, _ = self.call(SERVICE.methods_by_name["RegisterDetectors"], request.SerializeToString())
+        assert code == grpc.StatusCode.OK, (code, details)
 
     def close(self) -> None:
         self.channel.close()
