@@ -63,7 +63,7 @@ DONE = ("migrated", "region_not_found", "table_not_found", "leader_changed")
 STARTS = ("submitted", "migrating")
 ANSWERS = DONE + STARTS + ("peer_conflict", "submitted", "submitted", "unanswered")
 # Region 10 on two datanodes (a region moved from one to the other), the largest ids there are.
-REGIONS = {1: (10, 11, 12), 2: (10, 20, 21), 3: (30,), 2**64 - 1: (2**64 - 1, 0)}
+REGIONS = {0: (40,), 1: (10, 11, 12), 2: (10, 20, 21), 3: (30,), 2**64 - 1: (2**64 - 1, 0)}
 DATANODES = sorted(REGIONS)
 PEERS = [Peer(i, f"dn{i}:4001") for i in (1, 2, 3, 5, 6)]
 ALL_FAILOVER_HOLDS = {"maintenance", "warmup", "local_pause", "overload", "mass_failure"}
@@ -336,6 +336,6 @@ class CoreMachine(RuleBasedStateMachine):
 
 
 CoreMachine.TestCase.settings = settings(
-    examples(150), stateful_step_count=50, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+    examples(100), stateful_step_count=50, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
 )
 test_core_invariants_hold_on_random_sequences = CoreMachine.TestCase
