@@ -128,6 +128,14 @@ def run_stream(target: Target, frames: list[bytes]) -> None:
         stream.call.cancel()
     pairs = target.fuzzed.state()[0]
     assert [(GOOD, r) for r in GOOD_REGIONS] == [p for p in pairs if p[0] == GOOD]
+    # Whatever stamps the frames left in the table, phi is computed at any time asked.
+    dump = SERVICE.methods_by_name["Dump"]
+    for at in (1, 2**62, 2**63 - 1):
+        request = pb.DumpRequest(at_millis=at, only_failed=at > 2**62, page_size=LIMIT)
+        code, details, pages = target.fuzzed.call(dump, request.SerializeToString())
+        assert code == grpc.StatusCode.OK, (at, code, details)
+        rows = [d for p in pages for d in pb.DumpResponse.FromString(p).detectors]
+        assert all(d.phi >= 0 and d.phi == d.phi for d in rows), [d for d in rows if not d.phi >= 0][:3]
 
 
 @examples(60)
