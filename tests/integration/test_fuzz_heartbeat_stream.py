@@ -41,10 +41,10 @@ PATH = f"/{SERVICE.full_name}/SendHeartbeat"
 class Stream:
     """One SendHeartbeat stream of raw frames: `send` writes one and reads its one answer."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, timeout: float = 120) -> None:
         self._outbox: queue.Queue = queue.Queue()
         method = channel.stream_stream(PATH, request_serializer=None, response_deserializer=None)
-        self.call = method(iter(self._outbox.get, None), timeout=120)
+        self.call = method(iter(self._outbox.get, None), timeout=timeout)
 
     def send(self, raw: bytes) -> pb.HeartbeatResponse:
         self._outbox.put(raw)
@@ -64,7 +64,7 @@ class Stream:
 class Target:
     def __init__(self, **settings) -> None:
         self.fuzzed = Fuzzed(**settings)
-        self.good = Stream(self.fuzzed.channel)
+        self.good = Stream(self.fuzzed.channel, timeout=24 * 3600)  # the whole module, however long `make fuzz` runs
         self.check_good()
 
     def check_good(self) -> None:
