@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from supervisor_service.proto import pb, pb_grpc
+from tests.support.datanodes import Datanode
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.realtime, pytest.mark.timeout(120)]
@@ -179,3 +180,56 @@ def test_heartbeats_refused_by_a_full_queue_fail_no_live_datanode_over_and_a_dea
             assert sum(load.rejected.values()) > 0
     finally:
         load.close()
+
+
+def drain(call) -> None:
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError:
+        pass  # cancelled at the end
+
+
+def test_a_datanode_flooding_its_own_share_does_not_hold_anyone_elses_failover(service):
+    """Refusals by a datanode's own share of the queue are not counted: that datanode has heartbeats
+    queued (its liveness is on its way), and a flooding or hostile datanode must not be able to stop
+    every failover of the cluster by sending too much."""
+    svc = service(event_queue_size=256, max_queue_fraction_per_datanode=0.05, max_queued_heartbeat_bytes=4 << 20,
+                  enqueue_timeout_ms=1,
+                  tick_interval_ms=50,
+                  acceptable_heartbeat_pause_ms=500, min_std_deviation_ms=50, first_heartbeat_estimate_ms=200,
+                  warmup_grace_ms=0, target_holddown_ms=0)
+    value = svc.registry.get_sample_value
+    flood = [pb.HeartbeatRequest(datanode_id=1, region_ids=range(k * 20_000, (k + 1) * 20_000)).SerializeToString()
+             for k in range(4)]
+    stop = threading.Event()
+
+    def frames():
+        i = 0
+        while not stop.is_set():
+            yield flood[i % 4]
+            i += 1
+
+    with grpc.insecure_channel(svc.addresses.grpc) as channel:
+        method = channel.stream_stream(f"/{SERVICE}/SendHeartbeat", request_serializer=None,
+                                       response_deserializer=None)
+        flooding = method(frames(), timeout=100)
+        reader = threading.Thread(target=drain, args=(flooding,), daemon=True)
+        reader.start()
+        nodes = {d: Datanode(svc.addresses.grpc, d, [(d << 32) | i for i in range(3)]) for d in (2, 3)}
+        try:
+            for node in nodes.values():
+                node.wait_heartbeats(5)
+            wait_for(lambda: value("supervisor_events_rejected_total", {"type": "Heartbeat",
+                                                                           "reason": "datanode_share"}), 30,
+                     message="the flood never reached its share of the queue")
+            nodes[3].stop()  # really dead
+            wait_for(lambda: journal(channel), 30, message="the dead datanode was not failed over during the flood")
+            assert failed_over(journal(channel)) == {3}
+            assert (value("supervisor_heartbeat_queue_refusals_total") or 0) == 0
+        finally:
+            stop.set()
+            flooding.cancel()
+            for node in nodes.values():
+                if not node.stopped:
+                    node.stop()
