@@ -26,7 +26,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from supervisor_service.proto import pb
-from tests.support.fuzzed_service import LIMIT, SERVICE, Fuzzed
+from tests.support.fuzzed_service import FUZZ_SETTINGS, LIMIT, SERVICE, Fuzzed
 from tests.support.fuzzing import examples, message, wire
 from tests.support.wire import field_bytes, field_varint
 
@@ -113,6 +113,13 @@ def run_stream(target: Target, frames: list[bytes]) -> None:
     stream = Stream(target.fuzzed.channel)
     try:
         for raw in frames:
+            if len(raw) > FUZZ_SETTINGS["max_message_bytes"]:
+                # Above max_message_bytes gRPC itself ends the stream (RESOURCE_EXHAUSTED), and only it.
+                with pytest.raises(grpc.RpcError) as info:
+                    stream.send(raw)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+                target.check_good()
+                return
             answer = stream.send(raw)
             if not _decodes(raw):
                 assert answer.rejected and answer.reason.startswith("not a valid HeartbeatRequest"), answer
@@ -144,6 +151,9 @@ def run_stream(target: Target, frames: list[bytes]) -> None:
 @example(frames=[field_varint(1, 77), field_varint(1, 78), b"\x80"])  # another datanode, then a cut varint
 @example(frames=[field_varint(1, 77) + field_bytes(4, b"\xff\xfe:1")])  # a peer_addr that is not UTF-8
 @example(frames=[field_varint(1, 77) + field_bytes(3, b"\xff" * 9)])  # a packed region that never ends
+# Found by `make fuzz`: a frame above max_message_bytes (100,001 packed regions of 2**53+1, twice)
+# ends its stream with RESOURCE_EXHAUSTED, as gRPC does; only that stream.
+@example(frames=[pb.HeartbeatRequest(region_ids=[2**53 + 1] * 100_001).SerializeToString() * 2])
 def test_garbage_on_a_heartbeat_stream_breaks_neither_it_nor_the_others(target, frames):
     try:
         run_stream(target, frames)
