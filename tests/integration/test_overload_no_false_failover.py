@@ -149,6 +149,11 @@ def test_heartbeats_refused_by_a_full_queue_fail_no_live_datanode_over_and_a_dea
             assert (value("supervisor_failover_skipped_regions_total", {"reason": "overload"}) or 0) > 0
             # The queue is nearly never full when a tick reads it: the fill alone would not have held.
             assert value("supervisor_heartbeats_total", {"outcome": "rejected_overloaded"}) > 0
+            # Operators see why: the hold is published (GetFailoverHolds, the failover_hold gauge).
+            holds_stub = pb_grpc.RegionSupervisorStub(channel)
+            wait_for(lambda: "overload" in retried(holds_stub.GetFailoverHolds, pb.GetFailoverHoldsRequest()).holds,
+                     10, message="the overload hold is not published")
+            assert value("supervisor_failover_hold", {"reason": "overload"}) == 1
 
             # The refusals stop: the bursts end (the datanodes spread over the period) and most of the
             # cluster is decommissioned (stopped, then deregistered), so that even a loaded machine
