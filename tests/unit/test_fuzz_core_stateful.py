@@ -1,5 +1,5 @@
 """A stateful hypothesis test of the supervisor core, guards on: registrations, heartbeats, maintenance,
-ticks, time and the remote services' answers in any order (README "Fuzzing").
+ticks, time, the remote services' answers and new leaderships in any order (README "Fuzzing").
 
 The machine drives `Supervisor.handle(event, now)` on a fake time line (time moves only by the
 rules) with the guards of the service (`GuardSettings()`) and the default failover policy
@@ -11,6 +11,8 @@ Invariants, after every step:
   pairs registered, reset or heartbeat (with the right to create) and not since deregistered,
   cleared, or moved away by a migration;
 - the failover counts are the model's, and never negative; no metric sample is negative or NaN;
+  the core's changes, committed through the store's codec, give a new leadership the same counts
+  (and it rebuilds the table from the stored registry);
 - a region in flight, or in a call whose outcome is not known, is never selected or submitted
   again (a retry is the same request to the same target);
 - nothing is selected while a hold of all failover is published (maintenance, warm-up, local pause,
@@ -30,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.core import (
+    BecomeLeader,
     Clear,
     Deregister,
     Dump,
@@ -37,6 +40,7 @@ from supervisor_service.core import (
     Guards,
     GuardSettings,
     Heartbeat,
+    LoseLeadership,
     MigrationResult,
     MigrationState,
     MigrationTask,
@@ -56,6 +60,8 @@ from supervisor_service.core import (
     Tick,
     as_region_array,
 )
+from supervisor_service.core.clock import ClockBase
+from supervisor_service.store import Mirror, decode_state, encode
 from tests.support.fuzzing import examples
 
 OPTS = PhiAccrualOptions()
@@ -77,7 +83,10 @@ class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.registry = CollectorRegistry()
-        self.sup = Supervisor(OPTS, Metrics(self.registry), FailoverPolicy(), guards=Guards(GuardSettings()))
+        # One boot of one machine (a boot id): a new leadership in this process measures exactly how long
+        # the migrations in flight have run, so their deadlines stay where they were.
+        self.sup = Supervisor(OPTS, Metrics(self.registry), FailoverPolicy(), guards=Guards(GuardSettings()),
+                              clock_base=ClockBase("fuzz-boot", 0))
         self.now = 1_700_000_000_000
         self.watched: set[tuple[int, int]] = set()
         self.counts: dict[tuple[int, int], int] = {}
@@ -88,11 +97,17 @@ class CoreMachine(RuleBasedStateMachine):
         self.inflight: dict[int, tuple[int, str, int]] = {}  # region -> (datanode, procedure, deadline)
         self.next_proc = 0
         self.alive = set(DATANODES)
+        # The store, as the writer keeps it: every change the core emits, committed in order.
+        self.prefix = "/fuzz/"
+        self.stored: dict[str, bytes] = {}
+        self.mirror = Mirror()
+        self.term = 1
 
     @initialize()
     def cluster(self) -> None:
         for d in DATANODES:
             self._beat(d, REGIONS[d], self.now)
+        self._drain()
 
     # ------------------------------------------------------------ helpers
 
@@ -138,6 +153,13 @@ class CoreMachine(RuleBasedStateMachine):
 
     def _drain(self) -> None:
         self._take(self.sup.drain_outbox())
+        changes = self.sup.drain_changes()
+        if changes:
+            encoding = encode(changes, self.mirror, self.prefix, 10_000)
+            for key in encoding.deletes:
+                self.stored.pop(key, None)
+            self.stored.update(encoding.puts)
+            self.mirror.apply(encoding)
 
     # ------------------------------------------------------------ rules: the metasrv and the datanodes
 
@@ -184,6 +206,25 @@ class CoreMachine(RuleBasedStateMachine):
     @rule()
     def release_hold(self):
         self.sup.handle(ReleaseHold(), self.now)
+        self._drain()
+
+    @rule()
+    def new_leadership(self):
+        """The leadership is lost and won again (a new term): the table, the failover work under way and
+        the guards are rebuilt from the store. Calls still out are answered to nobody: the decisions
+        they carried are resent, with their request ids."""
+        self.sup.handle(LoseLeadership(), self.now)
+        self._drain()
+        state = decode_state(self.stored, self.prefix)
+        assert state.failover_counts == self.counts, "the stored failover counts are not the ones in memory"
+        for sub in self.submits.values():
+            self.ambiguous[sub.task.request_id] = sub.task
+        self.submits.clear()
+        self.selects.clear()
+        self.polls.clear()
+        self.term += 1
+        self.sup.handle(BecomeLeader(self.term, state), self.now)
+        self.watched = {(d, r) for d, regions in state.registry.items() for r in regions.tolist()}
         self._drain()
 
     # ------------------------------------------------------------ rules: time
@@ -270,9 +311,11 @@ class CoreMachine(RuleBasedStateMachine):
                 self.inflight[r] = (task.datanode_id, proc, self.now + task.timeout_ms)
         self._drain()
 
-    @rule(d=st.sampled_from(DATANODES), seconds=st.sampled_from([13, 20]))
-    def drive(self, d, seconds):
-        """A datanode dies; time passes; every selection and submission that follows succeeds at once."""
+    @rule(d=st.sampled_from(DATANODES), seconds=st.sampled_from([13, 20]),
+          calls=st.sampled_from(["answered", "answered", "ambiguous", "left_out"]))
+    def drive(self, d, seconds, calls):
+        """A datanode dies; time passes; every selection that follows succeeds at once, and every
+        submission is accepted (or its call fails without a definite answer, or is still out)."""
         self.alive.discard(d)
         self.run(seconds)
         while self.selects:
@@ -280,8 +323,15 @@ class CoreMachine(RuleBasedStateMachine):
             target = next(p for p in PEERS if p.id != job.datanode_id)
             self.sup.handle(SelectionDone(job, from_peer=None, peers=(target,) * len(job.region_ids)), self.now)
             self._drain()
+        if calls == "left_out":
+            return
         while self.submits:
             task = self.submits.pop(min(self.submits)).task
+            if calls == "ambiguous":
+                self.sup.handle(SubmissionDone(task, error="unavailable"), self.now)
+                self.ambiguous[task.request_id] = task
+                self._drain()
+                continue
             self.next_proc += 1
             proc = f"proc-{self.next_proc}"
             self.sup.handle(SubmissionDone(task, result=MigrationResult(submitted=task.region_ids,
