@@ -7,7 +7,7 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps
+.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps fuzz
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
@@ -53,6 +53,15 @@ system-deps:
 
 test: proto system-deps
 	$(PY) -m pytest -q
+
+# The fuzz tests (README "Fuzzing") with FUZZ_EXAMPLES (default 10) times the examples `make test` runs,
+# random seeds instead of the fixed ones, and failures kept in hypothesis's database (.hypothesis/).
+FUZZ_EXAMPLES ?= 10
+FUZZ_TESTS := tests/unit/test_fuzz_core_stateful.py tests/integration/test_fuzz_rpc.py \
+	tests/integration/test_fuzz_heartbeat_stream.py tests/integration/test_fuzz_process.py
+
+fuzz: proto
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --timeout=0 $(FUZZ_TESTS)
 
 # The dependency floor: every `>=` bound of pyproject.toml installed exactly, in a second venv, and
 # the unit tests and the gRPC server's tests run on it (a few minutes; the first run installs).

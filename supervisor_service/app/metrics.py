@@ -196,6 +196,13 @@ class Metrics:
             ["type", "reason"],
             registry=r,
         )
+        self.heartbeat_queue_refusals = Counter(
+            "supervisor_heartbeat_queue_refusals",
+            "Times a heartbeat found no room in the event queue (when it starts to wait for room, and again "
+            "when it is rejected after enqueue_timeout_ms), its datanode's own share excepted: each holds "
+            "convictions for overload_hold_ms (hold reason overload).",
+            registry=r,
+        )
         self.queue_depth = Gauge("supervisor_event_queue_depth", "Events waiting in the queue.", registry=r)
         self.queue_oldest_age = Gauge(
             "supervisor_event_queue_oldest_age_seconds", "Age of the oldest queued event.", registry=r

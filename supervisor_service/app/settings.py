@@ -214,6 +214,7 @@ class Settings(BaseSettings):
     max_local_pause_ms: int = _core("max_local_pause_ms")
     local_pause_hold_ms: int = _core("local_pause_hold_ms")
     overload_queue_fraction: float = _core("overload_queue_fraction")
+    overload_hold_ms: int = _core("overload_hold_ms")
     max_failed_datanode_fraction: float = _core("max_failed_datanode_fraction")
     mass_failure_min_datanodes: int = _core("mass_failure_min_datanodes")
     mass_failure_silence_ms: int = _core("mass_failure_silence_ms")

@@ -66,6 +66,7 @@ class Tick:
     due_monotonic: float = 0.0
     lag_ms: float = 0.0  # how late the tick is processed (set by the runtime)
     queue_fill: float = 0.0  # fraction of the event queue in use when it is processed
+    heartbeats_refused: int = 0  # heartbeats that found no room in the queue since the last tick (set by the runtime)
 
 
 @dataclass(frozen=True, slots=True)

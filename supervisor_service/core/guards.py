@@ -72,6 +72,10 @@ class Guards:
         self._global: TokenBucket | None = None
         self._targets: dict[int, TokenBucket] = {}
         self._holddown: dict[int, int] = {}  # target datanode -> excluded until
+        # Heartbeats refused by this process's queue: kept across a leadership change (they were not
+        # heard by this replica, whichever leadership it is in).
+        self._overload_hold_until = 0
+        self.heartbeats_refused = 0  # as the last tick that saw any learnt of them
         self.reset()
 
     def reset(self) -> None:
@@ -91,10 +95,13 @@ class Guards:
 
     # ------------------------------------------------------------ per tick
 
-    def observe_tick(self, now: int, lag_ms: float, queue_fill: float) -> str | None:
+    def observe_tick(self, now: int, lag_ms: float, queue_fill: float, heartbeats_refused: int = 0) -> str | None:
         """Local pause and overload: a reason to hold this tick's convictions, or None.
 
         Call on every tick, failures or not, so the gap between ticks is measured.
+        `heartbeats_refused`: heartbeats that found no room in the event queue since the last tick;
+        any holds convictions (`overload`) for `overload_hold_ms` from this tick, whatever the
+        queue's fill now (a burst refused and drained before this tick lost evidence all the same).
         """
         s = self.s
         reason = None
@@ -107,9 +114,26 @@ class Guards:
             elif now < self._pause_hold_until:
                 reason = "local_pause"
         self._last_tick = now
-        if reason is None and s.overload_queue_fraction < 1 and queue_fill > s.overload_queue_fraction:
+        if heartbeats_refused > 0 and s.overload_hold_ms > 0:
+            self._overload_hold_until = now + s.overload_hold_ms
+            self.heartbeats_refused = heartbeats_refused
+        if reason is None and (
+            (s.overload_queue_fraction < 1 and queue_fill > s.overload_queue_fraction)
+            or now < self._overload_hold_until
+        ):
             reason = "overload"
         return reason
+
+    def overload_held(self, now: int) -> bool:
+        """Whether refused heartbeats still hold convictions (as the last `observe_tick` found it)."""
+        return now < self._overload_hold_until
+
+    def overload_details(self, now: int) -> dict[str, object]:
+        """What the held log line of `overload` says: until when refused heartbeats hold convictions."""
+        if now >= self._overload_hold_until:
+            return {"cause": "queue_fill"}
+        return {"cause": "heartbeats_refused", "heartbeats_refused": self.heartbeats_refused,
+                "until_ms": self._overload_hold_until}
 
     def local_pause_held(self, now: int) -> bool:
         """Whether convictions are still held after a stall (as the last `observe_tick` found it)."""

@@ -101,10 +101,12 @@ class Holds:
             holds.append("mass_failure")
         return tuple(holds)
 
-    def details(self, reason: str) -> dict[str, object]:
+    def details(self, reason: str, now: int = 0) -> dict[str, object]:
         """What the held log line of `reason` says besides the counts."""
         if reason == "warmup":
             return self._warmup.details()
+        if reason == "overload" and self._guards is not None:
+            return self._guards.overload_details(now)
         if reason == "mass_failure" and self._guards is not None:
             return {"failed_fraction": round(self._guards.mass_failure_fraction, 3),
                     "release": "supervisor-service hold release"}

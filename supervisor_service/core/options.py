@@ -155,6 +155,15 @@ class GuardSettings:
     overload_queue_fraction: float = option(
         0.9, gt=0, le=1, doc="No conviction while the event queue is fuller than this [1]."
     )
+    # A refused heartbeat is liveness evidence the table never saw, and the queue can be empty again
+    # by the next tick (a burst refused, then drained): the hold outlasts the refusal by as long as
+    # a stall's, for the same reason (every datanode gets a fair chance to be heard again).
+    overload_hold_ms: int = option(
+        5000, ge=0, le=3_600_000,
+        doc="After a tick learns that heartbeats found no room in the event queue (refused, or left waiting "
+        "for room), convictions stay held this long [0: only while the queue is fuller than "
+        "overload_queue_fraction].",
+    )
     max_failed_datanode_fraction: float = option(
         0.5, gt=0, le=1, doc="Hold failover while more than this fraction of the datanodes are silent [1]."
     )

@@ -70,7 +70,9 @@ class Planner:
         """A leadership changed: the jobs asked for are not this one's."""
         self._selecting.clear()
 
-    def observe(self, now: int, lag_ms: float, queue_fill: float) -> tuple[dict[int, RegionArray], str | None]:
+    def observe(
+        self, now: int, lag_ms: float, queue_fill: float, heartbeats_refused: int = 0
+    ) -> tuple[dict[int, RegionArray], str | None]:
         """Every tick: the table's gauges, maintenance expiry, the failures, what the guards see.
         Returns the failed regions by datanode, and the guards' local_pause or overload (or None)."""
         m, table = self._metrics, self._table
@@ -83,7 +85,7 @@ class Planner:
         guards = self._guards
         if guards is None:
             return failed, None
-        pause = guards.observe_tick(now, lag_ms, queue_fill)
+        pause = guards.observe_tick(now, lag_ms, queue_fill, heartbeats_refused)
         silent: list[int] = []
         # While a stall or an overload holds convictions, the silence is the supervisor's own
         # doing (the heartbeats wait in its queue): it is not a mass failure, nor an alert.
@@ -110,7 +112,7 @@ class Planner:
             total = sum(r.size for r in failed.values())
             m.failover_skipped.labels(reason=reason).inc(total)
             self._held_log(now, f"failover_held_{reason}", failed_regions=total, datanodes=len(failed),
-                           **self._holds.details(reason))
+                           **self._holds.details(reason, now))
             return
         guards = self._guards
         # Oldest failure first: under a rate limit, the longest-waiting datanode goes first.

@@ -135,8 +135,8 @@ class Supervisor:
                 self.table.clear()
                 self._detection.forget()
                 value = len(self.table)
-            case Tick(lag_ms=lag_ms, queue_fill=queue_fill):
-                self._tick(now, lag_ms, queue_fill)
+            case Tick(lag_ms=lag_ms, queue_fill=queue_fill, heartbeats_refused=refused):
+                self._tick(now, lag_ms, queue_fill, refused)
             case Dump(datanode_ids=datanode_ids):
                 value = self._snapshots.dump(datanode_ids, now)
             case SetMaintenance(enabled, _, datanode_ids, ttl_ms):
@@ -165,8 +165,8 @@ class Supervisor:
         self.status = self._snapshots.status()
         return value
 
-    def _tick(self, now: int, lag_ms: float, queue_fill: float) -> None:
-        failed, pause = self._planner.observe(now, lag_ms, queue_fill)
+    def _tick(self, now: int, lag_ms: float, queue_fill: float, heartbeats_refused: int) -> None:
+        failed, pause = self._planner.observe(now, lag_ms, queue_fill, heartbeats_refused)
         if not self._leadership.leads:
             self._holds.publish(())
             return

@@ -78,14 +78,20 @@ class TargetSelection:
             return
         # What held failover at the tick holds it at the answer too: maintenance switched on, or a
         # guard raised, while the Selector was thinking stops the submission (README: "nothing").
-        pause = "local_pause" if self._guards is not None and self._guards.local_pause_held(now) else None
+        guards = self._guards
+        pause = None
+        if guards is not None:
+            if guards.local_pause_held(now):
+                pause = "local_pause"
+            elif guards.overload_held(now):
+                pause = "overload"
         held = self._holds.compute(now, pause)
         if not held and job.datanode_id in self._maintenance.datanodes:
             held = ("maintenance_datanode",)
         if held:
             m.failover_skipped.labels(reason=held[0]).inc(len(job.region_ids))
             self._held_log(now, f"failover_held_{held[0]}", failed_regions=len(job.region_ids), datanodes=1,
-                           **self._holds.details(held[0]))
+                           **self._holds.details(held[0], now))
             return
         wanted = len(job.region_ids)
         if len(ev.peers) < wanted:

@@ -13,7 +13,9 @@ from supervisor_service.runtime import EventQueue
 
 
 class Overloaded(Exception):
-    pass
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # queue_full, queue_bytes, datanode_share
 
 
 async def when_room(
@@ -38,13 +40,13 @@ async def when_room(
     if why == "datanode_share":
         raise Overloaded(
             f"this datanode's queued heartbeats hold their share of the supervisor's event queue {waited} "
-            "(setting max_queue_fraction_per_datanode): send them less often or with fewer regions"
+            "(setting max_queue_fraction_per_datanode): send them less often or with fewer regions", why
         )
     if why == "queue_bytes":
         raise Overloaded(
             f"the supervisor's event queue holds {queue.max_heartbeat_bytes} bytes of heartbeats "
-            f"{waited} (setting max_queued_heartbeat_bytes); retry with backoff"
+            f"{waited} (setting max_queued_heartbeat_bytes); retry with backoff", why
         )
     raise Overloaded(
-        f"the supervisor's event queue is full ({queue.capacity} events) {waited}; retry with backoff"
+        f"the supervisor's event queue is full ({queue.capacity} events) {waited}; retry with backoff", why
     )

@@ -310,6 +310,9 @@ class HeartbeatStreams:
         except QueueClosed:
             return self._answer(stream, "the supervisor is shutting down", "rejected_shutdown")
         if entry is None:
+            # Its liveness waits (and may be dropped): the overload guard holds convictions meanwhile.
+            if self._queue.refusals.note(self._queue.refusal(event)):
+                self._metrics.heartbeat_queue_refusals.inc()
             return event, problems
         if self._queue.consumer_waiting:  # a busy supervisor thread takes what is queued without a wake
             if not self._wake_due:
@@ -344,6 +347,8 @@ class HeartbeatStreams:
                 lambda: self._queue.offer_heartbeat(event, stream.queued),
             )
         except Overloaded as exc:
+            if self._queue.refusals.note(exc.reason):  # dropped: held from now again
+                self._metrics.heartbeat_queue_refusals.inc()
             return self._answer(stream, str(exc), "rejected_overloaded")
         except QueueClosed:
             return self._answer(stream, "the supervisor is shutting down", "rejected_shutdown")

@@ -69,6 +69,7 @@ class Consumer:
         self._hand_on = hand_on
         self.tick_pending = threading.Event()  # set by the ticker with each Tick it queues, cleared here
         self._event_counters: dict[str, object] = {}
+        self._refused_seen = queue.refusals.count  # the queue's refusal count as the last Tick saw it
 
     def step(self, timeout: float) -> bool:
         """Take and handle the next event, waiting up to `timeout` seconds for one.
@@ -104,11 +105,15 @@ class Consumer:
             self.tick_pending.clear()
             lateness = max(0.0, self.clock.monotonic() - event.due_monotonic) if event.due_monotonic else 0.0
             self.metrics.tick_lateness.observe(lateness)
-            # The supervisor's own lag feeds the local-pause and overload guards.
+            # The supervisor's own lag feeds the local-pause and overload guards, and so do the
+            # heartbeats the edge could not queue since the last tick (it only counts them).
+            count = self.queue.refusals.count
+            refused, self._refused_seen = count - self._refused_seen, count
             event = dataclasses.replace(
                 event,
                 lag_ms=max(lateness, self.queue.oldest_age()) * 1000,
                 queue_fill=self.queue.external_depth / self.queue.capacity,
+                heartbeats_refused=refused,
             )
             started = time.perf_counter()
         try:

@@ -38,14 +38,32 @@ class Queued:
         self.waiting = True  # False once the consumer has taken it
 
 
+class HeartbeatRefusals:
+    """Heartbeats that found no room in the queue: counted by the edge (`note`), read by the consumer,
+    which hands the increase since the last Tick to the next one. The overload guard holds
+    convictions after any: what the table does not see, it must not convict on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def note(self, why: str | None) -> bool:
+        """Count a refusal (`why`: `EventQueue.refusal`'s), unless the datanode's own share refused it
+        (that datanode has heartbeats queued: its liveness is on its way) or there was room after all."""
+        if why is None or why == "datanode_share":
+            return False
+        with self._lock:
+            self.count += 1
+        return True
+
+
 class EventQueue:
     """A bounded FIFO with one consumer.
 
-    `put` (external producers: heartbeats, admin calls) respects the bound.
-    `put_control` is for events whose number is bounded by construction
-    (one pending tick, one result per remote call already in flight, Stop):
-    dropping those would lose state, and blocking on them could deadlock the
-    workers against a full queue, so they are always admitted.
+    `put` (external producers: heartbeats, admin calls) respects the bound. `put_control` is for
+    events whose number is bounded by construction (one pending tick, one result per remote call
+    already in flight, Stop): dropping those would lose state, and blocking on them could deadlock
+    the workers against a full queue, so they are always admitted.
 
     Heartbeats are bounded twice more, so that one datanode cannot take the
     queue from the others: by the bytes of their region ids (`max_heartbeat_bytes`
@@ -90,6 +108,7 @@ class EventQueue:
         # notify only when the consumer is (or is about to be) waiting.
         self._getters = 0
         self._closed = False
+        self.refusals = HeartbeatRefusals()  # counted by the edge, read by the consumer at each Tick
 
     def __len__(self) -> int:
         return len(self._items)

@@ -1065,3 +1065,131 @@ def test_every_hold_reason_has_a_gauge():
     for reason in ("maintenance", "warmup", "local_pause", "overload", "mass_failure"):
         assert registry.get_sample_value("supervisor_failover_hold", {"reason": reason}) == 0
     assert np.isclose(registry.get_sample_value("supervisor_failed_datanode_fraction"), 0.0)
+
+
+# ====================================================================== overload: refused heartbeats
+
+
+def _refused_step(sim: Sim, refused: int, **tick_kw) -> list:
+    """One tick interval in which the alive datanodes' heartbeats are refused by a full queue (never
+    applied), and the tick learns of `refused` of them; the queue is empty again by the tick."""
+    sim.now += TICK
+    assert sim.sup.handle(Tick(heartbeats_refused=refused, **tick_kw), sim.now) is None
+    return sim.drain()
+
+
+def _beaten_step(sim: Sim, refused: int) -> list:
+    """One tick interval in which every alive datanode is heard, and the tick learns of `refused`
+    heartbeats refused meanwhile (of other datanodes, or extra ones of these)."""
+    start, sim.now = sim.now, sim.now + TICK
+    for d in sorted(sim.alive):
+        sim.beat(d, max(start + 1, sim.now))
+    assert sim.sup.handle(Tick(heartbeats_refused=refused), sim.now) is None
+    return sim.drain()
+
+
+class TestRefusedHeartbeats:
+    """Heartbeats that found no room in the event queue hold convictions, not only a full queue.
+
+    A heartbeat the queue refused is liveness evidence the table never saw: a tick that convicts its
+    datanode afterwards convicts it on the supervisor's own overload. The queue may be far from full
+    when that tick runs (a burst was refused and drained before it), so the overload guard holds
+    convictions for `overload_hold_ms` after any tick that learnt of refused heartbeats
+    (`Tick.heartbeats_refused`), whatever the queue's fill at that tick.
+    """
+
+    def test_setting_default_is_the_local_pause_hold(self):
+        assert GuardSettings().overload_hold_ms == 5000
+        assert GuardSettings().overload_hold_ms == GuardSettings().local_pause_hold_ms
+        assert load_settings().overload_hold_ms == 5000
+        assert load_settings(overload_hold_ms=0).guard_settings().overload_hold_ms == 0
+        with pytest.raises(ConfigError, match="overload_hold_ms"):
+            load_settings(overload_hold_ms=-1)
+
+    def test_refused_heartbeats_of_live_datanodes_convict_nobody(self, logged):
+        """Every datanode lives, but for 20 s the queue refuses their heartbeats (in bursts: it is empty at
+        each tick). Without the hold every one of them would be failed over."""
+        sim = Sim(GuardSettings(**NO_MASS))
+        warm(sim)
+        for _ in range(20):
+            assert jobs(_refused_step(sim, refused=10)) == []
+        assert all(sim.phi(d) >= OPTS.threshold for d in sim.alive)  # the table sees them all dead
+        assert sim.hold("overload") == 1
+        assert sim.skipped("overload") > 0
+        [line, *_] = logged("failover_held_overload")
+        assert line["heartbeats_refused"] == 10
+        # The heartbeats get through again: each datanode is heard before the hold ends, nobody is convicted.
+        for _ in range(10):
+            assert jobs(sim.step()) == []
+        assert sim.hold("overload") == 0
+
+    def test_the_hold_lasts_overload_hold_ms_after_the_last_refusal_then_a_dead_datanode_fails_over(self):
+        sim = Sim(GuardSettings(overload_hold_ms=5000, **NO_MASS))
+        warm(sim)
+        sim.alive.discard(9)  # really dead
+        crossing = sim.crossing(9)
+        sim.run_to(crossing - 2 * TICK)
+        # The last refusals, seen by the tick before the crossing; the queue is empty at every tick.
+        assert jobs(_beaten_step(sim, 3)) == []
+        last_refusal = sim.now
+        while sim.now < last_refusal + 5000 - TICK:
+            assert jobs(sim.step()) == [], sim.now - last_refusal
+            assert sim.hold("overload") == 1
+        # The hold ends overload_hold_ms after the tick that saw the refusals.
+        assert selected(sim.step()) == [9]
+        assert sim.now == last_refusal + 5000
+        assert sim.hold("overload") == 0
+
+    def test_every_tick_that_sees_refusals_extends_the_hold(self):
+        g = Guards(GuardSettings(overload_hold_ms=3000))
+        assert g.observe_tick(1000, 0, 0.0) is None
+        assert g.observe_tick(2000, 0, 0.0, 1) == "overload"
+        assert g.observe_tick(4000, 0, 0.0) == "overload"
+        assert g.observe_tick(4999, 0, 0.0) == "overload"
+        assert g.observe_tick(5000, 0, 0.0) is None  # 3000 after the tick that saw them
+        assert g.observe_tick(6000, 0, 0.0, 2) == "overload"
+        assert g.observe_tick(8000, 0, 0.0, 1) == "overload"
+        assert g.observe_tick(10_999, 0, 0.0) == "overload"
+        assert g.observe_tick(11_000, 0, 0.0) is None
+
+    def test_hold_off_keeps_only_the_fill_check(self):
+        g = Guards(GuardSettings(overload_hold_ms=0))
+        assert g.observe_tick(1000, 0, 0.0, 100) is None
+        assert g.observe_tick(2000, 0, 0.95, 0) == "overload"
+        off = Guards(GuardSettings(overload_queue_fraction=1.0, overload_hold_ms=0))
+        assert off.observe_tick(1000, 0, 1.0, 100) is None
+
+    def test_a_negative_or_absurd_count_holds_nothing_and_breaks_nothing(self):
+        """The count comes from the runtime; a count that went backwards (a new queue) is not a refusal."""
+        g = Guards(GuardSettings(overload_hold_ms=3000))
+        assert g.observe_tick(1000, 0, 0.0, -5) is None
+        assert g.observe_tick(2000, 0, 0.0, 2**63) == "overload"
+
+    def test_a_leadership_change_does_not_forget_a_hold(self):
+        """The refusals were this process's own overload: a new leadership of the same process starts
+        with them still held (the datanodes refused were not heard by this replica either)."""
+        g = Guards(GuardSettings(overload_hold_ms=3000))
+        assert g.observe_tick(1000, 0, 0.0, 4) == "overload"
+        g.reset()
+        assert g.observe_tick(2000, 0, 0.0) == "overload"
+        assert g.observe_tick(4000, 0, 0.0) is None
+
+    def test_guards_off_ignore_refusals(self):
+        sim = Sim(None)
+        warm(sim)
+        sim.alive.discard(9)
+        sim.run_to(sim.crossing(9) - TICK)
+        assert selected(_refused_step(sim, refused=5)) == [9]
+
+    def test_refusals_seen_while_the_selector_answers_stop_the_submission(self):
+        """A tick asked for targets; the next learnt of refused heartbeats before the answer came: the
+        answer moves nothing (the evidence the table lacks may be the convicted datanode's)."""
+        sim = Sim(GuardSettings(**NO_MASS))
+        warm(sim)
+        sim.alive.discard(9)
+        sim.run_to(sim.crossing(9) - TICK)
+        [job] = jobs(sim.step())
+        assert job.datanode_id == 9
+        assert jobs(_beaten_step(sim, 1)) == []
+        assert sim.answer(job, 10) == []
+        assert sim.skipped("overload") == 2 + 2  # the held tick's and the answer's
