@@ -7,12 +7,15 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps
+.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps image
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
 # (or fail under CI=true).
 SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server
+# `make image` and its test: buildah builds and runs the image without a daemon (uidmap comes with it),
+# mmdebstrap makes the Debian base image when it is not there.
+SYSTEM_PACKAGES += buildah:buildah mmdebstrap:mmdebstrap
 
 venv: $(STAMP)
 
@@ -103,6 +106,12 @@ lint: proto
 	$(PY) -m pyflakes $$(find supervisor_service tests -name '*.py' -not -path '*/_proto/*')
 	$(VENV)/bin/ruff check --select I supervisor_service tests
 	$(PY) -m mypy --strict supervisor_service/core
+
+# The container image (README "Container image"): docker, podman or buildah, whichever works here;
+# the Debian base made locally when missing. `make image IMAGE=name:tag`.
+IMAGE ?= region-supervisor:latest
+image: system-deps
+	IMAGE=$(IMAGE) deploy/image/build.sh
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(PROTO_OUT)/supervisor data .pytest_cache .mypy_cache
