@@ -472,6 +472,7 @@ def _health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from supervisor_service.app.settings import short_repr
     from supervisor_service.proto import pb
 
     addr = args.addr if args.addr is not None else (os.environ.get("SUPERVISOR_GRPC_ADDR") or _default_grpc_addr())
@@ -479,9 +480,13 @@ def _health(args) -> int:
         target = _health_target(addr)
     except ValueError as exc:
         return _fail(f"--addr: {exc}", EXIT_USAGE)
+    # What an HTTP/2 header value may hold: grpc would refuse anything else only at the call, as INTERNAL.
+    if not all("\x21" <= c <= "\x7e" for c in args.token):
+        return _fail("--token: expected printable ASCII without spaces (what an authorization header holds)",
+                     EXIT_USAGE)
     service = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name if args.service is None else args.service
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
-    shown = f"{service!r} at {target}" if service else f"the server at {target}"
+    shown = f"{short_repr(service)} at {target}" if service else f"the server at {target}"
     # No reconnect backoff and no retries: one attempt within --timeout, as a probe wants.
     with grpc.insecure_channel(target, options=(("grpc.enable_retries", 0),)) as channel:
         try:
@@ -499,9 +504,11 @@ def _health(args) -> int:
                 why = f"no answer within {args.timeout:g} s (--timeout)"
             elif code == grpc.StatusCode.UNIMPLEMENTED:
                 why = "it answers gRPC but has no grpc.health.v1 service"
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                why = f"UNAVAILABLE: {exc.details() or 'no details'} (nothing listens there, or it does not speak gRPC)"
             else:
                 name = code.name if code else "UNKNOWN"
-                why = f"{name}: {exc.details() or 'no details'} (nothing listens there, or it does not speak gRPC)"
+                why = f"it answered {name}: {short_repr(exc.details() or 'no details', 200)}"
             return _fail(f"cannot check the health of {shown}: {why}", EXIT_UNAVAILABLE)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(status)

@@ -209,6 +209,18 @@ def test_a_bad_address_is_a_usage_error(capsys, addr):
     assert err.startswith("supervisor-service: error: --addr:"), err
 
 
+@pytest.mark.parametrize("token", ["a\nb", "tok en", "\u00e9t\u00e9", "a\x00"])
+def test_a_token_no_header_can_carry_is_a_usage_error(capsys, token):
+    code, out, err = _health(capsys, "--addr", f"127.0.0.1:{free_port()}", "--token", token)
+    assert (code, out) == (EXIT_USAGE, "") and err.startswith("supervisor-service: error: --token:"), err
+
+
+def test_a_long_service_name_is_not_echoed_whole(health_server, capsys):
+    addr, _ = health_server
+    code, out, err = _health(capsys, "--addr", addr, "--service", "x" * 100_000)
+    assert (code, out) == (EXIT_NOT_SERVING, "SERVICE_UNKNOWN") and len(err) < 500, len(err)
+
+
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "x", "1e9"])
 def test_a_bad_timeout_is_a_usage_error(timeout):
     with pytest.raises(SystemExit) as exc:
