@@ -74,9 +74,14 @@ make_base() {
 base_arg=()
 if has_image "$LOCAL_BASE"; then
     base_arg=(--build-arg "BASE_IMAGE=$LOCAL_BASE")
-elif ! has_image "$BASE" && command -v mmdebstrap >/dev/null 2>&1; then
-    make_base
-    base_arg=(--build-arg "BASE_IMAGE=$LOCAL_BASE")
+elif ! has_image "$BASE"; then
+    if command -v mmdebstrap >/dev/null 2>&1; then
+        make_base
+        base_arg=(--build-arg "BASE_IMAGE=$LOCAL_BASE")
+    else
+        echo "$BASE is not in $TOOL's storage and mmdebstrap is not installed (apt-get install mmdebstrap" \
+             "makes it here): pulling it from its registry" >&2
+    fi
 fi
 
 pip_args=()
