@@ -57,7 +57,7 @@ RUN apt-get update \
  && groupadd --system --gid 10001 supervisor \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/supervisor --no-create-home \
       --shell /usr/sbin/nologin supervisor \
- && install -d -o 10001 -g 10001 -m 0750 /var/lib/supervisor
+ && install -d -o 10001 -g 0 -m 0770 /var/lib/supervisor
 COPY --from=build /opt/venv /opt/venv
 # Listen on every interface (a container's port is reached from outside it); state in the volume.
 # The modules are compiled at install: nothing is written next to them (a read-only root works).
@@ -68,7 +68,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     SUPERVISOR_METRICS_ADDR=0.0.0.0:9464 \
     SUPERVISOR_DATA_DIR=/var/lib/supervisor \
     SUPERVISOR_LOG_FORMAT=json
-# Numeric, so that a runtime can tell it is not root without reading /etc/passwd (runAsNonRoot).
+# Numeric, so that a runtime can tell it is not root without reading /etc/passwd (runAsNonRoot). The data
+# directory is also the root group's, as OpenShift expects of an image it runs under an arbitrary uid
+# (of group 0); any other user cannot enter it, and the service cannot start there.
 USER 10001:10001
 WORKDIR /var/lib/supervisor
 VOLUME ["/var/lib/supervisor"]
