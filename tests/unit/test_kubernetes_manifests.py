@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -43,6 +44,26 @@ def _dockerfile(instruction: str) -> list[str]:
 
 def _ports() -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in CONTAINER["ports"]}
+
+
+# The oldest Kubernetes the manifests are for (gRPC probes are GA from 1.27); kubernetes-validate's
+# floor in pyproject.toml bundles its schema.
+KUBERNETES_VERSION = "1.30.0"
+
+
+@pytest.mark.parametrize("kind", sorted(set(DOCS) - {"Kustomization"}))
+def test_each_manifest_is_valid_for_the_kubernetes_api(kind):
+    # strict: a field the API does not have (a misspelt `servce:` under a probe) is an error, not ignored.
+    kubernetes_validate.validate(DOCS[kind], KUBERNETES_VERSION, strict=True)
+
+
+def test_the_schema_check_catches_a_misspelt_field():
+    import copy
+
+    broken = copy.deepcopy(DOCS["Deployment"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["servce"] = SERVICE_NAME
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
 def test_every_file_is_in_the_kustomization():
