@@ -203,6 +203,12 @@ def test_the_entrypoint_serves_and_sigterm_ends_it_with_exit_0(image, container,
         assert not Path(f"/proc/{pid}").exists()
     finally:
         if proc.poll() is None:
+            # buildah's helpers and the service outlive a killed `buildah run`: end them first.
+            for child in reversed(_processes_under(proc.pid)):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.kill()
             proc.wait(30)
     events = [json.loads(line).get("event") for line in log_path.read_text().splitlines() if line.startswith("{")]
