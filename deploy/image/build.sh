@@ -34,6 +34,16 @@ pick_tool() {
 }
 
 TOOL=$(pick_tool)
+case $TOOL in
+    docker|podman|buildah) ;;
+    *) echo "IMAGE_TOOL must be docker, podman or buildah, not ${TOOL@Q}" >&2; exit 2 ;;
+esac
+if ! command -v "$TOOL" >/dev/null 2>&1; then
+    echo "IMAGE_TOOL=$TOOL: $TOOL is not installed" >&2; exit 69
+fi
+if [ "$TOOL" = docker ] && ! docker info >/dev/null 2>&1; then
+    echo "IMAGE_TOOL=docker: no docker daemon answers (docker info); buildah builds without one" >&2; exit 69
+fi
 
 has_image() {
     case $TOOL in
@@ -64,10 +74,10 @@ make_base() {
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb "$1"/var/log/*.log' \
         bookworm "$dir/rootfs.tar" \
         "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" "deb $SECURITY_MIRROR bookworm-security main"
-    printf 'FROM scratch\nADD rootfs.tar /\nCMD ["bash"]\n' > "$dir/Containerfile"
+    printf 'FROM scratch\nADD rootfs.tar /\nCMD ["bash"]\n' > "$dir/Dockerfile"
     case $TOOL in
-        docker) docker build -q -t "$LOCAL_BASE" "$dir" >/dev/null ;;
-        *) "$TOOL" build --isolation chroot --quiet -t "$LOCAL_BASE" -f "$dir/Containerfile" "$dir" >/dev/null ;;
+        docker) docker build -q -t "$LOCAL_BASE" -f "$dir/Dockerfile" "$dir" >/dev/null ;;
+        *) "$TOOL" build --isolation chroot --quiet -t "$LOCAL_BASE" -f "$dir/Dockerfile" "$dir" >/dev/null ;;
     esac
 }
 
@@ -114,7 +124,5 @@ case $TOOL in
     podman)
         podman build --isolation chroot --format docker --layers --pull=false \
             "${base_arg[@]}" "${pip_args[@]}" "${label_args[@]}" "${secret_args[@]}" -t "$IMAGE" . ;;
-    *)
-        echo "IMAGE_TOOL must be docker, podman or buildah, not $TOOL" >&2; exit 2 ;;
 esac
 echo "built $IMAGE with $TOOL in $(( $(date +%s) - started )) s"
