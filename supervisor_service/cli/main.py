@@ -475,11 +475,16 @@ def _health(args) -> int:
     from supervisor_service.app.settings import short_repr
     from supervisor_service.proto import pb
 
-    addr = args.addr if args.addr is not None else (os.environ.get("SUPERVISOR_GRPC_ADDR") or _default_grpc_addr())
+    if args.addr is not None:
+        addr, source = args.addr, "--addr"
+    elif os.environ.get("SUPERVISOR_GRPC_ADDR"):
+        addr, source = os.environ["SUPERVISOR_GRPC_ADDR"], "SUPERVISOR_GRPC_ADDR (no --addr given)"
+    else:
+        addr, source = _default_grpc_addr(), "grpc_addr"
     try:
         target = _health_target(addr)
     except ValueError as exc:
-        return _fail(f"--addr: {exc}", EXIT_USAGE)
+        return _fail(f"{source}: {exc}", EXIT_USAGE)
     # What an HTTP/2 header value may hold: grpc would refuse anything else only at the call, as INTERNAL.
     if not all("\x21" <= c <= "\x7e" for c in args.token):
         return _fail("--token: expected printable ASCII without spaces (what an authorization header holds)",

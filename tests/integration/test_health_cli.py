@@ -209,6 +209,13 @@ def test_a_bad_address_is_a_usage_error(capsys, addr):
     assert err.startswith("supervisor-service: error: --addr:"), err
 
 
+def test_a_bad_address_from_the_environment_is_named_as_such(capsys, monkeypatch):
+    monkeypatch.setenv("SUPERVISOR_GRPC_ADDR", "nonsense")
+    code, out, err = _health(capsys)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.startswith("supervisor-service: error: SUPERVISOR_GRPC_ADDR (no --addr given):"), err
+
+
 @pytest.mark.parametrize("token", ["a\nb", "tok en", "\u00e9t\u00e9", "a\x00"])
 def test_a_token_no_header_can_carry_is_a_usage_error(capsys, token):
     code, out, err = _health(capsys, "--addr", f"127.0.0.1:{free_port()}", "--token", token)
