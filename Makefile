@@ -74,7 +74,7 @@ test-min:
 		> $(MIN_CONSTRAINTS)
 	rm -rf $(MIN_SRC) && mkdir -p $(MIN_SRC)
 	tar -c --exclude=__pycache__ --exclude=supervisor_service/_proto/supervisor \
-		Makefile pyproject.toml README.md Dockerfile deploy protos supervisor_service tests | tar -x -C $(MIN_SRC)
+		Makefile pyproject.toml README.md Dockerfile .dockerignore deploy protos supervisor_service tests | tar -x -C $(MIN_SRC)
 	$(MAKE) --no-print-directory -C $(MIN_SRC) proto VENV=$(CURDIR)/$(MIN_VENV) \
 		PIP_INSTALL_ARGS="-c $(CURDIR)/$(MIN_CONSTRAINTS)"
 	$(MIN_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(grpcio|protobuf|pydantic|prometheus|numpy|aetcd)'
