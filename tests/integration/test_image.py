@@ -181,7 +181,7 @@ def test_the_entrypoint_serves_and_sigterm_ends_it_with_exit_0(image, container,
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             assert resp.status == 200 and b"supervisor_" in resp.read()
 
-        # The service is one Python process below buildah's helpers (buildah-chroot-runtime, then
+        # The service is one Python process below buildah's own processes (buildah-chroot-runtime, then
         # buildah-chroot-exec, which starts the entrypoint), running as the image's user, with no shell
         # in between: what a runtime signals is Python itself.
         below = [(pid, _cmdline(pid)) for pid in _processes_under(proc.pid)]
@@ -196,14 +196,14 @@ def test_the_entrypoint_serves_and_sigterm_ends_it_with_exit_0(image, container,
         assert ".sqlite" in listing.stdout or ".db" in listing.stdout, listing.stdout
 
         # SIGTERM, as a container runtime sends it to the container's first process: the service itself.
-        # (`buildah run` does not pass a SIGTERM of its own on: it kills its helpers.) Its exit status
-        # comes back through buildah's helpers.
+        # (`buildah run` does not pass a SIGTERM of its own on: it kills its children.) Its exit status
+        # comes back through buildah-chroot-exec and buildah.
         os.kill(pid, signal.SIGTERM)
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]
         assert not Path(f"/proc/{pid}").exists()
     finally:
         if proc.poll() is None:
-            # buildah's helpers and the service outlive a killed `buildah run`: end them first.
+            # buildah's child processes and the service outlive a killed `buildah run`: end them first.
             for child in reversed(_processes_under(proc.pid)):
                 try:
                     os.kill(child, signal.SIGKILL)
