@@ -11,8 +11,9 @@ PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
-# (or fail under CI=true).
-SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server
+# (or fail under CI=true). PostgreSQL's server binaries are off PATH (/usr/lib/postgresql/*/bin):
+# its package is probed by pg_ctlcluster, which postgresql-common (a dependency of the server) puts there.
+SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server pg_ctlcluster:postgresql
 # `make image` and its test: buildah builds and runs the image without a daemon (uidmap comes with it),
 # mmdebstrap makes the Debian base image when it is not there.
 SYSTEM_PACKAGES += buildah:buildah mmdebstrap:mmdebstrap

@@ -16,7 +16,8 @@ import logging
 
 import pytest
 
-from tests.support.servers import EtcdServer
+from tests.support.backends import BACKENDS, EtcdBackend, PostgresBackend
+from tests.support.servers import EtcdServer, PostgresServer
 from tests.support.service import ServiceFactory
 
 
@@ -46,3 +47,25 @@ def etcd(tmp_path):
     server = EtcdServer(str(tmp_path))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the whole test session (initdb takes seconds); each test takes its own database."""
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres(postgres_server):
+    """A `PostgresBackend`: a new, empty database on the session's PostgreSQL."""
+    return PostgresBackend(postgres_server)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path):
+    """Each store that several replicas can share (tests.support.backends), one run of the test per store."""
+    if request.param == "etcd":
+        return EtcdBackend(request.getfixturevalue("etcd"))
+    return PostgresBackend(request.getfixturevalue("postgres_server"))

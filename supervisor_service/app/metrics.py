@@ -315,7 +315,7 @@ class Metrics:
         self.store_healthy.set(1)
         self.store_errors = Counter(
             "supervisor_store_errors",
-            "State store failures, by reason (disk_full, read_only, io_error, busy, sqlite, etcd, gone, "
+            "State store failures, by reason (disk_full, read_only, io_error, busy, sqlite, etcd, postgres, gone, "
             "fenced, term_ended, shutdown, queue_full).",
             ["reason"],
             registry=r,

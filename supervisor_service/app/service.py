@@ -24,7 +24,7 @@ from supervisor_service.cluster import SingleLeadership
 from supervisor_service.core import BecomeLeader, Clock, LoseLeadership, StoredState, TermSet, log_event
 from supervisor_service.edge import RegionSupervisorServicer, set_health
 from supervisor_service.remotes import Remotes
-from supervisor_service.store import KV, StoreError, StoreGone
+from supervisor_service.store import KV, StoreError, StoreGone, redact
 
 log = logging.getLogger("supervisor_service.app")
 
@@ -113,7 +113,7 @@ class Service:
             "service_started",
             grpc=self.addresses.grpc,
             metrics=self.addresses.metrics or "off",
-            store=s.store,
+            store=redact(s.store),
             data_dir=str(s.data_dir) if s.store == "sqlite" else "",
             tick_interval_ms=s.tick_interval_ms,
             heartbeat_clock=s.heartbeat_clock,

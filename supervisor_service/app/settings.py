@@ -192,17 +192,17 @@ class Settings(BaseSettings):
 
     # -- state and leadership
     store: str = "sqlite"
-    """State store: `sqlite` (a file in data_dir; one replica), `memory` (nothing survives a restart), or `etcd://host:port[,host:port]` (several replicas, leader election)."""
+    """State store: `sqlite` (a file in data_dir; one replica), `memory` (nothing survives a restart), `etcd://host:port[,host:port]` or `postgresql://user[:password]@host[:port]/dbname` (several replicas, leader election; the password is never logged, PGPASSFILE or PGPASSWORD keep it out of the setting)."""
     data_dir: Path = Path("./data")
     """Directory of the SQLite store; a relative path is resolved once, at start, against the working directory (the absolute path is logged in service_started)."""
     store_prefix: str = "/region-supervisor/default"
-    """Key prefix in the store (etcd: one per cluster sharing the etcd)."""
+    """Key prefix in the store (etcd, PostgreSQL: one per cluster sharing the etcd or the database)."""
     store_flush_interval_ms: int = Field(10, ge=0, le=10_000)
     """Group-commit window: state changes are written together at most this late."""
     allow_new_store: bool = False
     """Start although data_dir shows it held a SQLite store that is now missing or another one (deleted, replaced): begin from an empty state (or that other file). Leader terms still continue above the highest used before. Also `serve --new-store`."""
     leader_lease_ttl_ms: int = Field(5000, ge=2000, le=600_000)
-    """Leader lease time to live (etcd store); a leader steps down before it can expire."""
+    """Leader lease time to live (etcd, PostgreSQL store); a leader steps down before it can expire."""
     initialization_delay_ms: int = Field(0, ge=0, le=600_000)
     """Pause between becoming leader and loading the state (lets a previous leader's last writes land)."""
     warmup_grace_ms: int = _core("warmup_grace_ms")
@@ -272,12 +272,19 @@ class Settings(BaseSettings):
 
             parse_endpoints(v)
             return v
-        raise ValueError(f"expected sqlite, memory or etcd://host:port[,host:port], got {v!r}")
+        from supervisor_service.store import is_postgres, redact
+        from supervisor_service.store.postgres import parse_url
+
+        if is_postgres(v):
+            parse_url(v)
+            return v
+        raise ValueError("expected sqlite, memory, etcd://host:port[,host:port] or "
+                         f"postgresql://user@host:port/dbname, got {redact(v)!r}")
 
     @field_validator("store_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not v.startswith("/") or v.endswith("/") or "//" in v:
+        if not v.startswith("/") or v.endswith("/") or "//" in v or "\x00" in v:  # NUL: not a PostgreSQL text
             raise ValueError(f"expected an absolute key prefix like /region-supervisor/cluster-a, got {v!r}")
         return v
 
@@ -377,7 +384,12 @@ def _describe(exc: ValidationError) -> str:
         env = f"SUPERVISOR_{name.upper()}" if err["loc"] else ""
         where = f"{name} ({env})" if env else name
         message = err["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message} (got {err.get('input')!r})")
+        shown = err.get("input")
+        if name == "store" and isinstance(shown, str):
+            from supervisor_service.store import redact
+
+            shown = redact(shown)  # a PostgreSQL URL's password
+        problems.append(f"{where}: {message} (got {shown!r})")
     return "invalid settings: " + "; ".join(problems)
 
 

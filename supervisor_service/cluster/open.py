@@ -7,7 +7,8 @@ from pathlib import Path
 
 from supervisor_service.cluster.etcd import EtcdElection
 from supervisor_service.cluster.leadership import Leadership, SingleLeadership
-from supervisor_service.store import KV, EtcdKV, open_kv
+from supervisor_service.cluster.postgres import PostgresElection
+from supervisor_service.store import KV, EtcdKV, PostgresKV, open_kv
 
 
 def open_cluster(
@@ -25,8 +26,8 @@ def open_cluster(
 ) -> tuple[KV, Leadership]:
     """The backend `store` names (or `kv`, when given) and who leads over it.
 
-    On etcd the replicas sharing `prefix` elect a leader (a lease of
-    `lease_ttl_ms`); on any other store this replica is the only one and leads
+    On etcd and on PostgreSQL the replicas sharing `prefix` elect a leader
+    (a lease of `lease_ttl_ms`); on any other store this replica is the only one and leads
     from `start`, under the term `next_term()` persists and returns. Nothing
     runs until the leadership's `start`; `advertise_addr` may be set again
     before it (once the port is bound).
@@ -34,4 +35,7 @@ def open_cluster(
     kv = kv if kv is not None else open_kv(store, data_dir, allow_new_store=allow_new_store)
     if isinstance(kv, EtcdKV):
         return kv, EtcdElection(kv, prefix, advertise_addr, lease_ttl_ms, on_elected=on_elected, on_lost=on_lost)
+    if isinstance(kv, PostgresKV):
+        return kv, PostgresElection(kv, prefix, advertise_addr, lease_ttl_ms, on_elected=on_elected,
+                                    on_lost=on_lost)
     return kv, SingleLeadership(advertise_addr, next_term=next_term, on_elected=on_elected, on_lost=on_lost)

@@ -1,7 +1,7 @@
-"""Durable state: key-value backends (memory, SQLite, etcd), the codec, the group-commit writer (docs/design.md §6).
+"""Durable state: key-value backends (memory, SQLite, etcd, PostgreSQL), the codec, the group-commit writer (docs/design.md §6).
 
 Modules: `kv` (the backend contract, its errors, the memory backend), `sqlite`,
-`etcd` (backends), `open` (the backend a setting names), `codec` (changes to
+`etcd`, `postgres` (backends), `open` (the backend a setting names), `codec` (changes to
 keys and back, pure), `txn` (fitting writes into a backend's transactions),
 `pending` (the bounded queue of writes), `health` (failing, gone, reported),
 `writer` (`StateStore`: the thread that commits).
@@ -28,8 +28,13 @@ from supervisor_service.store.kv import (
     StoreGone,
 )
 from supervisor_service.store.open import (
+    is_postgres,
     open_kv,
     parse_endpoints,
+)
+from supervisor_service.store.postgres import (
+    PostgresKV,
+    redact,
 )
 from supervisor_service.store.sqlite import (
     SqliteKV,
@@ -47,6 +52,7 @@ __all__ = [
     "MAX_PENDING_WRITES",
     "MemoryKV",
     "Mirror",
+    "PostgresKV",
     "SqliteKV",
     "StateStore",
     "StoreError",
@@ -55,6 +61,8 @@ __all__ = [
     "decode_maintenance",
     "decode_state",
     "encode",
+    "is_postgres",
     "open_kv",
     "parse_endpoints",
+    "redact",
 ]

@@ -1,4 +1,5 @@
-"""Opens the backend a `store` setting names (`sqlite`, `memory`, `etcd://host:port[,host:port]`)."""
+"""Opens the backend a `store` setting names (`sqlite`, `memory`, `etcd://host:port[,host:port]`,
+`postgresql://user@host:port/dbname`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from supervisor_service.store.etcd import EtcdKV
 from supervisor_service.store.kv import KV, MemoryKV, StoreError
+from supervisor_service.store.postgres import PostgresKV, redact
 from supervisor_service.store.sqlite import SqliteKV
 
 
@@ -24,11 +26,19 @@ def parse_endpoints(store: str) -> list[tuple[str, int]]:
 
 
 def open_kv(store: str, data_dir: Path, *, allow_new_store: bool = False) -> KV:
-    """The backend a `store` setting names: `sqlite`, `memory` or `etcd://host:port[,host:port]`."""
+    """The backend a `store` setting names: `sqlite`, `memory`, `etcd://host:port[,host:port]` or
+    `postgresql://user[:password]@host[:port]/dbname` (`postgres://` too)."""
     if store == "sqlite":
         return SqliteKV(data_dir, allow_new_store=allow_new_store)
     if store == "memory":
         return MemoryKV()
     if store.startswith("etcd://"):
         return EtcdKV(parse_endpoints(store))
-    raise StoreError(f"unknown store {store!r}: use sqlite, memory or etcd://host:port[,host:port]")
+    if is_postgres(store):
+        return PostgresKV(store)
+    raise StoreError(f"unknown store {redact(store)!r}: use sqlite, memory, etcd://host:port[,host:port] "
+                     "or postgresql://user@host:port/dbname")
+
+
+def is_postgres(store: str) -> bool:
+    return store.startswith(("postgresql://", "postgres://"))

@@ -417,24 +417,24 @@ def test_restart_with_the_wall_clock_an_hour_ahead_keeps_the_migration_and_the_m
         rm.stop()
 
 
-def test_decision_caught_in_an_etcd_stall_is_sent_as_soon_as_leadership_returns(tmp_path):
-    """etcd stops at the moment of a decision: the lease is lost with the intent's write under way.
-    When etcd is back and the replica leads again, the decision is carried out within seconds (it
-    used to wait for the 60 s timeout of its own orphaned intent), exactly once."""
+def test_decision_caught_in_a_store_stall_is_sent_as_soon_as_leadership_returns(tmp_path, backend):
+    """The shared store (etcd, PostgreSQL) stops at the moment of a decision: the lease is lost with the
+    intent's write under way. When the store is back and the replica leads again, the decision is
+    carried out within seconds (it used to wait for the 60 s timeout of its own orphaned intent),
+    exactly once."""
     from supervisor_service.proto import pb
 
-    etcd = EtcdServer(str(tmp_path))
     stalled: list[float] = []
 
     def select(request):
-        if not stalled:  # the decision is being made: stop etcd before its intent can be written
-            etcd.proc.send_signal(signal.SIGSTOP)
+        if not stalled:  # the decision is being made: stop the store before its intent can be written
+            backend.pause()
             stalled.append(time.monotonic())
         return pb.SelectResponse(peers=[peer(1, dn_addr(1))] * request.min_required_items)
 
     sel = FakeSelector(respond=select)
     rm = FakeRegionMigration()
-    env = {**FAST_ENV, "SUPERVISOR_STORE": f"etcd://{etcd.endpoint}", "SUPERVISOR_STORE_PREFIX": "/rs/stall",
+    env = {**FAST_ENV, "SUPERVISOR_STORE": backend.store(), "SUPERVISOR_STORE_PREFIX": "/rs/stall",
            "SUPERVISOR_LEADER_LEASE_TTL_MS": "2000", "SUPERVISOR_WARMUP_GRACE_MS": "1500",
            "SUPERVISOR_WARMUP_FRACTION": "0.6", "SUPERVISOR_REGION_MIGRATION_ENDPOINT": rm.endpoint,
            "SUPERVISOR_SELECTOR_ENDPOINT": sel.endpoint}
@@ -449,7 +449,7 @@ def test_decision_caught_in_an_etcd_stall_is_sent_as_soon_as_leadership_returns(
         beaters.stop(3)
         wait_for(lambda: stalled, 15, message="datanode 3 was never sent to the Selector")
         time.sleep(4)  # twice the lease: the replica has stepped down
-        etcd.proc.send_signal(signal.SIGCONT)
+        backend.resume()
         resumed = time.monotonic()
         wait_for(lambda: rm.submissions, 30, interval=0.05, message="datanode 3 was not failed over")
         took = rm.submissions[0].at - resumed
@@ -462,9 +462,7 @@ def test_decision_caught_in_an_etcd_stall_is_sent_as_soon_as_leadership_returns(
     finally:
         if beaters is not None:
             beaters.close()
-        if etcd.proc.poll() is None:
-            etcd.proc.send_signal(signal.SIGCONT)
+        backend.resume()
         replica.stop()
-        etcd.stop()
         rm.stop()
         sel.stop()

@@ -1,8 +1,9 @@
-"""Fencing by term against a real etcd: a deposed leader's writes never land, and it says so.
+"""Fencing by term on a real shared store, etcd and PostgreSQL (the `backend` fixture): a deposed
+leader's writes never land, and it says so.
 
-Replica A reaches etcd through a pausable TCP proxy (a partition on demand,
-bytes held and delivered late when it heals); replica B connects directly.
-Both are real `supervisor-service serve` processes.
+Replica A reaches the store through a pausable TCP proxy (a partition on
+demand, bytes held and delivered late when it heals); replica B connects
+directly. Both are real `supervisor-service serve` processes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import numpy as np
 import pytest
 
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
-from supervisor_service.store import EtcdKV, parse_endpoints
 from tests.support.fakes import wait_for
 from tests.support.proxy import PausableProxy
-from tests.support.servers import EtcdServer, ServiceProcess, free_port
+from tests.support.servers import ServiceProcess, free_port
 
 pytestmark = pytest.mark.realtime
 
@@ -35,15 +35,15 @@ ANSWER_BOUND_S = TTL_MS / 1000 + 2.0
 
 
 @pytest.fixture
-def proxy(etcd):
-    p = PausableProxy(etcd.endpoint)
+def proxy(backend):
+    p = PausableProxy(backend.endpoint)
     yield p
     p.stop()
 
 
-def _replica(tmp_path, name: str, endpoint: str, **extra: str) -> ServiceProcess:
+def _replica(tmp_path, name: str, store: str, **extra: str) -> ServiceProcess:
     env = {
-        "SUPERVISOR_STORE": f"etcd://{endpoint}",
+        "SUPERVISOR_STORE": store,
         "SUPERVISOR_STORE_PREFIX": PREFIX,
         "SUPERVISOR_LEADER_LEASE_TTL_MS": str(TTL_MS),
         "SUPERVISOR_TICK_INTERVAL_MS": "100",
@@ -64,12 +64,8 @@ def _is_leader(replica: ServiceProcess) -> bool:
         return False
 
 
-def _etcd_registry(etcd: EtcdServer, datanode_id: int) -> list[int]:
-    kv = EtcdKV(parse_endpoints(f"etcd://{etcd.endpoint}"))
-    try:
-        raw = kv.read_prefix(f"{PREFIX}/registry/{datanode_id:020d}")
-    finally:
-        kv.close()
+def _stored_registry(backend, datanode_id: int) -> list[int]:
+    raw = backend.read_prefix(f"{PREFIX}/registry/{datanode_id:020d}")
     return sorted(np.frombuffer(b"".join(raw.values()), dtype="<u8").tolist())
 
 
@@ -86,11 +82,11 @@ def _metric(port: int, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _b_standing_by_while_a_leads(tmp_path, a: ServiceProcess, etcd_endpoint: str) -> ServiceProcess:
-    """A leads and has acknowledged registration (9, 9001); B runs beside it, directly on etcd."""
+def _b_standing_by_while_a_leads(tmp_path, a: ServiceProcess, store: str) -> ServiceProcess:
+    """A leads and has acknowledged registration (9, 9001); B runs beside it, directly on the store."""
     a.wait_serving()
     wait_for(lambda: _is_leader(a), 10, message="A did not become leader")
-    b = _replica(tmp_path, "b", etcd_endpoint)
+    b = _replica(tmp_path, "b", store)
     try:
         b.wait_serving()
         with SupervisorClient(a.addr, timeout=5) as client:
@@ -113,16 +109,16 @@ def _register_error(addr: str, pairs, timeout: float) -> tuple[grpc.RpcError | N
     return None, time.monotonic() - started
 
 
-def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, etcd, proxy):
+def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, backend, proxy):
     metrics_port = free_port()
-    a = _replica(tmp_path, "a", proxy.endpoint, SUPERVISOR_METRICS_ADDR=f"127.0.0.1:{metrics_port}")
+    a = _replica(tmp_path, "a", backend.store(proxy.endpoint), SUPERVISOR_METRICS_ADDR=f"127.0.0.1:{metrics_port}")
     b = None
     try:
-        b = _b_standing_by_while_a_leads(tmp_path, a, etcd.endpoint)
+        b = _b_standing_by_while_a_leads(tmp_path, a, backend.store())
 
-        proxy.pause()  # A's link to etcd is cut; A still believes it leads for a moment
+        proxy.pause()  # A's link to the store is cut; A still believes it leads for a moment
         error, took = _register_error(a.addr, [(9, 9003)], timeout=3 * ANSWER_BOUND_S)
-        assert error is not None, "a replica cut off from etcd acknowledged a write"
+        assert error is not None, "a replica cut off from the store acknowledged a write"
         assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION), error
         assert took <= ANSWER_BOUND_S, f"the cut-off leader answered after {took:.1f} s"
 
@@ -131,7 +127,7 @@ def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, etcd, pr
             assert client.register([(9, 9002)]) == 1  # acknowledged by the new leader
             assert client.addr == b.addr
 
-        proxy.resume()  # whatever A sent or retries now reaches etcd, late
+        proxy.resume()  # whatever A sent or retries now reaches the store, late
         with SupervisorClient(a.addr, timeout=2, follow_leader=False) as client:
             wait_for(lambda: client.maintenance_status().leader_addr == b.addr, 15,
                      message="A never learned that B leads")
@@ -139,7 +135,7 @@ def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, etcd, pr
         wait_for(lambda: _metric(metrics_port, "supervisor_store_pending_writes") == 0, 15,
                  message="A still holds writes of its ended term")
         assert not _is_leader(a)
-        registry = _etcd_registry(etcd, 9)
+        registry = _stored_registry(backend, 9)
         assert 9002 in registry, f"the new leader's acknowledged registration was overwritten: {registry}"
         assert 9001 in registry and 9003 not in registry, registry
         assert {(9, 9001), (9, 9002)} <= _dump_pairs(b)
@@ -150,8 +146,8 @@ def test_deposed_leader_cannot_overwrite_new_leaders_registry(tmp_path, etcd, pr
                 replica.stop()
 
 
-def test_cut_off_replica_never_names_itself_leader(tmp_path, etcd, proxy):
-    a = _replica(tmp_path, "a", proxy.endpoint)
+def test_cut_off_replica_never_names_itself_leader(tmp_path, backend, proxy):
+    a = _replica(tmp_path, "a", backend.store(proxy.endpoint))
     answers: list = []
     beater = None
     try:
@@ -163,7 +159,7 @@ def test_cut_off_replica_never_names_itself_leader(tmp_path, etcd, proxy):
         proxy.pause()
         # Positive signal: A's heartbeat answers say it no longer leads.
         wait_for(lambda: sum(not r.is_leader for r in answers) >= 5, ANSWER_BOUND_S + 3,
-                 message="A kept answering as leader without etcd")
+                 message="A kept answering as leader without its store")
         followers = [r for r in answers if not r.is_leader]
         assert all(r.leader_addr != a.addr for r in followers), {r.leader_addr for r in followers}
         assert all(r.leader_addr == "" for r in followers), {r.leader_addr for r in followers}
@@ -179,12 +175,12 @@ def test_cut_off_replica_never_names_itself_leader(tmp_path, etcd, proxy):
         a.stop()
 
 
-def test_sigstopped_leader_past_its_lease_cannot_overwrite_new_leaders_registry(tmp_path, etcd):
+def test_sigstopped_leader_past_its_lease_cannot_overwrite_new_leaders_registry(tmp_path, backend):
     # A's writer waits 800 ms before each commit, so the registration is held there when A is stopped.
-    a = _replica(tmp_path, "a", etcd.endpoint, SUPERVISOR_STORE_FLUSH_INTERVAL_MS="800")
+    a = _replica(tmp_path, "a", backend.store(), SUPERVISOR_STORE_FLUSH_INTERVAL_MS="800")
     b = None
     try:
-        b = _b_standing_by_while_a_leads(tmp_path, a, etcd.endpoint)
+        b = _b_standing_by_while_a_leads(tmp_path, a, backend.store())
 
         result: list = []
         caller = threading.Thread(target=lambda: result.append(_register_error(a.addr, [(9, 9003)], timeout=30)))
@@ -206,7 +202,7 @@ def test_sigstopped_leader_past_its_lease_cannot_overwrite_new_leaders_registry(
         with SupervisorClient(a.addr, timeout=2, follow_leader=False) as client:
             wait_for(lambda: client.maintenance_status().leader_addr == b.addr, 15,
                      message="A never learned that B leads")
-        registry = _etcd_registry(etcd, 9)
+        registry = _stored_registry(backend, 9)
         assert 9002 in registry and 9003 not in registry, registry
         assert {(9, 9001), (9, 9002)} <= _dump_pairs(b)
     finally:

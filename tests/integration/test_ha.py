@@ -1,4 +1,5 @@
-"""Several replicas against a real etcd: election, takeover, fencing, step-down."""
+"""Several replicas on a shared store, each test once on etcd and once on PostgreSQL (the `backend`
+fixture): election, takeover, fencing, step-down."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ def _regions_of(migration: FakeRegionMigration, datanode_id: int) -> list[int]:
     return [r for c in migration.submissions if c.request.from_peer.id == datanode_id for r in c.request.region_ids]
 
 
-def _replicas(tmp_path, etcd, migration, n=3, prefix="/region-supervisor/test-ha"):
+def _replicas(tmp_path, backend, migration, n=3, prefix="/region-supervisor/test-ha"):
     env = {
-        "SUPERVISOR_STORE": f"etcd://{etcd.endpoint}",
+        "SUPERVISOR_STORE": backend.store(),
         "SUPERVISOR_STORE_PREFIX": prefix,
         "SUPERVISOR_LEADER_LEASE_TTL_MS": str(TTL_MS),
         "SUPERVISOR_TICK_INTERVAL_MS": str(TICK_MS),
@@ -64,8 +65,8 @@ def _leader(replicas, timeout: float) -> ServiceProcess:
     raise AssertionError(f"no leader within {timeout} s")
 
 
-def test_leader_killed_new_leader_fails_over_exactly_once(tmp_path, etcd, migration):
-    replicas = _replicas(tmp_path, etcd, migration)
+def test_leader_killed_new_leader_fails_over_exactly_once(tmp_path, backend, migration):
+    replicas = _replicas(tmp_path, backend, migration)
     beaters = []
     try:
         for replica in replicas:
@@ -119,8 +120,8 @@ def test_leader_killed_new_leader_fails_over_exactly_once(tmp_path, etcd, migrat
             replica.stop()
 
 
-def test_leader_steps_down_when_etcd_stops_and_submits_nothing(tmp_path, etcd, migration):
-    replicas = _replicas(tmp_path, etcd, migration, n=1, prefix="/region-supervisor/test-stepdown")
+def test_leader_steps_down_when_the_store_stops_and_submits_nothing(tmp_path, backend, migration):
+    replicas = _replicas(tmp_path, backend, migration, n=1, prefix="/region-supervisor/test-stepdown")
     beaters = []
     try:
         replica = replicas[0]
@@ -129,7 +130,7 @@ def test_leader_steps_down_when_etcd_stops_and_submits_nothing(tmp_path, etcd, m
         for datanode in (1, 2):
             beaters.append(DatanodeHeartbeater(replica.addr, datanode, lambda d=datanode: [d * 10], interval_s=0.2).start())
         time.sleep(1.0)
-        etcd.proc.send_signal(signal.SIGSTOP)
+        backend.pause()  # SIGSTOP: connections stay open, nothing answers
         paused_at = time.monotonic()
         beaters[1].stop()  # datanode 2 dies while the leader has no lease
         try:
@@ -147,7 +148,7 @@ def test_leader_steps_down_when_etcd_stops_and_submits_nothing(tmp_path, etcd, m
             time.sleep(3)  # datanode 2's detection period passes: still nothing may leave
             assert migration.submissions == []
         finally:
-            etcd.proc.send_signal(signal.SIGCONT)
+            backend.resume()
     finally:
         for b in beaters:
             b.stop()

@@ -1,4 +1,4 @@
-"""Real servers the tests start on 127.0.0.1: the service in a child process, etcd.
+"""Real servers the tests start on 127.0.0.1: the service in a child process, etcd, PostgreSQL.
 
 A missing binary skips the test, except under CI=true, where it fails: CI
 must never pass by skipping what it was meant to check.
@@ -6,10 +6,13 @@ must never pass by skipping what it was meant to check.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -18,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.readiness import free_port, wait_ready
 
-__all__ = ["EtcdServer", "ServiceProcess", "free_port", "require_binary", "stop_process"]
+__all__ = ["EtcdServer", "PostgresServer", "ServiceProcess", "free_port", "require_binary", "stop_process"]
 
 
 def require_binary(name: str, package: str) -> str:
@@ -140,3 +143,122 @@ class EtcdServer:
     def stop(self) -> None:
         stop_process(self.proc)
         self._log.close()
+
+
+def _postgres_bindir() -> str:
+    """Debian installs the server's binaries off PATH (/usr/lib/postgresql/<major>/bin): the newest there,
+    else wherever PATH has initdb (another distribution's layout)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return os.path.dirname(found[-1])
+    return os.path.dirname(require_binary("initdb", "postgresql"))
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own (initdb, then postgres) on a free loopback port, data in a fresh
+    temporary directory; run as the `postgres` user when the tests run as root (PostgreSQL refuses root).
+
+    `url(dbname)` is a store setting for one database; `create_database()` makes a new one, so that the
+    tests sharing a server never share state. `pause()`/`resume()` SIGSTOP/SIGCONT the postmaster and
+    every backend: the database stops answering while its connections stay open.
+    """
+
+    def __init__(self) -> None:
+        bindir = _postgres_bindir()
+        self.port = free_port()
+        self.user = "postgres" if os.geteuid() == 0 else None
+        # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
+        self.base = tempfile.mkdtemp(prefix="supervisor-pg-")
+        self.data_dir = os.path.join(self.base, "data")
+        if self.user is not None:
+            shutil.chown(self.base, self.user, self.user)
+        self._databases = 0
+        self._log = open(os.path.join(self.base, "postgres.log"), "ab")  # noqa: SIM115 - closed in stop
+        as_user = {"user": self.user, "group": self.user} if self.user is not None else {}
+        init = subprocess.run(
+            [os.path.join(bindir, "initdb"), "-D", self.data_dir, "-U", "postgres", "--auth=trust",
+             "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.base, **as_user,
+        )
+        if init.returncode != 0:
+            raise AssertionError(f"initdb failed ({init.returncode}): {init.stdout.decode(errors='replace')[-2000:]}")
+        # Its own session: a signal to the test's process group (a ^C) does not reach it.
+        self.proc = subprocess.Popen(
+            [os.path.join(bindir, "postgres"), "-D", self.data_dir, "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.base}",
+             "-c", "fsync=off", "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.base, start_new_session=True, **as_user,
+        )
+        self._wait_ready()
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self) -> str:
+        """A new, empty database; its store URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"supervisor_{os.getpid()}_{self._databases}"
+        with psycopg.connect(self.url(), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postgres exited with {self.proc.returncode}; see {self.base}/postgres.log")
+            try:
+                with psycopg.connect(self.url(), connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        raise AssertionError(f"postgres did not accept connections within {timeout} s")
+
+    def _children(self) -> list[int]:
+        """The postmaster's child processes (each backend is a session leader of its own: no killpg)."""
+        children = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == self.proc.pid:
+                children.append(int(entry))
+        return children
+
+    def _signal_all(self, sig: int, postmaster_first: bool) -> None:
+        if postmaster_first:
+            self.proc.send_signal(sig)  # stopped first, it forks no backend the loop below would miss
+        for pid in self._children():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if not postmaster_first:
+            self.proc.send_signal(sig)
+
+    def pause(self) -> None:
+        self._signal_all(signal.SIGSTOP, postmaster_first=True)
+
+    def resume(self) -> None:
+        if self.proc.poll() is None:
+            self._signal_all(signal.SIGCONT, postmaster_first=False)
+
+    def stop(self) -> None:
+        self.resume()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # immediate shutdown: no checkpoint, the data is thrown away
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self._signal_all(signal.SIGKILL, postmaster_first=True)
+                self.proc.wait(10)
+        self._log.close()
+        shutil.rmtree(self.base, ignore_errors=True)

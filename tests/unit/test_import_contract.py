@@ -36,7 +36,7 @@ SOURCE = ROOT / PACKAGE
 
 # What importing the core must not load: the wire, the settings, the metrics, etcd.
 FORBIDDEN_IN_CORE = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "pydantic", "pydantic_core",
-                     "pydantic_settings", "prometheus_client", "aetcd")
+                     "pydantic_settings", "prometheus_client", "aetcd", "psycopg")
 
 # ---------------------------------------------------------------- the layers
 #
@@ -75,8 +75,9 @@ TYPE_ONLY: dict[str, set[str]] = {"store": {"metrics"}}
 
 # The store's backends: the edge and the runtime are handed a StateStore, they never open or name a
 # backend (that is the wiring's job).
-BACKEND_MODULES = {f"{PACKAGE}.store.kv", f"{PACKAGE}.store.sqlite", f"{PACKAGE}.store.etcd", f"{PACKAGE}.store.open"}
-BACKEND_NAMES = {"KV", "MemoryKV", "SqliteKV", "EtcdKV", "open_kv"}
+BACKEND_MODULES = {f"{PACKAGE}.store.kv", f"{PACKAGE}.store.sqlite", f"{PACKAGE}.store.etcd", f"{PACKAGE}.store.open",
+                   f"{PACKAGE}.store.postgres"}
+BACKEND_NAMES = {"KV", "MemoryKV", "SqliteKV", "EtcdKV", "PostgresKV", "open_kv"}
 NO_BACKEND = {"edge", "runtime"}
 
 # Where each heavy dependency may be imported (numpy and the standard library: anywhere).
@@ -89,6 +90,7 @@ THIRD_PARTY: dict[str, set[str]] = {
     "pydantic_settings": {"settings"},
     "prometheus_client": {"metrics", "app", "cli", "evaluate", "bench"},
     "aetcd": {"store", "cluster"},
+    "psycopg": {"store", "cluster"},
 }
 
 
