@@ -7,7 +7,7 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps fuzz
+.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps fuzz image
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
@@ -16,6 +16,9 @@ PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 SYSTEM_PACKAGES := prometheus:prometheus etcd:etcd-server pg_ctlcluster:postgresql
 # The chaos suite compiles its clock shim and formats a small ext4 image for its disk faults.
 SYSTEM_PACKAGES += gcc:gcc mkfs.ext4:e2fsprogs
+# `make image` and its test: buildah builds and runs the image without a daemon (uidmap comes with it),
+# mmdebstrap makes the Debian base image when it is not there.
+SYSTEM_PACKAGES += buildah:buildah mmdebstrap:mmdebstrap
 
 venv: $(STAMP)
 
@@ -83,7 +86,7 @@ test-min:
 		> $(MIN_CONSTRAINTS)
 	rm -rf $(MIN_SRC) && mkdir -p $(MIN_SRC)
 	tar -c --exclude=__pycache__ --exclude=supervisor_service/_proto/supervisor \
-		Makefile pyproject.toml README.md protos supervisor_service tests | tar -x -C $(MIN_SRC)
+		Makefile pyproject.toml README.md Dockerfile .dockerignore deploy protos supervisor_service tests | tar -x -C $(MIN_SRC)
 	$(MAKE) --no-print-directory -C $(MIN_SRC) proto VENV=$(CURDIR)/$(MIN_VENV) \
 		PIP_INSTALL_ARGS="-c $(CURDIR)/$(MIN_CONSTRAINTS)"
 	$(MIN_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(grpcio|protobuf|pydantic|prometheus|numpy|aetcd)'
@@ -124,6 +127,12 @@ lint: proto
 	$(PY) -m pyflakes $$(find supervisor_service tests -name '*.py' -not -path '*/_proto/*')
 	$(VENV)/bin/ruff check --select I supervisor_service tests
 	$(PY) -m mypy --strict supervisor_service/core
+
+# The container image (README "Container image"): docker, podman or buildah, whichever works here;
+# the Debian base made locally when missing. `make image IMAGE=name:tag`.
+IMAGE ?= region-supervisor:latest
+image: system-deps
+	IMAGE=$(IMAGE) deploy/image/build.sh
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(PROTO_OUT)/supervisor data .pytest_cache .mypy_cache

@@ -6,6 +6,7 @@
     supervisor-service hold status|release
     supervisor-service journal [--limit N] [--json]
     supervisor-service settings [--markdown]
+    supervisor-service health [--addr HOST:PORT] [--timeout S] [--service NAME]
     supervisor-service evaluate [--config FILE] [--trace FILE.csv ...] [--out DIR] [--quick]
 
 Client commands take `--addr` with one or more replicas (`--addr a,b,c` or
@@ -29,6 +30,7 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
+EXIT_NOT_SERVING = 1  # `health`: the service answered, and not SERVING (what a container HEALTHCHECK counts as unhealthy)
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -239,6 +241,26 @@ def _parser() -> argparse.ArgumentParser:
                          help="newest N entries (default 100)")
     journal.add_argument("--json", action="store_true", help="one JSON object per entry")
 
+    health = sub.add_parser(
+        "health",
+        help="ask the service's grpc.health.v1 Check: exit 0 only when SERVING",
+        description="Asks grpc.health.v1 Check of one replica and prints the status (SERVING, NOT_SERVING, "
+        "UNKNOWN, SERVICE_UNKNOWN). Exit status: 0 SERVING; 1 the service answered, not SERVING (or does not know "
+        "the service name yet); 69 no answer: nothing listens, not a gRPC server, no health service, or no answer "
+        "within --timeout. The container image's HEALTHCHECK runs it.",
+    )
+    health.add_argument("--addr", metavar="HOST:PORT",
+                        help="the replica's gRPC address; a wildcard host (0.0.0.0, [::]) is asked on the loopback "
+                        "(default: $SUPERVISOR_GRPC_ADDR, else the default of the setting grpc_addr)")
+    health.add_argument("--timeout", type=_finite(0, 86_400, "seconds"), default=5.0,
+                        help="seconds to wait for the answer (default 5)")
+    health.add_argument("--service", default=None, metavar="NAME",
+                        help="the health service name to check (default: supervisor.v1.RegionSupervisor; '' is the "
+                        "whole server)")
+    health.add_argument("--token", default=os.environ.get("SUPERVISOR_AUTH_TOKEN", ""),
+                        help="auth token sent along (health checks are exempt from auth_token; for a proxy in "
+                        "between) (default: $SUPERVISOR_AUTH_TOKEN)")
+
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.add_argument("--markdown", action="store_true", help="as the README's markdown table")
 
@@ -266,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 code = _settings(args)
             case "evaluate":
                 code = _evaluate(args, argv)
+            case "health":
+                code = _health(args)
             case _:
                 code = _client_command(args)
         sys.stdout.flush()  # here, so that a reader gone away is seen here and not at exit
@@ -428,6 +452,72 @@ def _client_command(args) -> int:
             detail = f"no answer from the service at {','.join(addrs)} within {args.timeout:g} s (--timeout)"
         return _fail(f"{code}: {detail}", EXIT_UNAVAILABLE)
     return EXIT_USAGE
+
+
+def _health_target(addr: str) -> str:
+    """Where to ask for `addr`: the address itself, but a wildcard host (what a server binds to listen
+    on every interface, as the container image does) is asked on the loopback."""
+    from supervisor_service.app.settings import check_host_port
+
+    check_host_port(addr, allow_empty=False, allow_port_zero=False)
+    host, _, port = addr.rpartition(":")
+    if host in ("0.0.0.0", "*"):
+        return f"127.0.0.1:{port}"
+    if host in ("[::]", "[::0]", "[0:0:0:0:0:0:0:0]"):
+        return f"[::1]:{port}"
+    return addr
+
+
+def _health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from supervisor_service.app.settings import short_repr
+    from supervisor_service.proto import pb
+
+    if args.addr is not None:
+        addr, source = args.addr, "--addr"
+    elif os.environ.get("SUPERVISOR_GRPC_ADDR"):
+        addr, source = os.environ["SUPERVISOR_GRPC_ADDR"], "SUPERVISOR_GRPC_ADDR (no --addr given)"
+    else:
+        addr, source = _default_grpc_addr(), "grpc_addr"
+    try:
+        target = _health_target(addr)
+    except ValueError as exc:
+        return _fail(f"{source}: {exc}", EXIT_USAGE)
+    # What an HTTP/2 header value may hold: grpc would refuse anything else only at the call, as INTERNAL.
+    if not all("\x21" <= c <= "\x7e" for c in args.token):
+        return _fail("--token: expected printable ASCII without spaces (what an authorization header holds)",
+                     EXIT_USAGE)
+    service = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name if args.service is None else args.service
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    shown = f"{short_repr(service)} at {target}" if service else f"the server at {target}"
+    # No reconnect backoff and no retries: one attempt within --timeout, as a probe wants.
+    with grpc.insecure_channel(target, options=(("grpc.enable_retries", 0),)) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                # The health service does not know the name: a service still starting (it sets its name
+                # once it has started), or a wrong --service.
+                print("SERVICE_UNKNOWN")
+                return _fail(f"no health status for {shown} (still starting, or not its name: see --service)",
+                             EXIT_NOT_SERVING)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                why = f"no answer within {args.timeout:g} s (--timeout)"
+            elif code == grpc.StatusCode.UNIMPLEMENTED:
+                why = "it answers gRPC but has no grpc.health.v1 service"
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                why = f"UNAVAILABLE: {exc.details() or 'no details'} (nothing listens there, or it does not speak gRPC)"
+            else:
+                name = code.name if code else "UNKNOWN"
+                why = f"it answered {name}: {short_repr(exc.details() or 'no details', 200)}"
+            return _fail(f"cannot check the health of {shown}: {why}", EXIT_UNAVAILABLE)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SERVING
 
 
 def _default_grpc_addr() -> str:

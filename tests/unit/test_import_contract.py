@@ -83,7 +83,7 @@ NO_BACKEND = {"edge", "runtime"}
 # Where each heavy dependency may be imported (numpy and the standard library: anywhere).
 THIRD_PARTY: dict[str, set[str]] = {
     "grpc": {"_proto", "proto", "client", "remotes", "edge", "cli", "bench"},
-    "grpc_health": {"edge", "bench"},
+    "grpc_health": {"edge", "bench", "cli"},  # cli: `supervisor-service health`, a probe's client
     "grpc_reflection": {"edge"},
     "google.protobuf": {"_proto", "proto", "client", "remotes", "edge", "cli", "bench"},
     "pydantic": {"settings"},
