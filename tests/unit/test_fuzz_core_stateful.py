@@ -94,7 +94,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.submits: dict[int, SubmitMigration] = {}
         self.ambiguous: dict[str, MigrationTask] = {}
         self.polls: set[str] = set()
-        self.inflight: dict[int, tuple[int, str, int]] = {}  # region -> (datanode, procedure, deadline)
+        # region -> (datanode, procedure, deadline, deadline counted from the submission, timeout)
+        self.inflight: dict[int, tuple[int, str, int, int, int]] = {}
         self.next_proc = 0
         self.alive = set(DATANODES)
         # The store, as the writer keeps it: every change the core emits, committed in order.
@@ -115,6 +116,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.sup.handle(Heartbeat(d, as_region_array(list(regions)), ts, 0.0, known_only), self.now)
         if not known_only:
             self.watched |= {(d, r) for r in regions}
+
+    def _in_flight(self, r: int, task: MigrationTask, proc: str) -> None:
+        deadline = self.now + task.timeout_ms
+        self.inflight[r] = (task.datanode_id, proc, deadline, deadline, task.timeout_ms)
 
     def _busy(self) -> set[int]:
         return {r for s in self.submits.values() for r in s.task.region_ids} | {
@@ -223,6 +228,13 @@ class CoreMachine(RuleBasedStateMachine):
         self.selects.clear()
         self.polls.clear()
         self.term += 1
+        # The store keeps the submission, not the RUNNING answers since: on this boot a recovered
+        # migration ends a timeout after its submission, one with a procedure no sooner than two
+        # status polls from now (it is asked before it can end).
+        poll_ms = FailoverPolicy().status_poll_interval_ms
+        for r, (d, p, _, submitted, timeout) in list(self.inflight.items()):
+            least = 2 * poll_ms if p else 1
+            self.inflight[r] = (d, p, self.now + max(submitted - self.now, least), submitted, timeout)
         self.sup.handle(BecomeLeader(self.term, state), self.now)
         self.watched = {(d, r) for d, regions in state.registry.items() for r in regions.tolist()}
         self._drain()
@@ -230,7 +242,7 @@ class CoreMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ rules: time
 
     def _tick(self, lag: float = 0.0, fill: float = 0.0, refused: int = 0) -> None:
-        for r, (_, _, deadline) in list(self.inflight.items()):
+        for r, (_, _, deadline, _, _) in list(self.inflight.items()):
             if self.now >= deadline:
                 del self.inflight[r]
         assert self.sup.handle(Tick(lag_ms=lag, queue_fill=fill, heartbeats_refused=refused), self.now) is None
@@ -303,12 +315,11 @@ class CoreMachine(RuleBasedStateMachine):
                     self.counts.pop(key, None)
                 elif category in STARTS:
                     self.counts[key] = self.counts.get(key, 0) + 1
-                    self.inflight[r] = (task.datanode_id, proc if category == "submitted" else "",
-                                        self.now + task.timeout_ms)
+                    self._in_flight(r, task, proc if category == "submitted" else "")
         answered = {r for rs in categories.values() for r in rs}
         for r in task.region_ids:
             if r not in answered:
-                self.inflight[r] = (task.datanode_id, proc, self.now + task.timeout_ms)
+                self._in_flight(r, task, proc)
         self._drain()
 
     @rule(d=st.sampled_from(DATANODES), seconds=st.sampled_from([13, 20]),
@@ -339,7 +350,7 @@ class CoreMachine(RuleBasedStateMachine):
             for r in task.region_ids:
                 key = (task.datanode_id, r)
                 self.counts[key] = self.counts.get(key, 0) + 1
-                self.inflight[r] = (task.datanode_id, proc, self.now + task.timeout_ms)
+                self._in_flight(r, task, proc)
             self._drain()
 
     @precondition(lambda self: self.polls)
@@ -349,8 +360,13 @@ class CoreMachine(RuleBasedStateMachine):
         self.polls.discard(proc)
         error = "unavailable" if state is None else None
         self.sup.handle(StatusPolled(proc, state=state, error=error), self.now)
+        if state is MigrationState.RUNNING:
+            # Known to run: its timeout counts from this answer.
+            for r, (d, p, deadline, submitted, timeout) in list(self.inflight.items()):
+                if p == proc:
+                    self.inflight[r] = (d, p, max(deadline, self.now + timeout), submitted, timeout)
         if state in (MigrationState.SUCCEEDED, MigrationState.FAILED, MigrationState.NOT_FOUND):
-            for r, (d, p, _) in list(self.inflight.items()):
+            for r, (d, p, _, _, _) in list(self.inflight.items()):
                 if p == proc:
                     del self.inflight[r]
                     if state is MigrationState.SUCCEEDED:
