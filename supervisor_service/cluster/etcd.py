@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 
-from supervisor_service.core import describe, log_event
+from supervisor_service.cluster.lease import LeaseElection
 from supervisor_service.store import EtcdKV, StoreError
 
 log = logging.getLogger("supervisor_service.etcd")
 
 
-class EtcdElection:
+class EtcdElection(LeaseElection):
     """Campaigns for `<prefix>/leader` under a lease; reports elected(term) and lost()."""
 
     def __init__(
@@ -37,45 +36,14 @@ class EtcdElection:
         on_elected: Callable[[int], None],
         on_lost: Callable[[], None],
     ) -> None:
+        super().__init__(advertise_addr, max(1, round(ttl_ms / 1000)), log=log,
+                         on_elected=on_elected, on_lost=on_lost)
         self.conn = kv.conn
         self._kv = kv
         self.key = (prefix.rstrip("/") + "/leader").encode()
-        self.advertise_addr = advertise_addr
-        self._ttl_s = max(1, round(ttl_ms / 1000))
-        # Step down this long before the lease could expire at the server.
-        self._margin_s = max(0.5, self._ttl_s / 4)
-        self._on_elected = on_elected
-        self._on_lost = on_lost
-        self._lock = threading.Lock()
-        self._deadline = 0.0  # monotonic time until which this replica may act as leader
-        self._term = 0
-        self._leader_addr = ""  # another replica seen holding the leader key; never this one's own address
-        self._stopping = False
         self._resign = asyncio.Event()
         self._task: asyncio.Future | None = None
         self._lease = None
-
-    # ------------------------------------------------------------ thread-safe reads
-
-    def is_leader(self) -> bool:
-        with self._lock:
-            return time.monotonic() < self._deadline
-
-    @property
-    def term(self) -> int:
-        return self._term
-
-    def holds(self, term: int) -> bool:
-        """True while this replica may still act (and write) under `term`."""
-        with self._lock:
-            return term == self._term and time.monotonic() < self._deadline
-
-    def leader_addr(self) -> str:
-        """This replica's address while it leads; the other leader's when one was seen; '' when unknown."""
-        with self._lock:
-            if time.monotonic() < self._deadline:
-                return self.advertise_addr
-            return self._leader_addr
 
     # ------------------------------------------------------------ lifecycle
 
@@ -95,18 +63,8 @@ class EtcdElection:
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
 
-    def step_down(self, reason: str) -> None:
-        """Stop acting now and give the lease up; campaigning goes on, so this replica may lead again later."""
-        if self._drop_leadership():
-            log_event(log, logging.ERROR, "leadership_lost", reason=reason)
-            self._on_lost()
-            asyncio.run_coroutine_threadsafe(self._revoke(), self.conn.loop)
-
-    def _drop_leadership(self) -> bool:
-        with self._lock:
-            was = self._deadline > 0
-            self._deadline = 0.0
-            return was
+    def _give_up(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._revoke(), self.conn.loop)
 
     # ------------------------------------------------------------ campaign
 
@@ -117,13 +75,7 @@ class EtcdElection:
                 await self._campaign_once()
                 backoff = 0.2
             except Exception as exc:  # etcd unreachable or erroring: not leader, try again
-                with self._lock:
-                    self._leader_addr = ""  # cut off: who leads now is not known here
-                if self._drop_leadership():
-                    log_event(log, logging.ERROR, "leadership_lost", reason=describe(exc))
-                    self._on_lost()
-                else:
-                    log_event(log, logging.WARNING, "election_error", error=describe(exc))
+                self._failed(exc)
                 await self.conn.reset()
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, self._ttl_s / 2)
@@ -151,21 +103,13 @@ class EtcdElection:
         if not ok:
             await lease.revoke()
             current = await client.get(self.key)
-            holder = current.value.decode() if current is not None else ""
-            with self._lock:
-                # Our own address there is a lease of an earlier leadership not yet expired: not a leader.
-                self._leader_addr = "" if holder == self.advertise_addr else holder
+            self._saw_holder(current.value.decode() if current is not None else "")
             await self._sleep(self._ttl_s / 3)
             return
         current = await client.get(self.key)
         term = current.create_revision if current is not None else 0
         self._lease = lease
-        with self._lock:
-            self._term = term
-            self._deadline = sent + self._ttl_s - self._margin_s
-            self._leader_addr = ""
-        log_event(log, logging.WARNING, "leadership_acquired", term=term, addr=self.advertise_addr, ttl_s=self._ttl_s)
-        self._on_elected(term)
+        self._won(term, sent, ttl_s=self._ttl_s)
         await self._keep_alive(lease)
 
     async def _keep_alive(self, lease) -> None:
@@ -174,10 +118,8 @@ class EtcdElection:
             if self._stopping:
                 return
             sent = time.monotonic()
-            with self._lock:
-                remaining = self._deadline - sent
-                dropped = self._deadline == 0.0
-            if dropped:
+            remaining = self._renewal_left(sent)
+            if remaining is None:
                 await self._sleep(self._ttl_s / 2)  # stepped down: give another replica a chance first
                 return
             if remaining <= 0:
@@ -188,8 +130,7 @@ class EtcdElection:
                 raise StoreError("etcd did not renew the lease in time") from None
             if response is None or response.TTL <= 0:
                 raise StoreError("the leader lease expired at the server")
-            with self._lock:
-                self._deadline = sent + self._ttl_s - self._margin_s
+            self._renewed(sent)
 
     async def _revoke(self) -> None:
         if self._lease is not None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from supervisor_service.cluster.lease import LeaseElection
 from supervisor_service.core import describe, log_event
 from supervisor_service.store import PostgresKV, StoreError
 
@@ -60,7 +61,7 @@ UPDATE supervisor_lease SET holder = '', expires_at = '-infinity' WHERE name = %
 """
 
 
-class PostgresElection:
+class PostgresElection(LeaseElection):
     """Campaigns for `<prefix>/leader` in the lease table; reports elected(term) and lost()."""
 
     def __init__(
@@ -73,45 +74,13 @@ class PostgresElection:
         on_elected: Callable[[int], None],
         on_lost: Callable[[], None],
     ) -> None:
+        super().__init__(advertise_addr, ttl_ms / 1000, log=log, on_elected=on_elected, on_lost=on_lost)
         self.name = prefix.rstrip("/") + "/" + kv.fence_key
-        self.advertise_addr = advertise_addr
         self._ttl_ms = ttl_ms
-        self._ttl_s = ttl_ms / 1000
-        # Step down this long before the lease could expire at the database.
-        self._margin_s = max(0.5, self._ttl_s / 4)
         self._db = kv.new_session("election", timeout_s=self._ttl_s / 3)
-        self._on_elected = on_elected
-        self._on_lost = on_lost
-        self._lock = threading.Lock()
-        self._deadline = 0.0  # monotonic time until which this replica may act as leader
-        self._term = 0
         self._held = 0  # the term of the lease row this replica holds at the database (0: none)
-        self._leader_addr = ""  # another replica seen holding the lease; never this one's own address
-        self._stopping = False
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------ thread-safe reads
-
-    def is_leader(self) -> bool:
-        with self._lock:
-            return time.monotonic() < self._deadline
-
-    @property
-    def term(self) -> int:
-        return self._term
-
-    def holds(self, term: int) -> bool:
-        """True while this replica may still act (and write) under `term`."""
-        with self._lock:
-            return term == self._term and time.monotonic() < self._deadline
-
-    def leader_addr(self) -> str:
-        """This replica's address while it leads; the other leader's when one was seen; '' when unknown."""
-        with self._lock:
-            if time.monotonic() < self._deadline:
-                return self.advertise_addr
-            return self._leader_addr
 
     # ------------------------------------------------------------ lifecycle
 
@@ -130,18 +99,8 @@ class PostgresElection:
             self._thread.join(self._ttl_s + 2)
         self._db.close()
 
-    def step_down(self, reason: str) -> None:
-        """Stop acting now and give the lease up; campaigning goes on, so this replica may lead again later."""
-        if self._drop_leadership():
-            log_event(log, logging.ERROR, "leadership_lost", reason=reason)
-            self._on_lost()
-            self._wake.set()  # the campaign thread releases the lease
-
-    def _drop_leadership(self) -> bool:
-        with self._lock:
-            was = self._deadline > 0
-            self._deadline = 0.0
-            return was
+    def _give_up(self) -> None:
+        self._wake.set()  # the campaign thread releases the lease
 
     # ------------------------------------------------------------ campaign (its own thread)
 
@@ -152,13 +111,7 @@ class PostgresElection:
                 self._campaign_once()
                 backoff = 0.2
             except (StoreError, psycopg.Error) as exc:  # the database unreachable or erroring: not leader
-                with self._lock:
-                    self._leader_addr = ""  # cut off: who leads now is not known here
-                if self._drop_leadership():
-                    log_event(log, logging.ERROR, "leadership_lost", reason=describe(exc))
-                    self._on_lost()
-                else:
-                    log_event(log, logging.WARNING, "election_error", error=describe(exc))
+                self._failed(exc)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self._ttl_s / 2)
         self._release()
@@ -183,19 +136,11 @@ class PostgresElection:
             return
         term = int(won[0])
         self._held = term
-        with self._lock:
-            self._term = term
-            self._deadline = sent + self._ttl_s - self._margin_s
-            self._leader_addr = ""
-        log_event(log, logging.WARNING, "leadership_acquired", term=term, addr=self.advertise_addr,
-                  ttl_ms=self._ttl_ms)
-        self._on_elected(term)
+        self._won(term, sent, ttl_ms=self._ttl_ms)
         self._keep_alive(term)
 
     def _stand_by(self, holder: str) -> None:
-        with self._lock:
-            # Our own address there is a lease of an earlier leadership not yet expired: not a leader.
-            self._leader_addr = "" if holder == self.advertise_addr else holder
+        self._saw_holder(holder)
         self._sleep(self._ttl_s / 3)
 
     def _keep_alive(self, term: int) -> None:
@@ -204,10 +149,8 @@ class PostgresElection:
             if self._stopping:
                 return
             sent = time.monotonic()
-            with self._lock:
-                remaining = self._deadline - sent
-                dropped = self._deadline == 0.0
-            if dropped:
+            remaining = self._renewal_left(sent)
+            if remaining is None:
                 self._release()
                 self._sleep(self._ttl_s / 2)  # stepped down: give another replica a chance first
                 return
@@ -217,10 +160,7 @@ class PostgresElection:
             if renewed is None:
                 self._held = 0
                 raise StoreError(f"the leader lease of term {term} expired or was taken at the database")
-            with self._lock:
-                if self._deadline == 0.0:
-                    continue  # stepped down meanwhile: released on the next turn
-                self._deadline = sent + self._ttl_s - self._margin_s
+            self._renewed(sent)  # not if it stepped down meanwhile: released on the next turn
 
     def _renew(self, term: int, sent: float, remaining: float) -> tuple | None:
         """The renewal's row (None: the lease is no longer this term's). A connection that broke (the
