@@ -412,11 +412,21 @@ def _serve(args) -> int:
     return asyncio.run(run())
 
 
+BAD_TOKEN = "--token: expected printable ASCII without spaces (what an authorization header holds)"
+
+
+def _bad_token(token: str) -> bool:
+    """Not what an HTTP/2 header value may hold: grpc would refuse it only at the call, as INTERNAL."""
+    return not all("\x21" <= c <= "\x7e" for c in token)
+
+
 def _client_command(args) -> int:
     import grpc
 
     from supervisor_service.client import SupervisorClient
 
+    if _bad_token(args.token):
+        return _fail(BAD_TOKEN, EXIT_USAGE)
     groups = args.addr or [_addr_list(os.environ.get("SUPERVISOR_GRPC_ADDR") or _default_grpc_addr())]
     addrs = [a for group in groups for a in group]
     if args.command == "maintenance" and args.ttl_millis and args.action != "on":
@@ -485,10 +495,8 @@ def _health(args) -> int:
         target = _health_target(addr)
     except ValueError as exc:
         return _fail(f"{source}: {exc}", EXIT_USAGE)
-    # What an HTTP/2 header value may hold: grpc would refuse anything else only at the call, as INTERNAL.
-    if not all("\x21" <= c <= "\x7e" for c in args.token):
-        return _fail("--token: expected printable ASCII without spaces (what an authorization header holds)",
-                     EXIT_USAGE)
+    if _bad_token(args.token):
+        return _fail(BAD_TOKEN, EXIT_USAGE)
     service = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name if args.service is None else args.service
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     shown = f"{short_repr(service)} at {target}" if service else f"the server at {target}"

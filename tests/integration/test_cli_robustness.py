@@ -277,3 +277,16 @@ def test_every_numeric_setting_refuses_what_it_cannot_hold(value, monkeypatch):
         message = str(info.value)
         assert f"SUPERVISOR_{name.upper()}" in message and "\n" not in message, message
         monkeypatch.delenv(f"SUPERVISOR_{name.upper()}")
+
+
+# ---------------------------------------------------------------- a token no header can carry
+
+
+@pytest.mark.parametrize("command", [["maintenance", "status"], ["dump"], ["hold", "status"]])
+@pytest.mark.parametrize("token", ["a\nb", "tok en", "\u00e9t\u00e9"])
+def test_a_token_no_header_can_carry_is_a_usage_error_before_any_call(command, token):
+    # Nothing listens on port 1: a call would end UNAVAILABLE (69); the token is refused before it.
+    proc = _cli(*command, "--addr", "127.0.0.1:1", "--token", token)
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc)
+    assert "--token" in line and "printable ASCII" in line and "INTERNAL" not in line
