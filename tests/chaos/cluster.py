@@ -26,13 +26,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-import grpc
-
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
 from supervisor_service.proto import pb
 from tests.chaos.netproxy import FaultProxy
 from tests.chaos.remotes import ChaosPeerLookup, ChaosRegionMigration, ChaosSelector
-from tests.support.readiness import free_port
+from tests.support.readiness import free_port, says_it_leads
 from tests.support.servers import ServiceProcess
 
 TTL_MS = 2000
@@ -354,12 +352,8 @@ class ChaosCluster:
         for r in self.replicas:
             if not r.running or r.paused:
                 continue
-            try:
-                with SupervisorClient(r.addr, timeout=1, follow_leader=False) as c:
-                    if c.maintenance_status().is_leader:
-                        return r
-            except grpc.RpcError:
-                pass
+            if says_it_leads(r.addr):
+                return r
         return None
 
     def clock_file(self, replica: int) -> str:

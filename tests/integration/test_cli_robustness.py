@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
+from tests.support.readiness import says_it_leads
 from tests.support.servers import ServiceProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,12 +169,9 @@ def test_sigterm_with_open_heartbeat_streams_ends_well_under_the_grace(tmp_path,
         deadline = time.monotonic() + 20
         while True:  # serving, so that the streams' first failure is the one that matters
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            try:
-                with SupervisorClient(addr, timeout=1, follow_leader=False) as client:
-                    if client.maintenance_status().is_leader:
-                        break
-            except grpc.RpcError:
-                time.sleep(0.05)
+            if says_it_leads(addr):
+                break
+            time.sleep(0.05)
         for d in (1, 2, 3):
             beaters.append(DatanodeHeartbeater(addr, d, lambda d=d: [d], interval_s=0.2,
                                                on_response=lambda a, r: None).start())

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from tests.support.fuzzed_service import SERVICE, Fuzzed
 from tests.support.fuzzing import examples, wire
 from tests.support.readiness import serving
+from tests.support.wire import decodes
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -51,14 +52,6 @@ def fuzzed():
     target.close()
 
 
-def _decodes(cls, raw: bytes) -> bool:
-    try:
-        cls.FromString(raw)
-    except Exception:  # noqa: BLE001 - any parse failure
-        return False
-    return True
-
-
 def check_one(fuzzed: Fuzzed, method, raw: bytes) -> None:
     request_cls = _message_class(method.input_type)
     response_cls = _message_class(method.output_type)
@@ -66,7 +59,7 @@ def check_one(fuzzed: Fuzzed, method, raw: bytes) -> None:
     before = fuzzed.state() if changing else None  # (a read-only call cannot change it)
     code, details, answers = fuzzed.call(method, raw)
     assert code not in NEVER, (method.name, raw[:64], code, details)
-    if not _decodes(request_cls, raw):
+    if not decodes(request_cls, raw):
         assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (
             method.name, raw[:64], code, details)
     if code == grpc.StatusCode.OK:
@@ -116,7 +109,7 @@ HEALTH_CHECK = HEALTH.methods_by_name["Check"]
 def test_health_checks_answer_fuzzed_requests(fuzzed, raw):
     code, details, answers = fuzzed.call(HEALTH_CHECK, raw)
     assert code not in NEVER, (raw, code, details)
-    if not _decodes(health_pb2.HealthCheckRequest, raw):
+    if not decodes(health_pb2.HealthCheckRequest, raw):
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (raw, code, details)
     assert serving(fuzzed.channel, timeout=5)
 

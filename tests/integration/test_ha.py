@@ -11,6 +11,7 @@ import pytest
 
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
 from tests.support.fakes import FakeRegionMigration
+from tests.support.readiness import says_it_leads
 from tests.support.servers import ServiceProcess
 from tests.support.waiting import wait_ticks
 
@@ -55,12 +56,8 @@ def _leader(replicas, timeout: float) -> ServiceProcess:
         for replica in replicas:
             if replica.proc.poll() is not None:
                 continue
-            try:
-                with SupervisorClient(replica.addr, timeout=1, follow_leader=False) as client:
-                    if client.maintenance_status().is_leader:
-                        return replica
-            except grpc.RpcError:
-                pass
+            if says_it_leads(replica.addr):
+                return replica
         time.sleep(0.05)
     raise AssertionError(f"no leader within {timeout} s")
 

@@ -31,7 +31,7 @@ from supervisor_service.core import Dump, FakeClock, Tick
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.store import MemoryKV
 from tests.support.fakes import wait_for
-from tests.support.wire import field_bytes, field_varint, varint
+from tests.support.wire import decodes, field_bytes, field_varint, varint
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RegionSupervisor"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -455,14 +455,6 @@ def _garbage(seed: int, n: int) -> list[bytes]:
     return fixed + [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 48))) for _ in range(n)]
 
 
-def _decodes(message_type, raw: bytes) -> bool:
-    try:
-        message_type.FromString(raw)
-    except Exception:  # noqa: BLE001 - any parse failure
-        return False
-    return True
-
-
 def test_undecodable_requests_are_invalid_argument_on_every_rpc(service, caplog):
     caplog.set_level(logging.INFO)
     svc = service(tick_interval_ms=600_000)
@@ -488,7 +480,7 @@ def test_undecodable_requests_are_invalid_argument_on_every_rpc(service, caplog)
                         code = grpc.StatusCode.OK
                     except grpc.RpcError as exc:
                         code, details = exc.code(), exc.details()
-                        if not _decodes(message_type, raw):
+                        if not decodes(message_type, raw):
                             assert code == grpc.StatusCode.INVALID_ARGUMENT, (path, raw, code, details)
                             assert details.startswith(f"not a valid {method.input_type.name}: "), details
                             assert len(details) < 300
@@ -510,7 +502,7 @@ def test_an_undecodable_heartbeat_is_rejected_and_the_stream_goes_on(fake_time, 
     stream = ft.stream(LIVE)
     assert not stream.send(ft.good(LIVE)).rejected
     for raw in _garbage(3, 30):
-        if _decodes(pb.HeartbeatRequest, raw):
+        if decodes(pb.HeartbeatRequest, raw):
             continue
         bad = stream.send_raw(raw)
         assert bad.rejected and bad.reason.startswith("not a valid HeartbeatRequest: ")

@@ -66,6 +66,12 @@ def leading(channel: grpc.Channel, token: str = "", timeout: float = 1.0) -> boo
     return response.is_leader
 
 
+def says_it_leads(addr: str, timeout: float = 1.0) -> bool:
+    """The replica at `addr`, asked itself (no leader hint followed), says it leads; False if it cannot answer."""
+    with grpc.insecure_channel(addr) as channel:
+        return leading(channel, timeout=timeout)
+
+
 def wait_ready(
     addr: str,
     timeout: float,

@@ -33,3 +33,12 @@ def field_varint(number: int, value: int, extra: int = 0) -> bytes:
 
 def field_bytes(number: int, payload: bytes) -> bytes:
     return tag(number, 2) + varint(len(payload)) + payload
+
+
+def decodes(message_type: type, raw: bytes) -> bool:
+    """Whether `raw` parses as `message_type` (the server refuses what does not: INVALID_ARGUMENT)."""
+    try:
+        message_type.FromString(raw)
+    except Exception:  # noqa: BLE001 - any parse failure
+        return False
+    return True
