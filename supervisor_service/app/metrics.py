@@ -350,6 +350,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "supervisor_tls_reloads",
+            "Server certificate files that changed on disk, by outcome: reloaded (new connections get them), "
+            "rejected (they do not load; the certificate in force keeps serving).",
+            ["outcome"],
+            registry=r,
+        )
 
     def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

@@ -153,6 +153,11 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
         # start and share the clients with the first. Without it the second fails to bind.
         ("grpc.so_reuseport", 0),
     ]
+    if settings.tls_cert_file and settings.tls_max_connection_age_ms:
+        # Every client handshakes again within the age plus the grace: a replaced or revoked
+        # certificate stops working then, long heartbeat streams included (docs/design.md §13.1).
+        options += [("grpc.max_connection_age_ms", settings.tls_max_connection_age_ms),
+                    ("grpc.max_connection_age_grace_ms", settings.tls_max_connection_age_grace_ms)]
     interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
     # The generated handlers, bytes in; SendHeartbeat takes and returns serialized messages.
