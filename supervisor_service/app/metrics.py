@@ -346,7 +346,7 @@ class Metrics:
         self.metrics_http_errors = Counter(
             "supervisor_metrics_http_errors",
             "Connections to the /metrics endpoint refused or closed early, by reason "
-            "(idle_evicted, over_limit, timeout, bad_request).",
+            "(idle_evicted, over_limit, timeout, bad_request, tls_failed).",
             ["reason"],
             registry=r,
         )

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.metrics_http import MetricsHTTPServer
 from supervisor_service.app.settings import Settings
-from supervisor_service.app.tls import etcd_tls, remote_tls
+from supervisor_service.app.tls import etcd_tls, metrics_ssl_context, remote_tls
 from supervisor_service.cluster import Leadership, open_cluster
 from supervisor_service.core import Clock, Guards, JournalAppend, Supervisor, SystemClock
 from supervisor_service.edge import RegionSupervisorServicer, build_server
@@ -189,6 +189,7 @@ def serve_metrics(s: Settings, parts: Parts) -> tuple[MetricsHTTPServer | None, 
             timeout_s=s.metrics_timeout_ms / 1000,
             on_drop=lambda reason: metrics.metrics_http_errors.labels(reason=reason).inc(),
             on_open=metrics.metrics_http_connections.set,
+            ssl_context=metrics_ssl_context(s),
         ).start()
     except OSError as exc:
         raise OSError(
