@@ -387,8 +387,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+    from supervisor_service.security.tls import CLIENT_TLS_ENV  # a client's, not the service's
+
     unknown = sorted(
         k for k in os.environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in Settings.model_fields
+        and k not in CLIENT_TLS_ENV.values()
     )
     if unknown:
         raise ConfigError("; ".join(f"unknown environment variable {k}{_did_you_mean(k[len(ENV_PREFIX):])}" for k in unknown))

@@ -53,7 +53,9 @@ class ServiceProcess:
     handled (`handled`, `tests.support.waiting.wait_ticks`).
     """
 
-    def __init__(self, env: dict[str, str], log_path: str, grpc_port: int | None = None) -> None:
+    def __init__(self, env: dict[str, str], log_path: str, grpc_port: int | None = None, client_tls=None) -> None:
+        """`client_tls`: the `ClientTLS` that reaches a TLS port (readiness)."""
+        self.client_tls = client_tls
         self.port = grpc_port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
         full_env = dict(os.environ)
@@ -72,7 +74,7 @@ class ServiceProcess:
     def wait_serving(self, timeout: float = 30.0, *, leader: bool = False) -> None:
         """Ready: SERVING over grpc.health.v1 (and leading with its state loaded, if `leader`)."""
         try:
-            wait_ready(self.addr, timeout, leader=leader, token=self.token, gone=self._gone)
+            wait_ready(self.addr, timeout, leader=leader, token=self.token, gone=self._gone, tls=self.client_tls)
         except AssertionError as exc:
             if self.proc.poll() is not None:
                 raise
