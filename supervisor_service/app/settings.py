@@ -324,7 +324,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         self.detector_options()  # raises ValueError naming the option
-        from supervisor_service.app.tls import check_tls_settings
+        from supervisor_service.security.tls_settings import check_tls_settings
 
         check_tls_settings(self)  # raises ValueError naming the setting and the file
         return self
