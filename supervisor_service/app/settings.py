@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     auth_token: str = ""
     """If set, every RPC must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise)."""
 
-    # -- TLS (docs/design.md §13.1); every file is PEM, re-read when it changes on disk
+    # -- TLS (docs/design.md §14.1); every file is PEM, re-read when it changes on disk
     tls_cert_file: str = ""
     """Server certificate chain of the gRPC port; with tls_key_file, the port speaks TLS only (plaintext clients are refused). Re-read when it changes: new connections get the new certificate without a restart."""
     tls_key_file: str = ""

@@ -1,6 +1,6 @@
 """TLS as the settings ask for it (checked at start by `security/tls_settings.py`): the server's
 certificates, the remotes' and etcd's client TLS, and the /metrics endpoint's SSL context
-(docs/design.md §13.1)."""
+(docs/design.md §14.1)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The client TLS flags every client command of the CLI takes (`--tls-ca`, `--tls-cert`, `--tls-key`,
 `--tls-server-name`, or the `SUPERVISOR_CLIENT_TLS_*` variables), and the `certs` command that makes
-a throwaway CA and certificates to try mTLS locally (docs/design.md §13.1)."""
+a throwaway CA and certificates to try mTLS locally (docs/design.md §14.1)."""
 
 from __future__ import annotations
 

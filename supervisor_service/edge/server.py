@@ -155,7 +155,7 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
     ]
     if settings.tls_cert_file and settings.tls_max_connection_age_ms:
         # Every client handshakes again within the age plus the grace: a replaced or revoked
-        # certificate stops working then, long heartbeat streams included (docs/design.md §13.1).
+        # certificate stops working then, long heartbeat streams included (docs/design.md §14.1).
         options += [("grpc.max_connection_age_ms", settings.tls_max_connection_age_ms),
                     ("grpc.max_connection_age_grace_ms", settings.tls_max_connection_age_grace_ms)]
     interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []

@@ -1,4 +1,4 @@
-"""TLS credentials: the gRPC server's (re-read when its files change), and a client's (docs/design.md §13.1).
+"""TLS credentials: the gRPC server's (re-read when its files change), and a client's (docs/design.md §14.1).
 
 The server's certificate, key and client CA are PEM files. grpcio's dynamic server credentials ask
 `ServerCertificates.fetch` before each handshake; `fetch` looks at the files' (inode, size, mtime)

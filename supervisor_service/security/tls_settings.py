@@ -1,6 +1,6 @@
 """The TLS settings checked at start: a certificate without its key, a client CA without a server
 certificate, a file that does not load, TLS files for etcd without `etcds://`: one ValueError naming
-the setting and the file (docs/design.md §13.1). Reads the settings by name: it does not import them."""
+the setting and the file (docs/design.md §14.1). Reads the settings by name: it does not import them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""An aetcd client over TLS (`etcds://`; docs/design.md §13.1).
+"""An aetcd client over TLS (`etcds://`; docs/design.md §14.1).
 
 aetcd 1.0.0 opens only plaintext channels (`Client.connect` calls `grpc.aio.insecure_channel`) and
 takes no credentials. This client makes the same stubs on a `grpc.aio.secure_channel` instead; the
