@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from supervisor_service.core import Clock
 from supervisor_service.remotes.base import PeerDirectory, PeerLookup, RegionMigration, Selector
 from supervisor_service.remotes.embedded import DryRunJournal, EmbeddedPeerLookup, EmbeddedSelector
-from supervisor_service.security.tls import ClientTLS
 from supervisor_service.remotes.grpc import GrpcPeerLookup, GrpcRegionMigration, GrpcSelector
+from supervisor_service.security.tls import ClientTLS
 
 
 @dataclass(frozen=True, slots=True)

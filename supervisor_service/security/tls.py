@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -82,7 +83,11 @@ def read_pair(cert_path: str | Path, key_path: str | Path) -> tuple[bytes, bytes
     return cert_pem, key_pem
 
 
-def _stamp(path: str) -> tuple[int, int, int, int] | None:
+_Stamp = tuple[int, int, int, int] | None  # inode, device, size, mtime in ns; None: cannot stat
+_Options = list[tuple[str, Any]] | tuple[tuple[str, Any], ...]
+
+
+def _stamp(path: str) -> _Stamp:
     try:
         st = os.stat(path)
     except OSError:
@@ -103,9 +108,9 @@ class ServerCertificates:
         self._lock = threading.Lock()  # grpc may ask from several of its threads at once
         self._stamps = self._stamps_now()
         self._config = self._load()  # raises TLSFileError: at start, a bad file is a settings error
-        self._rejected: tuple | None = None  # the stamps of a set already refused (logged once)
+        self._rejected: tuple[_Stamp, ...] | None = None  # the stamps of a set already refused (logged once)
 
-    def _stamps_now(self) -> tuple:
+    def _stamps_now(self) -> tuple[_Stamp, ...]:
         return tuple(_stamp(p) for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
@@ -176,14 +181,14 @@ class ClientTLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-def channel(addr: str, tls: ClientTLS | None, options: list | tuple = ()) -> grpc.Channel:
+def channel(addr: str, tls: ClientTLS | None, options: _Options = ()) -> grpc.Channel:
     """A synchronous channel to `addr`: TLS when `tls` is given, plaintext otherwise."""
     if tls is None:
         return grpc.insecure_channel(addr, options=list(options))
     return grpc.secure_channel(addr, tls.credentials(), options=[*options, *tls.options()])
 
 
-def aio_channel(addr: str, tls: ClientTLS | None, options: list | tuple = ()) -> grpc.aio.Channel:
+def aio_channel(addr: str, tls: ClientTLS | None, options: _Options = ()) -> grpc.aio.Channel:
     """The same for grpc.aio."""
     if tls is None:
         return grpc.aio.insecure_channel(addr, options=list(options))

@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, Counter
 from supervisor_service.app.metrics_http import MetricsHTTPServer
 from supervisor_service.app.settings import Settings, load_settings
 from supervisor_service.app.tls import metrics_ssl_context
-from tests.support.certs import cert_files, other_ca_files  # noqa: F401 - fixtures
 
 
 def _server(files, *, client_ca: bool = False, timeout_s: float = 5.0):

@@ -12,7 +12,6 @@ import pytest
 
 from supervisor_service.cli.main import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from supervisor_service.security.tls import ClientTLS
-from tests.support.certs import other_ca_files  # noqa: F401 - fixture
 from tests.support.servers import ServiceProcess
 
 pytestmark = [pytest.mark.realtime, pytest.mark.timeout(90)]

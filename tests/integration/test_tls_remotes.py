@@ -9,7 +9,6 @@ import pytest
 from supervisor_service.remotes import GrpcRegionMigration, RemoteError
 from supervisor_service.security.tls import ClientTLS
 from supervisor_service.store import EtcdKV, StoreError, parse_endpoints
-from tests.support.certs import cert_files, other_ca_files  # noqa: F401 - fixtures
 from tests.support.datanodes import Cluster
 from tests.support.fakes import FakePeerLookup, FakeRegionMigration, FakeSelector, peer, wait_for
 from tests.support.servers import EtcdServer

@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.security.tls import ClientTLS, channel
-from tests.support.certs import cert_files, other_ca_files  # noqa: F401 - fixtures
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name
 

@@ -9,7 +9,6 @@ import pytest
 
 from supervisor_service.security.certs import Authority
 from supervisor_service.security.tls import ClientTLS, ServerCertificates, TLSFileError, read_ca, read_pair
-from tests.support.certs import cert_files, other_ca_files  # noqa: F401 - fixtures
 
 
 def test_a_matching_pair_loads(cert_files):

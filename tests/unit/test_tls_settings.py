@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from supervisor_service.app.settings import ConfigError, load_settings
-from tests.support.certs import cert_files, other_ca_files  # noqa: F401 - fixtures
 
 
 def _load(**kw):
