@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,14 @@ _Stamp = tuple[int, int, int, int] | None  # inode, device, size, mtime in ns; N
 _Options = list[tuple[str, Any]] | tuple[tuple[str, Any], ...]
 
 
+_SETTLE_NS = 2_000_000_000  # file timestamps move in clock ticks (a few ms); two seconds is well past one
+
+
+def _recent(stamps: tuple[_Stamp, ...]) -> bool:
+    now = time.time_ns()
+    return any(s is not None and now - s[3] < _SETTLE_NS for s in stamps)
+
+
 def _stamp(path: str) -> _Stamp:
     try:
         st = os.stat(path)
@@ -106,42 +115,58 @@ class ServerCertificates:
         self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
         self._on_reload = on_reload or (lambda outcome: None)
         self._lock = threading.Lock()  # grpc may ask from several of its threads at once
-        self._stamps = self._stamps_now()
-        self._config = self._load()  # raises TLSFileError: at start, a bad file is a settings error
+        self._stamps = self._stamps_now()  # before the read: a change during it is seen next time
+        self._pems = self._read()  # raises TLSFileError: at start, a bad file is a settings error
+        self._settling = _recent(self._stamps)
         self._rejected: tuple[_Stamp, ...] | None = None  # the stamps of a set already refused (logged once)
 
     def _stamps_now(self) -> tuple[_Stamp, ...]:
         return tuple(_stamp(p) for p in (self.cert_file, self.key_file, self.client_ca_file) if p)
 
-    def _load(self) -> grpc.ServerCertificateConfiguration:
+    def _read(self) -> tuple[bytes, bytes, bytes | None]:
         cert_pem, key_pem = read_pair(self.cert_file, self.key_file)
         ca = read_ca(self.client_ca_file, "client CA file") if self.client_ca_file else None
+        return cert_pem, key_pem, ca
+
+    @staticmethod
+    def _config(pems: tuple[bytes, bytes, bytes | None]) -> grpc.ServerCertificateConfiguration:
+        cert_pem, key_pem, ca = pems
         return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca)
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._config, self.fetch, require_client_authentication=bool(self.client_ca_file))
+            self._config(self._pems), self.fetch, require_client_authentication=bool(self.client_ca_file))
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """A new configuration when the files changed and load, else None (keep the one in force).
-        Called by grpc before every handshake: a stat of each file, nothing more when none changed."""
+
+        Called by grpc before every handshake: a stat of each file, nothing more when none changed.
+        A file written within the last seconds may change again under the same stamps (an in-place
+        rewrite of the same size within the clock's granularity): until its stamps are that old, the
+        bytes are compared too."""
         with self._lock:
             stamps = self._stamps_now()
-            if stamps == self._stamps or stamps == self._rejected:
+            changed = stamps != self._stamps and stamps != self._rejected
+            if not changed and not self._settling:
                 return None
+            self._settling = _recent(stamps)
             try:
-                config = self._load()
+                pems = self._read()
             except Exception as exc:  # noqa: BLE001 - whatever a new file holds, the old set keeps serving
-                self._rejected = stamps
-                log_event(log, logging.WARNING, "tls_reload_rejected", error=str(exc),
-                          kept="the certificate in force")
-                self._on_reload("rejected")
+                if changed:
+                    self._rejected = stamps
+                    log_event(log, logging.WARNING, "tls_reload_rejected", error=str(exc),
+                              kept="the certificate in force")
+                    self._on_reload("rejected")
                 return None
-            self._stamps, self._config, self._rejected = stamps, config, None
+            if pems == self._pems:
+                self._stamps, self._rejected = stamps, None
+                return None
+            self._stamps, self._pems, self._rejected = stamps, pems, None
             log_event(log, logging.INFO, "tls_reloaded", cert_file=self.cert_file,
                       client_ca_file=self.client_ca_file or None)
             self._on_reload("reloaded")
-            return config
+            return self._config(pems)
 
 
 @dataclass(frozen=True, slots=True)

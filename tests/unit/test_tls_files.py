@@ -84,3 +84,24 @@ def test_fetch_never_raises_whatever_is_on_disk(tmp_path, cert_files):
     for garbage in (b"", b"\xff" * 5000, cert_files["ca-key"].read_bytes()):
         _replace(cert_files["server"], garbage, 1_000_000)
         assert certs.fetch() is None
+
+
+def test_a_same_size_rewrite_under_the_same_timestamp_is_still_seen(cert_files):
+    """ECDSA certificates of one CA are often the same size: a rewrite in place within the clock's
+    granularity leaves inode, size and mtime as they were."""
+    outcomes: list[str] = []
+    certs = ServerCertificates(str(cert_files["server"]), str(cert_files["server-key"]), on_reload=outcomes.append)
+    ca = Authority()
+    while True:  # a new pair whose files are exactly as long as the old ones
+        fresh = ca.server("region-supervisor")
+        if (len(fresh.cert_pem), len(fresh.key_pem)) == (cert_files["server"].stat().st_size,
+                                                         cert_files["server-key"].stat().st_size):
+            break
+    for path, data in ((cert_files["server"], fresh.cert_pem), (cert_files["server-key"], fresh.key_pem)):
+        st = os.stat(path)
+        with open(path, "r+b") as f:
+            f.write(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert certs.fetch() is not None
+    assert outcomes == ["reloaded"]
+    assert certs.fetch() is None
