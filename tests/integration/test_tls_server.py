@@ -50,6 +50,10 @@ def test_a_plaintext_client_is_refused_by_a_tls_port(service, cert_files):
     assert check(addr, client_tls(cert_files, None)) == health_pb2.HealthCheckResponse.SERVING
     # A client that trusts another CA does not accept the server either.
     assert check(addr, ClientTLS(str(cert_files["admin"]))) == grpc.StatusCode.UNAVAILABLE
+    # The name checked is the server name given, not the host dialled.
+    ca = str(cert_files["ca"])
+    assert check(addr, ClientTLS(ca, server_name="region-supervisor")) == health_pb2.HealthCheckResponse.SERVING
+    assert check(addr, ClientTLS(ca, server_name="someone-else")) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mtls_refuses_a_client_without_a_certificate_or_with_one_of_another_ca(service, cert_files, other_ca_files):
