@@ -387,7 +387,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-    from supervisor_service.security.tls import CLIENT_TLS_ENV  # a client's, not the service's
+    from supervisor_service.security.client_env import CLIENT_TLS_ENV  # a client's, not the service's
 
     unknown = sorted(
         k for k in os.environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in Settings.model_fields

@@ -8,8 +8,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from supervisor_service.security.tls import CLIENT_TLS_ENV, ClientTLS, TLSFileError
+from supervisor_service.security.client_env import CLIENT_TLS_ENV
+
+if TYPE_CHECKING:
+    from supervisor_service.security.tls import ClientTLS
 
 _FLAGS = (
     ("ca_file", "--tls-ca", "FILE", "CA that signs the service's certificate; turns TLS on"),
@@ -30,6 +34,8 @@ def add_tls_flags(parser: argparse.ArgumentParser) -> None:
 
 def client_tls(args: argparse.Namespace) -> ClientTLS | None:
     """The TLS the flags ask for (None: plaintext); TLSFileError naming the flag and the file."""
+    from supervisor_service.security.tls import ClientTLS, TLSFileError  # grpc: only for a client command
+
     tls = ClientTLS(args.tls_ca_file, args.tls_cert_file, args.tls_key_file, args.tls_server_name)
     if not (tls.ca_file or tls.cert_file or tls.key_file):
         if tls.server_name:

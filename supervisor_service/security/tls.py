@@ -28,13 +28,6 @@ from supervisor_service.core import log_event
 
 log = logging.getLogger("supervisor_service.tls")
 
-CLIENT_TLS_ENV = {
-    "ca_file": "SUPERVISOR_CLIENT_TLS_CA_FILE",
-    "cert_file": "SUPERVISOR_CLIENT_TLS_CERT_FILE",
-    "key_file": "SUPERVISOR_CLIENT_TLS_KEY_FILE",
-    "server_name": "SUPERVISOR_CLIENT_TLS_SERVER_NAME",
-}
-"""The environment variables of a client's TLS (the CLI's defaults of --tls-*): not settings of the service."""
 _MAX_PEM_BYTES = 1024 * 1024  # a chain of a few certificates is a few KiB; a bigger file is a mistake
 
 
