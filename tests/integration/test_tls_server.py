@@ -175,3 +175,31 @@ def test_a_bad_replacement_keeps_the_certificate_in_force_and_is_counted(service
     assert check(addr, client_tls(cert_files, "metasrv")) == health_pb2.HealthCheckResponse.SERVING
     assert svc.registry.get_sample_value("supervisor_tls_reloads_total", {"outcome": "rejected"}) == 1
     assert any("holds no PEM certificate" in line.get("error", "") for line in logged("tls_reload_rejected"))
+
+
+def test_a_datanode_whose_own_certificate_file_is_broken_keeps_trying_and_recovers(service, cert_files, tmp_path):
+    """The heartbeater reads its files at each reconnection: a broken client certificate on disk is a
+    client error, retried, not the end of its thread; a good file again and it heartbeats again."""
+    svc = service(**tls_settings(cert_files, tls_max_connection_age_ms=500, tls_max_connection_age_grace_ms=200),
+                  client_tls=client_tls(cert_files))
+    cert = tmp_path / "dn3.pem"
+    cert.write_bytes(cert_files["datanode-3"].read_bytes())
+    tls = ClientTLS(str(cert_files["ca"]), str(cert), str(cert_files["datanode-3-key"]))
+    hb = DatanodeHeartbeater(svc.addresses.grpc, 3, lambda: [9], interval_s=0.1, tls=tls).start()
+    try:
+        deadline = time.monotonic() + 10
+        while hb.accepted < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _replace(cert, b"-----BEGIN CERTIFICATE-----\ntrunc")
+        deadline = time.monotonic() + 10
+        while not hb.errors["client_error"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hb.errors["client_error"] >= 1, dict(hb.errors)
+        _replace(cert, cert_files["datanode-3"].read_bytes())
+        before = hb.accepted
+        deadline = time.monotonic() + 10
+        while hb.accepted < before + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hb.accepted >= before + 5
+    finally:
+        hb.stop()
