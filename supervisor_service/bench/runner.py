@@ -42,9 +42,9 @@ Scenarios, in order (each is a row):
    "region-heartbeats/s" is one heartbeat's regions over its median apply.)
 10. the naive baseline and the table, in-process in a child process, fed the
    same heartbeat sequence; ratios printed under the table.
-11. TLS off and on (`bench.tls`): a fresh service, plaintext, then another with
-   mTLS (certificates made for the run), each flooded by new streams at both
-   message sizes; the cost of TLS is the difference in CPU per message.
+11. TLS off and on (`bench.tls`): two fresh services side by side, plaintext and
+   mTLS (certificates made for the run), flooded by new streams at both message
+   sizes in alternating windows; the cost of TLS is the difference in CPU per message.
 
 `--curve` runs instead the cost as the work grows (`bench.curve`); `--profile`
 a py-spy record of the service under the stamped flood (`bench.profile`).
