@@ -3,15 +3,18 @@ real etcd started with --cert-file, --key-file, --trusted-ca-file and --client-c
 
 from __future__ import annotations
 
+import signal
+
 import grpc
 import pytest
 
 from supervisor_service.remotes import GrpcRegionMigration, RemoteError
-from supervisor_service.security.tls import ClientTLS
+from supervisor_service.security.tls import ClientTLS, channel
 from supervisor_service.store import EtcdKV, StoreError, parse_endpoints
 from tests.support.datanodes import Cluster
 from tests.support.fakes import FakePeerLookup, FakeRegionMigration, FakeSelector, peer, wait_for
-from tests.support.servers import EtcdServer
+from tests.support.readiness import leading
+from tests.support.servers import EtcdServer, ServiceProcess
 
 pytestmark = [pytest.mark.realtime, pytest.mark.timeout(90)]
 
@@ -63,6 +66,15 @@ def test_a_tls_only_remote_refuses_plaintext_and_a_client_of_another_ca(cert_fil
                                                                str(cert_files["metasrv-key"])))
         good.status("p-1")
         good.close()
+        # remote_tls_server_name: the name checked, whatever host the endpoint names.
+        files = (str(cert_files["ca"]), str(cert_files["metasrv"]), str(cert_files["metasrv-key"]))
+        named = GrpcRegionMigration(rm.endpoint, 3.0, ClientTLS(*files, server_name="region-supervisor"))
+        named.status("p-1")
+        named.close()
+        wrong = GrpcRegionMigration(rm.endpoint, 3.0, ClientTLS(*files, server_name="selector.other-cluster"))
+        with pytest.raises(RemoteError, match="UNAVAILABLE"):
+            wrong.status("p-1")
+        wrong.close()
     finally:
         rm.stop()
 
@@ -96,3 +108,34 @@ def test_a_tls_etcd_refuses_plaintext_and_a_client_without_a_certificate(tls_etc
                 kv.read_prefix("/x/")
         finally:
             kv.close()
+
+
+def _leads(addr: str, tls: ClientTLS) -> bool:
+    with channel(addr, tls) as ch:
+        return leading(ch)
+
+
+def test_two_replicas_all_tls_elect_and_take_over_on_a_tls_etcd(tmp_path, tls_etcd, cert_files):
+    """Every link TLS: the replicas' ports (mTLS), their store and election on etcd (client certificates)."""
+    env = {
+        "SUPERVISOR_STORE": f"etcds://{tls_etcd.endpoint}", "SUPERVISOR_STORE_PREFIX": "/region-supervisor/tls-ha",
+        "SUPERVISOR_LEADER_LEASE_TTL_MS": "2000",
+        "SUPERVISOR_ETCD_TLS_CA_FILE": str(cert_files["ca"]),
+        "SUPERVISOR_ETCD_TLS_CERT_FILE": str(cert_files["metasrv"]),
+        "SUPERVISOR_ETCD_TLS_KEY_FILE": str(cert_files["metasrv-key"]),
+        "SUPERVISOR_TLS_CERT_FILE": str(cert_files["server"]), "SUPERVISOR_TLS_KEY_FILE": str(cert_files["server-key"]),
+        "SUPERVISOR_TLS_CLIENT_CA_FILE": str(cert_files["ca"]),
+    }
+    tls = ClientTLS(str(cert_files["ca"]), str(cert_files["admin"]), str(cert_files["admin-key"]))
+    replicas = [ServiceProcess(env, str(tmp_path / f"replica-{i}.log"), client_tls=tls) for i in range(2)]
+    try:
+        for replica in replicas:
+            replica.wait_serving(30)
+        wait_for(lambda: any(_leads(r.addr, tls) for r in replicas), 20, message="no leader over TLS")
+        leader = next(r for r in replicas if _leads(r.addr, tls))
+        other = next(r for r in replicas if r is not leader)
+        leader.kill(signal.SIGKILL)
+        wait_for(lambda: _leads(other.addr, tls), 20, message="the other replica did not take over")
+    finally:
+        for replica in replicas:
+            replica.stop()
