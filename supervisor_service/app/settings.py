@@ -143,6 +143,8 @@ class Settings(BaseSettings):
     """With TLS: a connection older than this (±10%) is asked to close, so every client handshakes again (a replaced or revoked certificate stops working within this plus the grace); 0: connections live on."""
     tls_max_connection_age_grace_ms: int = Field(30_000, ge=0, le=86_400_000)
     """Time calls still open on an aged connection (heartbeat streams) keep running before it is closed; the client reconnects with a new handshake."""
+    tls_handshake_timeout_ms: int = Field(10_000, ge=100, le=600_000)
+    """With TLS: a connection that has not completed its handshake within this is closed (grpc's default is 120 s: a flood of stalled handshakes would hold that many sockets that long)."""
     remote_tls_ca_file: str = ""
     """CA of the Selector, PeerLookup and RegionMigration services; when set, calls to them use TLS."""
     remote_tls_cert_file: str = ""

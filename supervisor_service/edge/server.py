@@ -158,6 +158,8 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
         # certificate stops working then, long heartbeat streams included (docs/design.md §14.1).
         options += [("grpc.max_connection_age_ms", settings.tls_max_connection_age_ms),
                     ("grpc.max_connection_age_grace_ms", settings.tls_max_connection_age_grace_ms)]
+    if settings.tls_cert_file:
+        options.append(("grpc.server_handshake_timeout_ms", settings.tls_handshake_timeout_ms))
     interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
     # The generated handlers, bytes in; SendHeartbeat takes and returns serialized messages.

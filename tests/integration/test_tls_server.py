@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import threading
 import time
 
@@ -203,3 +204,24 @@ def test_a_datanode_whose_own_certificate_file_is_broken_keeps_trying_and_recove
         assert hb.accepted >= before + 5
     finally:
         hb.stop()
+
+
+def test_stalled_handshakes_are_closed_and_do_not_hold_the_port(service, cert_files):
+    svc = service(**tls_settings(cert_files, tls_handshake_timeout_ms=500), client_tls=client_tls(cert_files))
+    host, _, port = svc.addresses.grpc.rpartition(":")
+    stalled = []
+    for i in range(300):
+        s = socket.create_connection((host, int(port)))
+        if i % 2:
+            s.sendall(b"\x16\x03\x01\x02\x00")  # the start of a ClientHello, never finished
+        stalled.append(s)
+    try:
+        assert check(svc.addresses.grpc, client_tls(cert_files)) == health_pb2.HealthCheckResponse.SERVING
+        begun = time.monotonic()
+        for s in stalled:
+            s.settimeout(10)
+            assert s.recv(100) == b""  # closed by the server
+        assert time.monotonic() - begun < 8
+    finally:
+        for s in stalled:
+            s.close()
