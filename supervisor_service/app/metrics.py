@@ -350,6 +350,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        from supervisor_service.app.grpc_metrics import GrpcServerMetrics  # it builds on _LoopCounter above
+
+        self.grpc_server = GrpcServerMetrics(r)
 
     def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

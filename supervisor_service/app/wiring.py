@@ -154,7 +154,7 @@ def build_edge(s: Settings, parts: Parts):
         leadership=parts.leadership,
         store=parts.store,
     )
-    server, health = build_server(servicer, s)
+    server, health = build_server(servicer, s, parts.metrics.grpc_server)
     return servicer, server, health
 
 

@@ -26,7 +26,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from supervisor_service.app.settings import Settings
 from supervisor_service.core import log_event
+from supervisor_service.app.grpc_metrics import GrpcServerMetrics
 from supervisor_service.edge.auth import AuthInterceptor
+from supervisor_service.edge.grpc_metrics import GrpcMetricsInterceptor
 from supervisor_service.edge.servicer import RegionSupervisorServicer
 from supervisor_service.proto import pb, pb_grpc
 
@@ -141,8 +143,11 @@ def _register(server: grpc.aio.Server, service, handlers: dict[str, grpc.RpcMeth
     server.add_registered_method_handlers(service.full_name, wrapped)
 
 
-def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server: one event loop serves every stream (thousands of datanodes)."""
+def build_server(
+    servicer: RegionSupervisorServicer, settings: Settings, grpc_metrics: GrpcServerMetrics | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server: one event loop serves every stream (thousands of datanodes); with
+    `grpc_metrics`, every call of its services counted (`edge/grpc_metrics.py`)."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -153,7 +158,13 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
         # start and share the clients with the first. Without it the second fails to bind.
         ("grpc.so_reuseport", 0),
     ]
-    interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    # First: interceptors run in order, so this one also sees and counts the calls those after it refuse.
+    counting = GrpcMetricsInterceptor(grpc_metrics) if grpc_metrics is not None else None
+    if counting is not None:
+        interceptors.insert(0, counting)
+        for service in (_SERVICE, _HEALTH, _REFLECTION):
+            counting.initialize(service)
     server = grpc.aio.server(options=options, interceptors=interceptors)
     # The generated handlers, bytes in; SendHeartbeat takes and returns serialized messages.
     generated = _HandlerCapture(SERVICE_NAME)
