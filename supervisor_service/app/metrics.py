@@ -311,6 +311,17 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("supervisor_is_leader", "1 while this replica is the leader.", registry=r)
+        self.leader_term = Gauge(
+            "supervisor_leader_term", "The term this replica leads under, or last led under.", registry=r
+        )
+        self.leadership_changes = Counter(
+            "supervisor_leadership_changes",
+            "Times this replica began (elected) or stopped (lost) leading, once its state was recovered.",
+            ["change"],
+            registry=r,
+        )
+        for change in ("elected", "lost"):
+            self.leadership_changes.labels(change=change)
         self.thread_alive = Gauge(
             "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r
         )
@@ -333,6 +344,12 @@ class Metrics:
         self.store_batch_splits = Counter(
             "supervisor_store_batch_splits",
             "Writes too large for one backend transaction, committed in several.",
+            registry=r,
+        )
+        self.store_commit_duration = Histogram(
+            "supervisor_store_commit_duration_seconds",
+            "Time of each state store transaction attempt, committed or failed.",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.store_pending = Gauge(
