@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from supervisor_service.app.age_metrics import HeartbeatAges
 from supervisor_service.core import HOLD_REASONS, PHI_BUCKETS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -235,6 +236,8 @@ class Metrics:
         )
         self.phi = _PhiHistogram()
         r.register(self.phi)
+        self.heartbeat_ages = HeartbeatAges()
+        r.register(self.heartbeat_ages)
         self.failures_detected = Counter(
             "supervisor_region_failures_detected",
             "Detectors that crossed the phi threshold (counted once per crossing).",

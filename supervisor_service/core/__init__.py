@@ -74,6 +74,7 @@ from supervisor_service.core.options import (
     Option,
     settable_fields,
 )
+from supervisor_service.core.heartbeat_ages import AGE_BUCKETS_S, OLDEST_HEARTBEATS_REPORTED
 from supervisor_service.core.ports import PHI_BUCKETS, CoreMetrics
 from supervisor_service.core.snapshot import DumpSnapshot
 from supervisor_service.core.status import CoreStatus
@@ -131,6 +132,8 @@ __all__ = [
     "MigrationTask",
     "Option",
     "PHI_BUCKETS",
+    "AGE_BUCKETS_S",
+    "OLDEST_HEARTBEATS_REPORTED",
     "Peer",
     "PhiAccrualFailureDetector",
     "PhiAccrualOptions",

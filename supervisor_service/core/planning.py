@@ -14,6 +14,7 @@ from supervisor_service.core.backoff import ResubmitBackoff
 from supervisor_service.core.detection import Detection
 from supervisor_service.core.effects import SelectPeers
 from supervisor_service.core.guards import Guards
+from supervisor_service.core.heartbeat_ages import heartbeat_ages
 from supervisor_service.core.holds import HoldLog, Holds
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
@@ -79,6 +80,7 @@ class Planner:
         m.detectors.set(len(table))
         m.detector_groups.set(table.group_count)
         m.phi.set(*table.phi_distribution(now, PHI_BUCKETS))
+        m.heartbeat_ages.set(*heartbeat_ages(table, now))
         # Expiring maintenance re-baselines detectors: do it before reading who failed.
         self._maintenance.expire(now)
         failed = self._detection.failed(now)
