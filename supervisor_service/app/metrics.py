@@ -205,6 +205,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("supervisor_event_queue_depth", "Events waiting in the queue.", registry=r)
+        self.queue_capacity = Gauge(
+            "supervisor_event_queue_capacity", "Events the queue holds at most (setting event_queue_size).", registry=r
+        )
         self.queue_oldest_age = Gauge(
             "supervisor_event_queue_oldest_age_seconds", "Age of the oldest queued event.", registry=r
         )

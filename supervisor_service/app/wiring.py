@@ -76,6 +76,7 @@ def build_parts(
         clock=clock,
     )
     metrics.bind_queue(lambda: len(queue), queue.oldest_age)
+    metrics.queue_capacity.set(s.event_queue_size)
     metrics.queue_heartbeat_bytes.set_function(lambda: queue.heartbeat_bytes)
     # A lower node_epoch is a new life once the newest has been silent as long as a detector tolerates.
     directory = PeerDirectory(clock, new_life_after_ms=s.acceptable_heartbeat_pause_ms)
