@@ -10,6 +10,7 @@ import threading
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from supervisor_service.app.histograms import cumulative_buckets
 from supervisor_service.core import AGE_BUCKETS_S
 
 
@@ -27,16 +28,12 @@ class HeartbeatAges(Collector):
     def collect(self):
         with self._lock:
             buckets, _, total, oldest = self._summary
-        cumulative, running = [], 0
-        for bound, n in zip(AGE_BUCKETS_S, buckets):
-            running += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(
             "supervisor_datanode_heartbeat_age_seconds",
             "Age of each datanode's newest heartbeat as of the last tick, over the datanodes with detectors "
             "(a snapshot, not a running total).",
         )
-        family.add_metric([], cumulative, total)
+        family.add_metric([], cumulative_buckets(AGE_BUCKETS_S, buckets), total)
         yield family
         gauge = GaugeMetricFamily(
             "supervisor_datanode_heartbeat_age_oldest_seconds",

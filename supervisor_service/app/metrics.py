@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor_service.app.age_metrics import HeartbeatAges
+from supervisor_service.app.histograms import cumulative_buckets
 from supervisor_service.core import HOLD_REASONS, PHI_BUCKETS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -45,12 +46,8 @@ class _SingleWriterHistogram(Collector):
 
     def collect(self):
         counts, total = list(self._counts), self._sum
-        cumulative, running = [], 0
-        for bound, n in zip(self._bounds, counts):
-            running += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(self._name, self._doc)
-        family.add_metric([], cumulative, total)
+        family.add_metric([], cumulative_buckets(self._bounds, counts), total)
         yield family
 
 
@@ -137,15 +134,11 @@ class _PhiHistogram(Collector):
     def collect(self):
         with self._lock:
             buckets, total = list(self._buckets), self._sum
-        cumulative, running = [], 0
-        for bound, n in zip(PHI_BUCKETS, buckets):
-            running += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(
             "supervisor_detector_phi",
             "Current phi of every detector as of the last tick (a snapshot, not a running total; past 100,000 history groups, as of the last sweep over several ticks).",
         )
-        family.add_metric([], cumulative, total)
+        family.add_metric([], cumulative_buckets(PHI_BUCKETS, buckets), total)
         yield family
 
 

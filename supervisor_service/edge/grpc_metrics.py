@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -131,6 +131,19 @@ async def _counted(requests: AsyncIterator, series: _Series) -> AsyncIterator:
         yield request
 
 
+async def _finished(series: _Series, context, answer: Awaitable, *, one_sent: bool):
+    """Await a handler's `answer` as one counted and timed call (`one_sent`: its result is a message)."""
+    box = series.begin(context)
+    try:
+        result = await answer
+    except BaseException as exc:
+        box[0] = exc
+        raise
+    if one_sent:
+        series.sent.value += 1
+    return result
+
+
 def _wrap(handler: grpc.RpcMethodHandler, series: _Series) -> grpc.RpcMethodHandler:
     """`handler` with its calls counted and timed by `series`."""
     streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
@@ -139,29 +152,16 @@ def _wrap(handler: grpc.RpcMethodHandler, series: _Series) -> grpc.RpcMethodHand
         behavior = handler.unary_unary
 
         async def unary(request, context):
-            box = series.begin(context)
             series.received.value += 1
-            try:
-                response = await behavior(request, context)
-            except BaseException as exc:
-                box[0] = exc
-                raise
-            series.sent.value += 1
-            return response
+            return await _finished(series, context, behavior(request, context), one_sent=True)
 
         return grpc.unary_unary_rpc_method_handler(unary, deserialize, serialize)
     if streaming_in and not streaming_out:
         behavior = handler.stream_unary
 
         async def stream_in(requests, context):
-            box = series.begin(context)
-            try:
-                response = await behavior(_counted(requests, series), _CountingContext(context, series))
-            except BaseException as exc:
-                box[0] = exc
-                raise
-            series.sent.value += 1
-            return response
+            answer = behavior(_counted(requests, series), _CountingContext(context, series))
+            return await _finished(series, context, answer, one_sent=True)
 
         return grpc.stream_unary_rpc_method_handler(stream_in, deserialize, serialize)
     behavior = handler.stream_stream if streaming_in else handler.unary_stream
@@ -184,12 +184,7 @@ def _wrap(handler: grpc.RpcMethodHandler, series: _Series) -> grpc.RpcMethodHand
                 raise
     else:  # writes its answers with context.write (counted by _CountingContext)
         async def streaming(request, context):
-            box = series.begin(context)
-            try:
-                return await behavior(*arguments(request, context))
-            except BaseException as exc:
-                box[0] = exc
-                raise
+            return await _finished(series, context, behavior(*arguments(request, context)), one_sent=False)
 
     make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
     return make(streaming, deserialize, serialize)
