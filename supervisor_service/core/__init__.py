@@ -63,6 +63,7 @@ from supervisor_service.core.guards import (
     Guards,
     TokenBucket,
 )
+from supervisor_service.core.heartbeat_ages import AGE_BUCKETS_S, OLDEST_HEARTBEATS_REPORTED
 from supervisor_service.core.holds import HOLD_REASONS
 from supervisor_service.core.logs import (
     describe,
@@ -74,7 +75,6 @@ from supervisor_service.core.options import (
     Option,
     settable_fields,
 )
-from supervisor_service.core.heartbeat_ages import AGE_BUCKETS_S, OLDEST_HEARTBEATS_REPORTED
 from supervisor_service.core.ports import PHI_BUCKETS, CoreMetrics
 from supervisor_service.core.snapshot import DumpSnapshot
 from supervisor_service.core.status import CoreStatus
