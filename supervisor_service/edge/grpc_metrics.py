@@ -52,22 +52,21 @@ _MAX_CACHED_METHODS = 1024  # registered methods only reach the cache; a bound a
 
 
 def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
-    """The status the call ends with: what the handler aborted with or set; DEADLINE_EXCEEDED once
-    the deadline has passed (the client has that answer, whatever the handler did); CANCELLED for a
-    call the client cancelled (its handler may just see the end of the stream) or a handler
-    cancelled; UNKNOWN for any other exception, as grpc answers it."""
-    if isinstance(exc, grpc.aio.AbortError):
-        code = context.code()
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    """The status the call ended with. A code the handler aborted with or set stands, whatever it
+    raised afterwards (a write racing the abort of its stream fails once the status is sent);
+    DEADLINE_EXCEEDED once the deadline has passed (the client has that answer, whatever the handler
+    did); CANCELLED for a call the client cancelled (its handler may just see the end of the stream)
+    or a handler cancelled; UNKNOWN for any other exception, as grpc answers it."""
+    code = context.code()
+    decided = code if isinstance(code, grpc.StatusCode) else None
     if exc is not None and not isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.UNKNOWN
+        return decided or grpc.StatusCode.UNKNOWN
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if exc is not None or context.cancelled():
         return grpc.StatusCode.CANCELLED
-    code = context.code()
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    return decided or grpc.StatusCode.OK
 
 
 class _Series:

@@ -160,3 +160,28 @@ def test_health_checks_are_counted_under_their_own_service_and_unknown_methods_a
     # A caller choosing method names must not make series: unknown methods are not counted.
     names = {s.labels.get("grpc_method") for m in r.collect() for s in m.samples if m.name.startswith("grpc_server")}
     assert not any(name and name.startswith("NoSuchMethod") for name in names)
+
+
+def test_streams_ended_by_a_shutdown_are_counted_unavailable(service):
+    svc = service()
+    channel = grpc.insecure_channel(svc.addresses.grpc)
+    stub = pb_grpc.RegionSupervisorStub(channel)
+    ended = threading.Event()
+
+    def open_stream():
+        yield pb.HeartbeatRequest(datanode_id=3, region_ids=[5])
+        ended.wait(30)
+
+    calls = [stub.SendHeartbeat(open_stream()) for _ in range(3)]
+    for call in calls:
+        next(call)
+    svc.request_stop()
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            next(call)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    codes = lambda: {c: _handled(svc.registry, "SendHeartbeat", c, "bidi_stream") for c in ("OK", "Unavailable", "Canceled", "Unknown")}  # noqa: E731
+    wait_for(lambda: _handled(svc.registry, "SendHeartbeat", "Unavailable", "bidi_stream") == 3, timeout=10,
+             message=f"{codes()}")
+    ended.set()
+    channel.close()
