@@ -68,8 +68,10 @@ class Planner:
         return True
 
     def forget(self) -> None:
-        """A leadership changed: the jobs asked for are not this one's."""
+        """A leadership changed: the jobs asked for are not this one's, and the ages of the last
+        tick are no longer anyone's (a follower does not tick: they would stay, looking silent)."""
         self._selecting.clear()
+        self._metrics.heartbeat_ages.set(*heartbeat_ages(self._table, 0))
 
     def observe(
         self, now: int, lag_ms: float, queue_fill: float, heartbeats_refused: int = 0

@@ -13,6 +13,7 @@ from supervisor_service.core import (
     Deregister,
     FailoverPolicy,
     Heartbeat,
+    LoseLeadership,
     PhiAccrualOptions,
     StoredState,
     Supervisor,
@@ -74,3 +75,15 @@ def test_an_empty_table_publishes_an_empty_summary():
     sup.handle(Tick(), 5_000)
     assert registry.get_sample_value(f"{HIST}_count") == 0
     assert _oldest(registry) == {}
+
+
+def test_a_replica_that_stops_leading_reports_no_ages():
+    """Its ticks stop with its leadership: ages as of its last tick would look like silent datanodes."""
+    registry = CollectorRegistry()
+    sup = _supervisor(registry)
+    sup.handle(Heartbeat(1, as_region_array([10]), 1_000), 0)
+    sup.handle(Tick(), 31_000)
+    assert _oldest(registry) == {"1": 30.0}
+    sup.handle(LoseLeadership(), 31_000)
+    assert _oldest(registry) == {}
+    assert registry.get_sample_value(f"{HIST}_count") == 0
