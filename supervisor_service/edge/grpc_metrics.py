@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
@@ -192,18 +192,18 @@ def _wrap(handler: grpc.RpcMethodHandler, series: _Series) -> grpc.RpcMethodHand
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call of a method the server has; the first interceptor of the server."""
 
-    def __init__(self, metrics: GrpcServerMetrics) -> None:
+    def __init__(self, metrics: GrpcServerMetrics, services: Iterable = ()) -> None:
+        """`services`: the descriptors of the server's services, whose every method starts at zero
+        (`GrpcServerMetrics.initialize`)."""
         self._metrics = metrics
         self._series: dict[str, _Series] = {}
         # method -> (the handler last wrapped, its wrapper): a registered method's handler is the
         # same object call after call, so it is wrapped once; a refusal's handler is wrapped per call.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def initialize(self, service_descriptor) -> None:
-        """Every method of `service_descriptor` at zero (`GrpcServerMetrics.initialize`)."""
-        for method in service_descriptor.methods:
-            kind = GRPC_TYPES[(method.client_streaming, method.server_streaming)]
-            self._metrics.initialize(kind, service_descriptor.full_name, method.name)
+        for service in services:
+            for method in service.methods:
+                kind = GRPC_TYPES[(method.client_streaming, method.server_streaming)]
+                metrics.initialize(kind, service.full_name, method.name)
 
     async def intercept_service(self, continuation: Callable, handler_call_details):
         handler = await continuation(handler_call_details)

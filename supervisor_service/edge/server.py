@@ -158,13 +158,9 @@ def build_server(
         # start and share the clients with the first. Without it the second fails to bind.
         ("grpc.so_reuseport", 0),
     ]
-    interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
-    # First: interceptors run in order, so this one also sees and counts the calls those after it refuse.
-    counting = GrpcMetricsInterceptor(grpc_metrics) if grpc_metrics is not None else None
-    if counting is not None:
-        interceptors.insert(0, counting)
-        for service in (_SERVICE, _HEALTH, _REFLECTION):
-            counting.initialize(service)
+    interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    if grpc_metrics is not None:  # first: interceptors run in order, so it counts the calls later ones refuse
+        interceptors = [GrpcMetricsInterceptor(grpc_metrics, (_SERVICE, _HEALTH, _REFLECTION)), *interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     # The generated handlers, bytes in; SendHeartbeat takes and returns serialized messages.
     generated = _HandlerCapture(SERVICE_NAME)
