@@ -1,6 +1,6 @@
 """The gRPC server metrics interceptor: every call of a registered method counted when it starts and
 when it ends (by status code, in go-grpc-prometheus's code names), timed, and its stream messages
-counted (docs/design.md §14; the families are in `app/grpc_metrics.py`).
+counted (docs/design.md §14; the families are `GrpcServerMetrics` in `app/metrics.py`).
 
 It must be the first interceptor of the server: grpc.aio runs them in order, each wrapping what the
 next returns, so the first one sees the handler another interceptor substitutes to refuse a call
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
-from supervisor_service.app.grpc_metrics import GRPC_TYPES, GrpcServerMetrics
+from supervisor_service.app.metrics import GRPC_TYPES, GrpcServerMetrics
 
 # grpc-go's `codes.Code.String()`: the label values the usual gRPC alerts match on.
 GO_CODE_NAMES = {

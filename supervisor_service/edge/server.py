@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from supervisor_service.app.grpc_metrics import GrpcServerMetrics
+from supervisor_service.app.metrics import GrpcServerMetrics
 from supervisor_service.app.settings import Settings
 from supervisor_service.core import log_event
 from supervisor_service.edge.auth import AuthInterceptor
