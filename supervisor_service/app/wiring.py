@@ -78,6 +78,7 @@ def build_parts(
         clock=clock,
     )
     metrics.bind_queue(lambda: len(queue), queue.oldest_age)
+    metrics.queue_capacity.set(s.event_queue_size)
     metrics.queue_heartbeat_bytes.set_function(lambda: queue.heartbeat_bytes)
     # A lower node_epoch is a new life once the newest has been silent as long as a detector tolerates.
     directory = PeerDirectory(clock, new_life_after_ms=s.acceptable_heartbeat_pause_ms)
@@ -158,7 +159,7 @@ def build_edge(s: Settings, parts: Parts):
         leadership=parts.leadership,
         store=parts.store,
     )
-    server, health = build_server(servicer, s)
+    server, health = build_server(servicer, s, parts.metrics.grpc_server)
     return servicer, server, health
 
 
