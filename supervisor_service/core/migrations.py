@@ -260,12 +260,16 @@ class Migrations:
         for sub in ended:
             d = sub.task.datanode_id
             if state is MigrationState.SUCCEEDED:
-                # The regions live elsewhere now: the old detectors would only fire again.
+                # The regions live elsewhere now: the old detectors would only fire again. The target
+                # is watched from now on, fresh (GreptimeDB #8234, #1762; docs/design.md §20).
                 self._registry.drop(d, as_region_array(list(sub.regions)))
+                self._registry.watch_target(d, sub.task.to_peer.id, sub.regions, now)
             elif state is MigrationState.NOT_FOUND:
                 self._metrics.migration_not_found.inc(len(sub.regions))
                 self._backoff.back_off(d, sub.regions, "not_found", now, sub.procedure_id)
             else:
+                if state is MigrationState.FAILED:  # the candidate never got them (GreptimeDB #7212)
+                    self._registry.drop_candidate(d, sub.task.to_peer.id, sub.regions)
                 self._backoff.back_off(d, sub.regions, state.name.lower(), now, sub.procedure_id)
         log_event(
             log,

@@ -138,6 +138,15 @@ class FailoverPolicy:
         True, doc="When maintenance ends, give the detectors it covered a fresh heartbeat at now."
     )
 
+    @property
+    def timeout_cap_ms(self) -> int:
+        """The longest migration timeout: max_failover_timeout_ms, and never below the base."""
+        return max(self.max_failover_timeout_ms, self.base_timeout_ms)
+
+    def failover_timeout_ms(self, count: int) -> int:
+        """The timeout of a migration whose regions' highest failover count, this one included, is `count`."""
+        return min(self.base_timeout_ms * max(count, 1), self.timeout_cap_ms)
+
 
 @dataclass(frozen=True, slots=True)
 class GuardSettings:

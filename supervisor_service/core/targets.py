@@ -160,7 +160,7 @@ class TargetSelection:
             from_peer=from_peer,
             to_peer=to_peer,
             region_ids=tuple(regions),
-            timeout_ms=min(p.base_timeout_ms * count, max(p.max_failover_timeout_ms, p.base_timeout_ms)),
+            timeout_ms=p.failover_timeout_ms(count),
             leader_term=self._leadership.term,
             request_id=self._ids.request_id(self._leadership.term),
         )
