@@ -137,6 +137,15 @@ class FailoverPolicy:
     rebaseline_after_maintenance: bool = option(
         True, doc="When maintenance ends, give the detectors it covered a fresh heartbeat at now."
     )
+    drain_regions_per_s: float = option(
+        200.0, gt=0, le=1_000_000, doc="Budget of regions a drain (DrainDatanodes) submits per second, all drains together."
+    )
+    drain_burst_regions: int = option(200, ge=1, le=1_000_000, doc="Burst of the drain budget.")
+    drain_max_attempts: int = option(
+        3, ge=1, le=1000,
+        doc="A drained region whose migrations end this many times without moving it (FAILED, NOT_FOUND, "
+        "timed out, refused, peer_conflict) is given up on: the drain ends failed, naming it and why.",
+    )
 
     @property
     def timeout_cap_ms(self) -> int:

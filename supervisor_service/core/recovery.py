@@ -128,7 +128,7 @@ class Recovery:
         # A timeout stored under a larger cap (an earlier setting or version) is bounded by this one's.
         timeout_ms = min(rec.timeout_ms, self._policy.timeout_cap_ms)
         task = MigrationTask(self._ids.next(), rec.datanode_id, rec.from_peer, rec.to_peer, rec.region_ids,
-                             timeout_ms, self._leadership.term, rec.request_id)
+                             timeout_ms, self._leadership.term, rec.request_id, rec.trigger_reason)
         sub = Submission(sid, task, rec.state, rec.procedure_id, rec.attempts, mark=rec.mark)
         poll_at = None
         if rec.state in (INTENT, AMBIGUOUS):

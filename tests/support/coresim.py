@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.core import (
     FailoverPolicy,
-    GuardSettings,
     Guards,
+    GuardSettings,
     Heartbeat,
     MigrationResult,
     Peer,

@@ -6,7 +6,6 @@ with a larger cap."""
 
 from __future__ import annotations
 
-from supervisor_service.core.changes import MIGRATING
 from supervisor_service.core import (
     BecomeLeader,
     FailoverPolicy,
@@ -17,6 +16,7 @@ from supervisor_service.core import (
     StoredState,
     as_region_array,
 )
+from supervisor_service.core.changes import MIGRATING
 from tests.support.coresim import CoreSim, selects, submits
 
 SRC, P5 = Peer(1, "dn1:4001"), Peer(5, "dn5:4001")
