@@ -94,6 +94,10 @@ class Drains(DrainBook):
             owners = sorted({d.drain_id for d in self._running() if set(d.datanode_ids) & set(busy)})
             raise DrainRefused(f"datanode(s) {busy} are already being drained by {', '.join(owners)}: "
                                "wait for it to end or cancel it (drain cancel)")
+        unknown = [d for d in sorted(set(datanode_ids)) if self._table.regions_of(d).size == 0]
+        if unknown:
+            raise DrainRefused(f"datanode(s) {unknown} have no watched region (unknown datanode, or already empty): "
+                               "nothing to drain there; check the ids (Dump lists the datanodes)")
         term = self._leadership.term
         drain = Drain(f"drain-{self._ids.request_id(term)}", tuple(sorted(set(datanode_ids))), {}, RUNNING,
                        now, reason=reason)
