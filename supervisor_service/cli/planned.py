@@ -1,4 +1,4 @@
-"""The planned operations' commands (docs/design.md §21):
+"""The planned operations' commands (docs/design.md §15):
 
     supervisor-service drain start DATANODE... [--reason TEXT] [--wait]
     supervisor-service drain status [DRAIN_ID] [--json]

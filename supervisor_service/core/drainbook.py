@@ -1,4 +1,4 @@
-"""The drains a leader knows, as records and views (docs/design.md §21): what is stored of a drain,
+"""The drains a leader knows, as records and views (docs/design.md §15): what is stored of a drain,
 what GetDrain shows, and the indexes the drain logic (core.drains) keeps over them: which drain
 holds each region not settled yet, which regions a drain moved off which datanode, and which
 datanodes are being drained.

@@ -1,5 +1,5 @@
 """Planned drains: every region of some datanodes moved on purpose with the failover machinery
-(docs/design.md §21).
+(docs/design.md §15).
 
 A drain takes the regions watched on its datanodes when it starts, and at each leader tick asks
 the Selector for targets for as many of those not yet moved as its budget allows

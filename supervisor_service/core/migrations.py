@@ -278,7 +278,7 @@ class Migrations:
             d = sub.task.datanode_id
             if state is MigrationState.SUCCEEDED:
                 # The regions live elsewhere now: the old detectors would only fire again. The target
-                # is watched from now on, fresh (GreptimeDB #8234, #1762; docs/design.md §20).
+                # is watched from now on, fresh (GreptimeDB #8234, #1762; docs/design.md §14).
                 self._registry.drop(d, as_region_array(list(sub.regions)))
                 self._registry.watch_target(d, sub.task.to_peer.id, sub.regions, now)
             elif state is MigrationState.NOT_FOUND:

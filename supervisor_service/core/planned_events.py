@@ -1,4 +1,4 @@
-"""Events of the planned operations (docs/design.md §21): drains and table policies. Each carries a
+"""Events of the planned operations (docs/design.md §15): drains and table policies. Each carries a
 reply future that gets what `Supervisor.handle` returns, once the change is durable."""
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class Planner:
         self._ids = ids
         self._held_log = held_log
         self._selecting: dict[int, SelectJob] = {}  # datanode -> job in PeerLookup/Selector
-        # Planned operations (docs/design.md §21): table policies, drained datanodes and regions.
+        # Planned operations (docs/design.md §15): table policies, drained datanodes and regions.
         self.drains: Drains | None = None
 
     def answered(self, job: SelectJob) -> bool:

@@ -1,4 +1,4 @@
-"""Per-table failover policy: failover disabled for a table, and a priority (docs/design.md §21).
+"""Per-table failover policy: failover disabled for a table, and a priority (docs/design.md §15).
 
 A region's table is the high 32 bits of its id (`region_id >> 32`, GreptimeDB's RegionId). A
 table without a policy fails over, at priority 0. A disabled table's regions are never failed

@@ -112,7 +112,7 @@ class Supervisor:
         self._recovery = Recovery(policy, metrics, out, leadership, registry, detection, maint, planner, inflight,
                                   migrations, backoff, warmup, holds, guards, ids, clock)
         self._snapshots = Snapshots(registry, inflight, leadership, maint, holds, guards)
-        # Planned operations (docs/design.md §21): drains reuse the failover machinery; policies filter it.
+        # Planned operations (docs/design.md §15): drains reuse the failover machinery; policies filter it.
         tables = self._tables = TablePolicies(out)
         drains = self._drains = Drains(policy, metrics, out, registry, inflight, migrations, self._targets, tables,
                                        maint, holds, guards, leadership, ids, held_log)

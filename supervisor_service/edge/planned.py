@@ -1,4 +1,4 @@
-"""The planned operations' RPCs (docs/design.md §21): DrainDatanodes, GetDrain, CancelDrain,
+"""The planned operations' RPCs (docs/design.md §15): DrainDatanodes, GetDrain, CancelDrain,
 SetTablePolicy, ListTablePolicies. Validated here, applied by the supervisor thread through its event
 queue (`AdminCalls`' wait for the answer: a change is answered once it is durable)."""
 

@@ -1,4 +1,4 @@
-"""How the planned operations are stored (pure: no I/O; docs/design.md §21).
+"""How the planned operations are stored (pure: no I/O; docs/design.md §15).
 
   table_policies   JSON [[table_id, failover_enabled, priority], ...]: the whole per-table policy
   drains/<id>      JSON: one drain (datanodes, their regions at the start, the regions moved, gone

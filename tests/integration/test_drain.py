@@ -1,4 +1,4 @@
-"""Drains and table policies over real gRPC, against fake remotes (docs/design.md §21): a datanode
+"""Drains and table policies over real gRPC, against fake remotes (docs/design.md §15): a datanode
 with 1,000 regions drained at 200 regions/s in about 5 s, each region moved once, progress in
 GetDrain; cancel stops new submissions; a leader killed mid-drain on etcd and the drain completes
 without a second move; a disabled table's regions stay on a dead datanode while the others move."""

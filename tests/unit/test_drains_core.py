@@ -1,4 +1,4 @@
-"""Drains in the core, driven by hand on a fake clock (docs/design.md §21): targets exclude the drained
+"""Drains in the core, driven by hand on a fake clock (docs/design.md §15): targets exclude the drained
 datanodes, the budget paces submissions, every region is moved once, a drained datanode that dies
 falls back to failover without a second move, cancel stops new submissions, the record is durable."""
 

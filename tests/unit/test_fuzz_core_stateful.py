@@ -375,7 +375,7 @@ class CoreMachine(RuleBasedStateMachine):
                     if state is MigrationState.SUCCEEDED:
                         self.watched.discard((d, r))
                         self.counts.pop((d, r), None)
-                        if to and to != d:  # watched on the target from the end (docs/design.md §20)
+                        if to and to != d:  # watched on the target from the end (docs/design.md §14)
                             self.watched.add((to, r))
                     if state is MigrationState.FAILED and to and to != d:  # the candidate's detector goes
                         self.watched.discard((to, r))

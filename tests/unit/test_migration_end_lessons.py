@@ -1,5 +1,5 @@
 """What the end of a migration does to the detectors of its target, and the cap on its timeout
-(docs/design.md §20): GreptimeDB's #8234 and #1762 (SUCCEEDED: the target is watched from a fresh
+(docs/design.md §14): GreptimeDB's #8234 and #1762 (SUCCEEDED: the target is watched from a fresh
 heartbeat at the end), #7212 (FAILED: a detector made for the candidate goes), and a failover count
 that only grows never makes a timeout beyond max_failover_timeout_ms, even one stored by a leader
 with a larger cap."""

@@ -1,4 +1,4 @@
-"""Per-table failover policy in the core (docs/design.md §21): a disabled table's regions stay put
+"""Per-table failover policy in the core (docs/design.md §15): a disabled table's regions stay put
 while the others move, counted and explained; under a tight rate limit higher priorities go first."""
 
 from __future__ import annotations
