@@ -226,6 +226,8 @@ def _entry_to_json(entry: JournalEntry) -> bytes:
 
 
 def _inflight_to_json(rec: InFlightRecord) -> bytes:
+    # A drain's decision says MANUAL; a failover's leaves the key out (the format failovers always had).
+    extra = {} if rec.trigger_reason == "FAILOVER" else {"trigger_reason": rec.trigger_reason}
     return json.dumps({
         "request_id": rec.request_id,
         "datanode_id": rec.datanode_id,
@@ -238,7 +240,7 @@ def _inflight_to_json(rec: InFlightRecord) -> bytes:
         "procedure_id": rec.procedure_id,
         "attempts": rec.attempts,
         "mark": _mark_json(rec.mark),
-        "trigger_reason": rec.trigger_reason,
+        **extra,
     }).encode()
 
 
