@@ -180,14 +180,18 @@ class Drains(DrainBook):
         for drain in running:
             changed = False
             for d in drain.datanode_ids:
-                if (drain.drain_id, d) in self._selecting or self._maintenance.covers(d):
+                if (drain.drain_id, d) in self._selecting:
+                    continue
+                if self._maintenance.covers(d):
+                    self._held_log(now, "drain_held_maintenance_datanode", drain_id=drain.drain_id, datanode_id=d)
                     continue
                 failed_here = failed.get(d)
                 failing = set(failed_here.tolist()) if failed_here is not None else set()
+                on_table = set(self._table.regions_of(d).tolist())
                 for r in drain.regions.get(d, ()):
                     if drain.settled(r) or self._inflight.holds(r) or r in failing:
                         continue  # settled, in flight, or failed: failover moves a failed one
-                    if not self._table.contains(d, r):
+                    if r not in on_table:
                         drain.gone.add(r)
                         self._settle(r)
                         changed = True
@@ -266,8 +270,10 @@ class Drains(DrainBook):
                 why = f"selector answer invalid: {invalid[0]} (peer {invalid[1].id})"
         if why is not None or drain is None:
             self._give_back(wanted)
-            log_event(log, logging.WARNING, "drain_selection_unused", drain_id=job.drain_id,
-                      datanode_id=job.datanode_id, regions=wanted, why=why, retry="next tick")
+            # Once per interval per drain and kind: a Selector that keeps answering so is asked every tick.
+            self._held_log.keyed(now, f"drain_unused/{job.drain_id}/{(why or '').split(':')[0]}",
+                                 "drain_selection_unused", drain_id=job.drain_id, datanode_id=job.datanode_id,
+                                 regions=wanted, why=why, retry="next tick")
             return
         from_peer = ev.from_peer or Peer(job.datanode_id)
         by_target: dict[Peer, list[int]] = {}

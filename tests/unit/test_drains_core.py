@@ -230,3 +230,66 @@ def test_a_new_leader_continues_the_drain_without_moving_a_region_twice():
     done = c.get(view.drain_id)
     assert done.state == "done" and done.regions_moved == 1000
     assert sorted(c.submitted) == c.regions
+
+
+def test_a_selector_that_keeps_naming_a_drained_datanode_submits_nothing_and_cancel_ends_it():
+    c = Cluster(regions=range(20))
+    view = c.drain()
+    # Answer every drain job with the drained datanode itself.
+    for _ in range(10):
+        for d, regions in c.alive.items():
+            c.sim.beats(d, regions, c.now, 1)
+        for s in selects(c.sim.tick(c.now)):
+            assert submits(c.sim.select_done(s.job, [Peer(1, "dn1:1")] * len(s.job.region_ids), c.now)) == []
+        c.now += 1000
+    status = c.get(view.drain_id)
+    assert status.state == "running" and status.regions_moved == 0 and status.regions_pending == 20
+    assert c.sim.handle(CancelDrain(view.drain_id), c.now).state == "cancelled"
+
+
+def test_a_region_deregistered_mid_drain_is_gone_not_failed():
+    c = Cluster(regions=range(10), policy=dataclasses.replace(POLICY, drain_regions_per_s=1, drain_burst_regions=1))
+    view = c.drain()
+    c.alive[1] = [r for r in c.alive[1] if r != 9]
+    from supervisor_service.core import Deregister
+    c.sim.handle(Deregister(((1, 9),)), c.now)
+    for _ in range(30):
+        c.step()
+        if c.get(view.drain_id).state != "running":
+            break
+    done = c.get(view.drain_id)
+    assert done.state == "done" and done.regions_gone == 1 and done.regions_moved == 9
+    assert 9 not in c.submitted
+
+
+def test_a_moved_region_the_drained_datanode_keeps_reporting_is_dropped_not_failed_back():
+    c = Cluster(regions=range(10))
+    view = c.drain()
+    for _ in range(5):
+        c.step()
+    assert c.get(view.drain_id).state == "done"
+    # The drained datanode reports the moved regions once more, then is switched off.
+    c.sim.beats(1, range(10), c.now, 1)
+    assert c.sim.sup.table.regions_of(1).size == 10
+    assert "drained" in (c.sim.sup.why_not_failed_over(1, 3) or "")
+    c.alive.pop(1)
+    before = len(c.submitted)
+    for _ in range(40):
+        c.step()
+    assert len(c.submitted) == before, "a region moved by the drain was failed over from the drained datanode"
+    assert c.sim.skipped("drained") == 10 and c.sim.sup.table.regions_of(1).size == 0
+
+
+def test_a_drain_moves_a_disabled_tables_regions_highest_priority_first():
+    from supervisor_service.core import SetTablePolicy
+    regions = [(t << 32) | n for t in (1, 2, 3) for n in range(4)]
+    c = Cluster(regions=regions, policy=dataclasses.replace(POLICY, drain_regions_per_s=4, drain_burst_regions=4))
+    c.sim.handle(SetTablePolicy((3,), True, 9), c.now)
+    c.sim.handle(SetTablePolicy((2,), False, 5), c.now)
+    view = c.drain()
+    c.step()
+    c.step()
+    assert [r >> 32 for r in c.submitted[:8]] == [3] * 4 + [2] * 4
+    for _ in range(10):
+        c.step()
+    assert c.get(view.drain_id).state == "done" and sorted(c.submitted) == sorted(regions)
