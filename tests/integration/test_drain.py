@@ -212,3 +212,48 @@ def test_a_leader_killed_mid_drain_and_the_drain_completes_without_a_second_move
         sel.stop()
         for replica in replicas:
             replica.stop()
+
+
+def test_a_drain_survives_a_kill_9_of_a_single_replica_on_sqlite(tmp_path):
+    """The drain record, on the default store, after SIGKILL mid-drain: the restarted process (same data
+    dir, same port) continues it and moves nothing twice."""
+    sel = _selector()
+    cluster = MovingCluster({1: DRAINED[:300], 2: [rid(9, 1)], 3: [rid(9, 2)]})
+    env = {
+        "SUPERVISOR_DATA_DIR": str(tmp_path / "data"),
+        "SUPERVISOR_TICK_INTERVAL_MS": "100",
+        "SUPERVISOR_ACCEPTABLE_HEARTBEAT_PAUSE_MS": "3000",
+        "SUPERVISOR_FIRST_HEARTBEAT_ESTIMATE_MS": "200",
+        "SUPERVISOR_WARMUP_GRACE_MS": "1000",
+        "SUPERVISOR_MAX_FAILED_DATANODE_FRACTION": "1",
+        "SUPERVISOR_TARGET_HOLDDOWN_MS": "0",
+        "SUPERVISOR_SELECTOR_ENDPOINT": sel.endpoint,
+        "SUPERVISOR_REGION_MIGRATION_ENDPOINT": cluster.migration.endpoint,
+        "SUPERVISOR_MIGRATION_STATUS_POLL_INTERVAL_MS": "200",
+        "SUPERVISOR_DRAIN_REGIONS_PER_S": "50",
+        "SUPERVISOR_DRAIN_BURST_REGIONS": "10",
+    }
+    first = ServiceProcess(env, str(tmp_path / "first.log"))
+    second = None
+    try:
+        first.wait_serving(leader=True)
+        cluster.start(first.addr)
+        with SupervisorClient(first.addr, timeout=5) as client:
+            _wait_watched(client, 302)
+            drain_id = client.drain([1], reason="kill me")
+            wait_for(lambda: client.get_drain(drain_id).regions_moved >= 60, 30)
+        first.kill(signal.SIGKILL)
+        first.proc.wait(10)
+        second = ServiceProcess(env, str(tmp_path / "second.log"), grpc_port=first.port)
+        second.wait_serving(leader=True)
+        with SupervisorClient(second.addr, timeout=5) as client:
+            wait_for(lambda: client.get_drain(drain_id).state != "running", 60, message="the drain did not end")
+            status = client.get_drain(drain_id)
+        assert status.state == "done" and status.regions_moved == 300, status
+        assert sorted(cluster.moves) == DRAINED[:300] and set(cluster.moves.values()) == {1}
+    finally:
+        cluster.close()
+        sel.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
