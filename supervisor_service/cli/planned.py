@@ -20,14 +20,10 @@ MAX_REASON_LEN = 1024
 
 
 def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (a whole number)") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is out of range for {what} ({low}..{high})")
-        return value
+    """cli/main.py's argparse integer type (imported when used: main imports this module)."""
+    from supervisor_service.cli.main import _int_in
+
+    parse: Callable[[str], int] = _int_in(low, high, what)
     return parse
 
 

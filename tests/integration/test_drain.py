@@ -30,17 +30,24 @@ def _selector():
     return FakeSelector([peer(d, f"127.0.0.1:{22_000 + d}") for d in (1, 2, 3)])
 
 
+def _started(service, holdings, **settings):
+    """A Selector, a cluster of `holdings` and an in-process service using both, the cluster heartbeating."""
+    sel = _selector()
+    cluster = MovingCluster(holdings)
+    svc = service(**FAST, selector_endpoint=sel.endpoint, region_migration_endpoint=cluster.migration.endpoint,
+                  **settings)
+    cluster.start(svc.addresses.grpc)
+    return sel, cluster, svc
+
+
 def _wait_watched(client: SupervisorClient, n: int) -> None:
     wait_for(lambda: len(client.dump()[1]) >= n, 20, message=f"fewer than {n} detectors")
 
 
 def test_a_drain_of_1000_regions_at_200_per_s_takes_about_5_s_and_moves_each_once(service):
-    sel = _selector()
-    cluster = MovingCluster({1: DRAINED, 2: [rid(9, 1)], 3: [rid(9, 2)]})
+    sel, cluster, svc = _started(service, {1: DRAINED, 2: [rid(9, 1)], 3: [rid(9, 2)]},
+                                 drain_regions_per_s=200, drain_burst_regions=200)
     try:
-        svc = service(**FAST, selector_endpoint=sel.endpoint, region_migration_endpoint=cluster.migration.endpoint,
-                      drain_regions_per_s=200, drain_burst_regions=200)
-        cluster.start(svc.addresses.grpc)
         with SupervisorClient(svc.addresses.grpc, timeout=5) as client:
             _wait_watched(client, 1002)
             started = time.monotonic()
@@ -72,12 +79,9 @@ def test_a_drain_of_1000_regions_at_200_per_s_takes_about_5_s_and_moves_each_onc
 
 
 def test_cancel_stops_new_submissions_and_reports_what_moved(service):
-    sel = _selector()
-    cluster = MovingCluster({1: DRAINED, 2: [rid(9, 1)], 3: [rid(9, 2)]})
+    sel, cluster, svc = _started(service, {1: DRAINED, 2: [rid(9, 1)], 3: [rid(9, 2)]},
+                                 drain_regions_per_s=100, drain_burst_regions=50)
     try:
-        svc = service(**FAST, selector_endpoint=sel.endpoint, region_migration_endpoint=cluster.migration.endpoint,
-                      drain_regions_per_s=100, drain_burst_regions=50)
-        cluster.start(svc.addresses.grpc)
         with SupervisorClient(svc.addresses.grpc, timeout=5) as client:
             _wait_watched(client, 1002)
             drain_id = client.drain([1], reason="wrong rack")
@@ -107,11 +111,9 @@ def test_cancel_stops_new_submissions_and_reports_what_moved(service):
 
 
 def test_a_disabled_tables_regions_stay_on_a_dead_datanode_while_the_others_move(service):
-    sel = _selector()
-    cluster = MovingCluster({1: [rid(7, 1), rid(7, 2), rid(8, 1), rid(8, 2)], 2: [rid(9, 1)], 3: [rid(9, 2)]})
+    sel, cluster, svc = _started(service, {1: [rid(7, 1), rid(7, 2), rid(8, 1), rid(8, 2)], 2: [rid(9, 1)],
+                                           3: [rid(9, 2)]})
     try:
-        svc = service(**FAST, selector_endpoint=sel.endpoint, region_migration_endpoint=cluster.migration.endpoint)
-        cluster.start(svc.addresses.grpc)
         with SupervisorClient(svc.addresses.grpc, timeout=5) as client:
             _wait_watched(client, 6)
             policies = client.set_table_policy([7], failover_enabled=False, reason="stateful, moved by hand")
