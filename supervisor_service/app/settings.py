@@ -325,6 +325,8 @@ class Settings(BaseSettings):
         return FailoverPolicy(
             # A remote Selector or RegionMigration must be given targets it can reach.
             require_target_addr=bool(self.selector_endpoint or self.region_migration_endpoint),
+            # The embedded dry run moves nothing: a target it "succeeded" to never reports the regions.
+            watch_target_on_success=bool(self.region_migration_endpoint),
             **values,
         )
 

@@ -280,7 +280,8 @@ class Migrations:
                 # The regions live elsewhere now: the old detectors would only fire again. The target
                 # is watched from now on, fresh (GreptimeDB #8234, #1762; docs/design.md §14).
                 self._registry.drop(d, as_region_array(list(sub.regions)))
-                self._registry.watch_target(d, sub.task.to_peer.id, sub.regions, now)
+                if self._policy.watch_target_on_success:
+                    self._registry.watch_target(d, sub.task.to_peer.id, sub.regions, now)
             elif state is MigrationState.NOT_FOUND:
                 self._metrics.migration_not_found.inc(len(sub.regions))
                 self._backoff.back_off(d, sub.regions, "not_found", now, sub.procedure_id)

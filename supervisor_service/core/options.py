@@ -116,6 +116,11 @@ class FailoverPolicy:
         "A Selector answer with a target without an address is invalid (set when the Selector or the "
         "RegionMigration service is remote).",
     )
+    watch_target_on_success: bool = derived(
+        True,
+        "A migration that SUCCEEDED watches its regions on the target from then on (off with the embedded "
+        "dry-run RegionMigration: it moves nothing, so the target never reports them).",
+    )
     status_poll_interval_ms: int = option(
         5000, ge=1, le=3_600_000, setting="migration_status_poll_interval_ms",
         doc="How often an in-flight migration's status is polled.",

@@ -121,3 +121,19 @@ def test_a_stored_timeout_above_the_cap_is_capped_by_the_new_leader():
     assert sim.value("supervisor_migrations_in_flight") == 1
     sim.tick(cap + 1)
     assert sim.value("supervisor_migrations_in_flight") == 0
+
+
+def test_with_the_dry_run_a_success_does_not_watch_a_target_that_never_got_the_regions():
+    """The embedded RegionMigration moves nothing: watching its "target" would convict it there and fail
+    the region over again and again, one dry run after another."""
+    from supervisor_service.app.settings import load_settings
+
+    assert load_settings().failover_policy().watch_target_on_success is False
+    assert load_settings(region_migration_endpoint="rm:1").failover_policy().watch_target_on_success is True
+    import dataclasses
+
+    sim = CoreSim(dataclasses.replace(CoreSim().policy, watch_target_on_success=False))
+    poll = _in_flight(sim, (10,))
+    sim.tick(poll)
+    sim.status("p", MigrationState.SUCCEEDED, poll)
+    assert not sim.sup.table.contains(5, 10) and not sim.sup.table.contains(1, 10)
