@@ -259,3 +259,25 @@ def test_a_drain_survives_a_kill_9_of_a_single_replica_on_sqlite(tmp_path):
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_a_drained_datanode_that_dies_mid_drain_is_failed_over_for_the_rest_without_a_second_move(service):
+    regions = DRAINED[:300]
+    sel, cluster, svc = _started(service, {1: regions, 2: [rid(9, 1)], 3: [rid(9, 2)]},
+                                 drain_regions_per_s=30, drain_burst_regions=10)
+    try:
+        with SupervisorClient(svc.addresses.grpc, timeout=5) as client:
+            _wait_watched(client, 302)
+            drain_id = client.drain([1], reason="dying disk")
+            wait_for(lambda: client.get_drain(drain_id).regions_moved >= 30, 20)
+            cluster.stop_datanode(1)  # it dies with most of its regions still on it
+            wait_for(lambda: client.get_drain(drain_id).state != "running", 60, message="the drain did not end")
+            status = client.get_drain(drain_id)
+        assert status.state == "done" and status.regions_moved == 300, status
+        assert sorted(cluster.moves) == regions and set(cluster.moves.values()) == {1}, "a region moved twice"
+        reasons = {c.request.trigger_reason for c in cluster.migration.submissions}
+        assert reasons == {1, 2}, reasons  # the drain's MANUAL moves, then failover for the rest
+        assert all(1 in r.exclude_peer_ids for r in sel.requests)
+    finally:
+        cluster.close()
+        sel.stop()
