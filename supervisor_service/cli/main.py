@@ -244,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     journal.add_argument("--limit", type=_int_in(1, UINT32_MAX, "a number of entries"), default=100,
                          help="newest N entries (default 100)")
     journal.add_argument("--json", action="store_true", help="one JSON object per entry")
-    add_planned_commands(client)  # drain, policy (cli/planned.py)
+    add_planned_commands(client, _int_in)  # drain, policy (cli/planned.py)
 
     health = sub.add_parser(
         "health",
@@ -459,7 +459,7 @@ def _client_command(args) -> int:
                 case "journal":
                     return _journal(client, args)
                 case "drain" | "policy":
-                    return run_planned(client, args, _fail, EXIT_USAGE)
+                    return run_planned(client, args, _fail, EXIT_USAGE, _int_in)
     except grpc.RpcError as exc:
         code = exc.code().name if exc.code() else "UNKNOWN"
         detail = exc.details() or ""

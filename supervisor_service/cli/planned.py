@@ -19,12 +19,8 @@ UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 MAX_REASON_LEN = 1024
 
 
-def _bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
-    """cli/main.py's argparse integer type (imported when used: main imports this module)."""
-    from supervisor_service.cli.main import _int_in
-
-    parse: Callable[[str], int] = _int_in(low, high, what)
-    return parse
+IntType = Callable[[int, int, str], Callable[[str], int]]
+"""cli/main.py's argparse integer type factory `_int_in(low, high, what)`, handed in (main imports this module)."""
 
 
 def _reason(text: str) -> str:
@@ -33,7 +29,7 @@ def _reason(text: str) -> str:
     return text
 
 
-def add_planned_commands(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
+def add_planned_commands(client: Callable[[str, str], argparse.ArgumentParser], int_in: IntType) -> None:
     """Register `drain` and `policy` with the client command factory of cli/main.py."""
     drain = client("drain", "move every region off datanodes on purpose (decommission), follow or cancel it")
     drain.add_argument("action", choices=["start", "status", "cancel"])
@@ -44,9 +40,9 @@ def add_planned_commands(client: Callable[[str, str], argparse.ArgumentParser]) 
     drain.add_argument("--json", action="store_true", help="status: as one JSON object")
     policy = client("policy", "per-table failover policy: disable failover of a table, or give it a priority")
     policy.add_argument("action", choices=["set", "list"])
-    policy.add_argument("tables", nargs="*", type=_bounded_int(0, UINT32_MAX, "a table id"), metavar="TABLE")
+    policy.add_argument("tables", nargs="*", type=int_in(0, UINT32_MAX, "a table id"), metavar="TABLE")
     policy.add_argument("--failover", choices=["on", "off"], help="set: fail the tables' regions over, or never")
-    policy.add_argument("--priority", type=_bounded_int(INT32_MIN, INT32_MAX, "a priority"), default=0,
+    policy.add_argument("--priority", type=int_in(INT32_MIN, INT32_MAX, "a priority"), default=0,
                         help="set: higher goes first under rate limits and in drains (default 0)")
     policy.add_argument("--reason", type=_reason, default="", help="why (logged and audited)")
     policy.add_argument("--json", action="store_true", help="list: one JSON object per table")
@@ -73,7 +69,7 @@ def _print_status(s, as_json: bool) -> None:
         print(f"  failed {line}")
 
 
-def run_planned(client, args, fail: Callable[[str, int], int], usage: int) -> int:
+def run_planned(client, args, fail: Callable[[str, int], int], usage: int, int_in: IntType) -> int:
     """Run `drain` or `policy` (grpc errors are the caller's to report)."""
     if args.command == "policy":
         if args.action == "set":
@@ -93,7 +89,7 @@ def run_planned(client, args, fail: Callable[[str, int], int], usage: int) -> in
         return 0
     if args.action == "start":
         try:
-            ids = [_bounded_int(0, UINT64_MAX, "a datanode id")(i) for i in args.ids]
+            ids = [int_in(0, UINT64_MAX, "a datanode id")(i) for i in args.ids]
         except argparse.ArgumentTypeError as exc:
             return fail(f"drain start: {exc}", usage)
         if not ids:
