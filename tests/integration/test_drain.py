@@ -196,6 +196,7 @@ def test_a_leader_killed_mid_drain_and_the_drain_completes_without_a_second_move
         cluster.start(addrs)
         with SupervisorClient(addrs, timeout=5) as client:
             _wait_watched(client, 1002)
+            client.set_table_policy([9], failover_enabled=False, priority=3, reason="kept through the election")
             drain_id = client.drain([1], reason="hardware swap")
             wait_for(lambda: client.get_drain(drain_id).regions_moved >= 200, 30)
             leader.kill(signal.SIGKILL)
@@ -203,8 +204,10 @@ def test_a_leader_killed_mid_drain_and_the_drain_completes_without_a_second_move
             _leader([survivor], 15)
             wait_for(lambda: client.get_drain(drain_id).state != "running", 60, message="the drain did not end")
             status = client.get_drain(drain_id)
+            policies = [(p.table_id, p.failover_enabled, p.priority) for p in client.table_policies()]
         assert status.state == "done", status
         assert status.regions_moved == 1000 and client.addr == survivor.addr
+        assert policies == [(9, False, 3)]
         assert sorted(cluster.moves) == DRAINED and set(cluster.moves.values()) == {1}, \
             sorted(r for r, n in cluster.moves.items() if n > 1)[:10]
         terms = {c.request.leader_term for c in cluster.migration.submissions}
