@@ -19,6 +19,7 @@ RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
 DRAIN_STATES = (RUNNING, DONE, CANCELLED, FAILED)
 MAX_KEPT_DRAINS = 100  # finished drains kept (their records, for GetDrain and the moved regions' holds)
 MAX_FAILURES_SHOWN = 100
+MAX_DRAIN_REGIONS = 200_000  # per drain: its record is one stored value (store/planned_codec.py)
 # Holds of all failover that hold drains too. Warm-up does not: a drain does not rest on detection.
 DRAIN_HOLDS = ("maintenance", "local_pause", "overload", "mass_failure")
 
@@ -123,8 +124,10 @@ class DrainBook:
         return self._drains.get(drain_id) if drain_id else next(reversed(self._drains.values()), None)
 
     def view(self, drain: Drain) -> DrainView:
-        in_flight = sum(1 for _, r in drain.open_regions() if self._inflight.holds(r))
-        asked = {r for (did, _), job in self._selecting.items() if did == drain.drain_id for r in job.region_ids}
+        # From the regions in flight and asked for, not from the drain's own (a drain may hold 100,000).
+        did = drain.drain_id
+        in_flight = sum(1 for r in self._inflight.regions if (o := self._owner.get(r)) is not None and o[0] == did)
+        asked = {r for (d, _), job in self._selecting.items() if d == did for r in job.region_ids}
         in_flight += sum(1 for r in asked if not self._inflight.holds(r) and not drain.settled(r))
         open_count = drain.total - len(drain.moved) - len(drain.gone) - len(drain.failed)
         failures = tuple(f"{region_label(r)}: {why}" for r, why in sorted(drain.failed.items())[:MAX_FAILURES_SHOWN])

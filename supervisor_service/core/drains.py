@@ -23,6 +23,7 @@ from supervisor_service.core.drainbook import (
     DONE,
     DRAIN_HOLDS,
     FAILED,
+    MAX_DRAIN_REGIONS,
     RUNNING,
     Drain,
     DrainBook,
@@ -103,6 +104,9 @@ class Drains(DrainBook):
                        now, reason=reason)
         for d in drain.datanode_ids:
             drain.regions[d] = tuple(self._table.regions_of(d).tolist())
+        if drain.total > MAX_DRAIN_REGIONS:
+            raise DrainRefused(f"the datanodes hold {drain.total} regions; one drain moves at most {MAX_DRAIN_REGIONS}: "
+                               "drain fewer datanodes at a time")
         self._drains[drain.drain_id] = drain
         self._index(drain)
         self._trim()
@@ -176,11 +180,17 @@ class Drains(DrainBook):
         if held:
             self._held_log(now, f"drain_held_{held[0]}", drains=len(running))
             return
+        budget = self._budget(now)
+        tokens = budget.available(now)
+        if tokens == 0:
+            return  # nothing may leave before the budget refills: no need to look
+        # Without table priorities the first `tokens` candidates are the ones taken: stop looking there.
+        enough = tokens if not self._tables else None
         candidates: list[tuple[int, Drain, int]] = []  # (region, drain, datanode), in drain order
         for drain in running:
             changed = False
             for d in drain.datanode_ids:
-                if (drain.drain_id, d) in self._selecting:
+                if (drain.drain_id, d) in self._selecting or (enough is not None and len(candidates) >= enough):
                     continue
                 if self._maintenance.covers(d):
                     self._held_log(now, "drain_held_maintenance_datanode", drain_id=drain.drain_id, datanode_id=d)
@@ -198,18 +208,15 @@ class Drains(DrainBook):
                         continue
                     if drain.retry_at.get(r, 0) <= now:
                         candidates.append((r, drain, d))
+                        if enough is not None and len(candidates) >= enough:
+                            break
             if changed:
                 self._store(drain)
             self._finish_if_settled(drain, now)
         if not candidates:
             self.publish()
             return
-        budget = self._budget(now)
-        n = min(len(candidates), budget.available(now))
-        if n == 0:
-            self._metrics.failover_skipped.labels(reason="drain_rate_limited").inc(len(candidates))
-            self.publish()
-            return
+        n = min(len(candidates), tokens)
         by_priority = sorted(candidates, key=lambda c: -self._tables.priority(c[0])) if self._tables else candidates
         chosen = by_priority[:n]
         budget.take(n, now)

@@ -47,3 +47,14 @@ def test_the_trigger_reason_is_stored_only_when_manual():
     assert state.inflight["1-a"].trigger_reason == "MANUAL"
     assert state.inflight["1-b"].trigger_reason == "FAILOVER"
     assert b"trigger_reason" not in enc.puts["/c/inflight/1-b"]
+
+
+def test_a_drain_of_200000_regions_is_one_value_etcd_takes():
+    from supervisor_service.core.drainbook import MAX_DRAIN_REGIONS
+
+    regions = tuple(sorted({(t << 32) | n for t in (3, 1024, 2**32 - 1) for n in range(MAX_DRAIN_REGIONS // 3)}))
+    regions += ((2**64 - 1) - 1, 2**64 - 1)[: MAX_DRAIN_REGIONS - len(regions)]
+    drain = DrainRecord("d", (1,), ((1, regions),), "running", 1, moved=regions[::2], gone=regions[1::7])
+    enc, state = _roundtrip([DrainSet("d", drain)])
+    assert state.drains["d"] == drain
+    assert len(enc.puts["/c/drains/d"]) < 1_000_000, len(enc.puts["/c/drains/d"])
