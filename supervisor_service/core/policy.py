@@ -16,6 +16,11 @@ from supervisor_service.core.changes import TablePoliciesSet
 from supervisor_service.core.outbox import Outbox
 
 MAX_TABLE_ID = 2**32 - 1
+MAX_TABLE_POLICIES = 10_000  # tables with a policy: the whole policy is one stored value (a few hundred KB at most)
+
+
+class PolicyRefused(Exception):
+    """A policy change that cannot be applied (FAILED_PRECONDITION at the edge)."""
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 
 
@@ -49,6 +54,11 @@ class TablePolicies:
     def set(self, table_ids: Iterable[int], enabled: bool, priority: int) -> tuple[TablePolicy, ...]:
         """Give each table this policy (the default one removes it); the whole policy is stored."""
         ids = sorted(set(table_ids))
+        if not (enabled and priority == 0):
+            after = len(self._by_table) + sum(1 for t in ids if t not in self._by_table)
+            if after > MAX_TABLE_POLICIES:
+                raise PolicyRefused(f"{after} tables would have a policy; at most {MAX_TABLE_POLICIES} may: "
+                                    "remove some first (policy set TABLE... --failover on --priority 0)")
         for t in ids:
             policy = TablePolicy(t, enabled, priority)
             if policy.is_default:

@@ -53,14 +53,14 @@ from supervisor_service.core.holds import HoldLog, Holds, Warmup
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
 from supervisor_service.core.leadership import LeaderState
-from supervisor_service.core.logs import log_event
+from supervisor_service.core.logs import log_event, sample
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.migrations import Migrations
 from supervisor_service.core.options import FailoverPolicy
 from supervisor_service.core.outbox import Outbox
 from supervisor_service.core.planned_events import CancelDrain, GetDrain, ListTablePolicies, SetTablePolicy, StartDrain
 from supervisor_service.core.planning import Planner
-from supervisor_service.core.policy import TablePolicies
+from supervisor_service.core.policy import PolicyRefused, TablePolicies
 from supervisor_service.core.ports import CoreMetrics
 from supervisor_service.core.recovery import Recovery
 from supervisor_service.core.registry import Registry
@@ -183,9 +183,13 @@ class Supervisor:
             case CancelDrain(drain_id, reason):
                 value = self._drains.cancel(drain_id, reason, now)
             case SetTablePolicy(table_ids, enabled, priority):
-                value = self._tables.set(table_ids, enabled, priority)
-                log_event(log, logging.WARNING, "table_policy_set", tables=list(table_ids), failover_enabled=enabled,
-                          priority=priority, reason=event.reason)
+                try:
+                    value = self._tables.set(table_ids, enabled, priority)
+                except PolicyRefused as exc:
+                    value = exc
+                else:
+                    log_event(log, logging.WARNING, "table_policy_set", tables=len(table_ids), sample=sample(table_ids),
+                              failover_enabled=enabled, priority=priority, reason=event.reason)
             case ListTablePolicies(table_ids):
                 value = tuple(self._tables.get(t) for t in table_ids) if table_ids else self._tables.all()
             case Stop():

@@ -21,6 +21,7 @@ from supervisor_service.core import (
     TablePolicy,
     log_event,
 )
+from supervisor_service.core.policy import MAX_TABLE_POLICIES, PolicyRefused
 from supervisor_service.edge.admin import AdminCalls
 from supervisor_service.edge.problems import InvalidRequests
 from supervisor_service.proto import pb
@@ -114,15 +115,16 @@ class PlannedCalls:
         ids = tuple(sorted(set(request.table_ids)))
         if not ids:
             await self._invalid(context, method, "empty", "table_ids is empty: name the tables")
-        if len(ids) > self._s.max_regions_per_request:
+        if len(ids) > MAX_TABLE_POLICIES:
             await self._invalid(context, method, "too_many",
-                                f"{len(ids)} table_ids in one request; the limit is "
-                                f"{self._s.max_regions_per_request} (setting max_regions_per_request)")
+                                f"{len(ids)} table_ids in one request; the limit is {MAX_TABLE_POLICIES}")
         reason = await self._reason(context, method, request.reason)
         await self._admin._require_leader(context)
         enabled, priority = request.failover_enabled, request.priority
         policies = await self._admin._ask(
             context, lambda reply: SetTablePolicy(ids, enabled, priority, reason, reply))
+        if isinstance(policies, PolicyRefused):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(policies))
         log_event(log, logging.WARNING, "table_policy_requested", tables=len(ids), failover_enabled=enabled,
                   priority=priority, reason=reason, peer=context.peer())
         return _policies(policies)

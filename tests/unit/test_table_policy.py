@@ -92,3 +92,19 @@ def test_policies_are_loaded_by_a_new_leader():
     sim.handle(BecomeLeader(2, state), 0)
     assert sim.handle(ListTablePolicies(), 0) == (TablePolicy(7, False, 3), TablePolicy(8, True, -2))
     assert sim.handle(ListTablePolicies((8, 100)), 0) == (TablePolicy(8, True, -2), TablePolicy(100, True, 0))
+
+
+def test_the_number_of_tables_with_a_policy_is_bounded_and_a_refusal_changes_nothing():
+    from supervisor_service.core.policy import MAX_TABLE_POLICIES, PolicyRefused
+
+    sim = CoreSim()
+    assert len(sim.handle(SetTablePolicy(tuple(range(MAX_TABLE_POLICIES)), False), 0)) == MAX_TABLE_POLICIES
+    sim.sup.drain_changes()
+    refused = sim.handle(SetTablePolicy((MAX_TABLE_POLICIES, MAX_TABLE_POLICIES + 1), False), 0)
+    assert isinstance(refused, PolicyRefused) and "at most 10000" in str(refused)
+    assert sim.sup.drain_changes() == []
+    assert len(sim.handle(ListTablePolicies(), 0)) == MAX_TABLE_POLICIES
+    # Changing tables that have one, or removing them, is always possible.
+    assert sim.handle(SetTablePolicy((0, 1), True, 4), 0)[0].priority == 4
+    sim.handle(SetTablePolicy((2, 3), True, 0), 0)
+    assert len(sim.handle(ListTablePolicies(), 0)) == MAX_TABLE_POLICIES - 2
