@@ -245,8 +245,10 @@ class SupervisorClient:
         return self._call(lambda: self.stub.CancelDrain(request, **self._kw()))
 
     def set_table_policy(
-        self, table_ids: Sequence[int], failover_enabled: bool, priority: int = 0, reason: str = ""
+        self, table_ids: Sequence[int], failover_enabled: bool | None = None, priority: int | None = None,
+        reason: str = "",
     ) -> list[pb.TablePolicy]:
+        """None leaves that part of each table's policy as it is."""
         request = pb.TablePolicyRequest(table_ids=list(table_ids), failover_enabled=failover_enabled,
                                         priority=priority, reason=reason)
         return list(self._call(lambda: self.stub.SetTablePolicy(request, **self._kw())).policies)

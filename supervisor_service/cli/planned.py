@@ -3,7 +3,7 @@
     supervisor-service drain start DATANODE... [--reason TEXT] [--wait]
     supervisor-service drain status [DRAIN_ID] [--json]
     supervisor-service drain cancel DRAIN_ID [--reason TEXT]
-    supervisor-service policy set TABLE... (--failover on|off) [--priority N] [--reason TEXT]
+    supervisor-service policy set TABLE... [--failover on|off] [--priority N] [--reason TEXT]  (one at least)
     supervisor-service policy list [TABLE...] [--json]
 """
 
@@ -41,9 +41,11 @@ def add_planned_commands(client: Callable[[str, str], argparse.ArgumentParser], 
     policy = client("policy", "per-table failover policy: disable failover of a table, or give it a priority")
     policy.add_argument("action", choices=["set", "list"])
     policy.add_argument("tables", nargs="*", type=int_in(0, UINT32_MAX, "a table id"), metavar="TABLE")
-    policy.add_argument("--failover", choices=["on", "off"], help="set: fail the tables' regions over, or never")
-    policy.add_argument("--priority", type=int_in(INT32_MIN, INT32_MAX, "a priority"), default=0,
-                        help="set: higher goes first under rate limits and in drains (default 0)")
+    policy.add_argument("--failover", choices=["on", "off"],
+                        help="set: fail the tables' regions over, or never (default: as it is)")
+    policy.add_argument("--priority", type=int_in(INT32_MIN, INT32_MAX, "a priority"), default=None,
+                        help="set: higher goes first under rate limits and in drains (default: as it is; 0 for a "
+                        "table without a policy)")
     policy.add_argument("--reason", type=_reason, default="", help="why (logged and audited)")
     policy.add_argument("--json", action="store_true", help="list: one JSON object per table")
 
@@ -73,9 +75,10 @@ def run_planned(client, args, fail: Callable[[str, int], int], usage: int, int_i
     """Run `drain` or `policy` (grpc errors are the caller's to report)."""
     if args.command == "policy":
         if args.action == "set":
-            if not args.tables or args.failover is None:
-                return fail("policy set: name the tables and give --failover on|off", usage)
-            policies = client.set_table_policy(args.tables, args.failover == "on", args.priority, args.reason)
+            if not args.tables or (args.failover is None and args.priority is None):
+                return fail("policy set: name the tables and give --failover on|off, --priority N or both", usage)
+            enabled = None if args.failover is None else args.failover == "on"
+            policies = client.set_table_policy(args.tables, enabled, args.priority, args.reason)
         else:
             policies = client.table_policies(args.tables)
         for p in policies:

@@ -35,8 +35,8 @@ class CancelDrain:
 @dataclass(frozen=True, slots=True)
 class SetTablePolicy:
     table_ids: tuple[int, ...]
-    failover_enabled: bool = True
-    priority: int = 0
+    failover_enabled: bool | None = None  # None: each table keeps its own
+    priority: int | None = None
     reason: str = ""
     reply: Future[Any] | None = None
 

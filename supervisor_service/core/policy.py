@@ -51,16 +51,16 @@ class TablePolicies:
     def __bool__(self) -> bool:
         return bool(self._by_table)
 
-    def set(self, table_ids: Iterable[int], enabled: bool, priority: int) -> tuple[TablePolicy, ...]:
-        """Give each table this policy (the default one removes it); the whole policy is stored."""
+    def set(self, table_ids: Iterable[int], enabled: bool | None, priority: int | None) -> tuple[TablePolicy, ...]:
+        """Give each table this policy (None: keep the table's own); the default one removes it. The
+        whole policy is stored."""
         ids = sorted(set(table_ids))
-        if not (enabled and priority == 0):
-            after = len(self._by_table) + sum(1 for t in ids if t not in self._by_table)
-            if after > MAX_TABLE_POLICIES:
-                raise PolicyRefused(f"{after} tables would have a policy; at most {MAX_TABLE_POLICIES} may: "
-                                    "remove some first (policy set TABLE... --failover on --priority 0)")
-        for t in ids:
-            policy = TablePolicy(t, enabled, priority)
+        new = {t: self._changed_policy(t, enabled, priority) for t in ids}
+        after = len(self._by_table) + sum(1 for t, p in new.items() if not p.is_default and t not in self._by_table)
+        if after > MAX_TABLE_POLICIES:
+            raise PolicyRefused(f"{after} tables would have a policy; at most {MAX_TABLE_POLICIES} may: "
+                                "remove some first (policy set TABLE... --failover on --priority 0)")
+        for t, policy in new.items():
             if policy.is_default:
                 self._by_table.pop(t, None)
             else:
@@ -68,6 +68,11 @@ class TablePolicies:
         self._changed()
         self._out.changes.append(TablePoliciesSet(self.all()))
         return tuple(self.get(t) for t in ids)
+
+    def _changed_policy(self, table_id: int, enabled: bool | None, priority: int | None) -> TablePolicy:
+        old = self.get(table_id)
+        return TablePolicy(table_id, old.failover_enabled if enabled is None else enabled,
+                           old.priority if priority is None else priority)
 
     def load(self, policies: Iterable[TablePolicy]) -> None:
         self._by_table = {p.table_id: p for p in policies if not p.is_default}

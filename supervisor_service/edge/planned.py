@@ -120,7 +120,11 @@ class PlannedCalls:
                                 f"{len(ids)} table_ids in one request; the limit is {MAX_TABLE_POLICIES}")
         reason = await self._reason(context, method, request.reason)
         await self._admin._require_leader(context)
-        enabled, priority = request.failover_enabled, request.priority
+        enabled = request.failover_enabled if request.HasField("failover_enabled") else None
+        priority = request.priority if request.HasField("priority") else None
+        if enabled is None and priority is None:
+            await self._invalid(context, method, "empty",
+                                "neither failover_enabled nor priority is set: say what to change")
         policies = await self._admin._ask(
             context, lambda reply: SetTablePolicy(ids, enabled, priority, reason, reply))
         if isinstance(policies, PolicyRefused):

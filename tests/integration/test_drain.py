@@ -133,6 +133,12 @@ def test_a_disabled_tables_regions_stay_on_a_dead_datanode_while_the_others_move
             with pytest.raises(grpc.RpcError) as err:
                 client.set_table_policy([7], False, reason="x" * 5000)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as err:
+                client.set_table_policy([7])  # neither part: nothing to change
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "neither" in err.value.details()
+            # Only a priority: the table keeps its failover switch (proto3's false is not "off").
+            assert [(p.failover_enabled, p.priority) for p in client.set_table_policy([7], priority=4)] == [(False, 4)]
+            assert [(p.failover_enabled, p.priority) for p in client.set_table_policy([8], priority=4)] == [(True, 4)]
     finally:
         cluster.close()
         sel.stop()

@@ -41,6 +41,8 @@ def test_drain_and_policy_commands_against_a_real_server(service):
             wait_for(lambda: len(client.dump()[1]) >= 52, 20)
         out = _cli("policy", "set", "1", "--failover", "off", "--priority", "-5", "--reason", "pinned", "--addr", addr)
         assert out.returncode == 0 and out.stdout.strip() == "table 1: failover off, priority -5", out
+        only = _cli("policy", "set", "1", "--priority", "-5", "--addr", addr)
+        assert only.stdout.strip() == "table 1: failover off, priority -5", only  # --failover left as it was
         listed = _cli("policy", "list", "--json", "--addr", addr)
         assert [json.loads(line) for line in listed.stdout.splitlines()] == [
             {"table_id": 1, "failover_enabled": False, "priority": -5}]

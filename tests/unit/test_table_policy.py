@@ -108,3 +108,11 @@ def test_the_number_of_tables_with_a_policy_is_bounded_and_a_refusal_changes_not
     assert sim.handle(SetTablePolicy((0, 1), True, 4), 0)[0].priority == 4
     sim.handle(SetTablePolicy((2, 3), True, 0), 0)
     assert len(sim.handle(ListTablePolicies(), 0)) == MAX_TABLE_POLICIES - 2
+
+
+def test_a_part_left_out_keeps_what_the_table_has():
+    sim = CoreSim()
+    assert sim.handle(SetTablePolicy((5,), priority=10), 0) == (TablePolicy(5, True, 10),)  # not turned off
+    assert sim.handle(SetTablePolicy((5, 6), failover_enabled=False), 0) == (TablePolicy(5, False, 10),
+                                                                              TablePolicy(6, False, 0))
+    assert sim.handle(SetTablePolicy((5,), priority=0), 0) == (TablePolicy(5, False, 0),)
