@@ -1,6 +1,6 @@
 """Drains and table policies over real gRPC, against fake remotes (docs/design.md §15): a datanode
 with 1,000 regions drained at 200 regions/s in about 5 s, each region moved once, progress in
-GetDrain; cancel stops new submissions; a leader killed mid-drain on etcd and the drain completes
+GetDrain; cancel stops new submissions; a leader killed mid-drain (etcd, PostgreSQL) and the drain completes
 without a second move; a disabled table's regions stay on a dead datanode while the others move."""
 
 from __future__ import annotations
@@ -174,11 +174,12 @@ def _leader(replicas, timeout: float) -> ServiceProcess:
     raise AssertionError("no leader")
 
 
-def test_a_leader_killed_mid_drain_and_the_drain_completes_without_a_second_move(tmp_path, etcd):
+def test_a_leader_killed_mid_drain_and_the_drain_completes_without_a_second_move(tmp_path, backend):
+    """On etcd, and on PostgreSQL (the `backend` fixture): the same guarantees."""
     sel = _selector()
     cluster = MovingCluster({1: DRAINED, 2: [rid(9, 1)], 3: [rid(9, 2)]})
     env = {
-        "SUPERVISOR_STORE": f"etcd://{etcd.endpoint}",
+        "SUPERVISOR_STORE": backend.store(),
         "SUPERVISOR_STORE_PREFIX": "/region-supervisor/test-drain",
         "SUPERVISOR_LEADER_LEASE_TTL_MS": "2000",
         "SUPERVISOR_TICK_INTERVAL_MS": "100",
