@@ -226,6 +226,18 @@ class Replica:
 # ---------------------------------------------------------------- datanodes
 
 
+def open_on_target(datanodes: dict[int, SimDatanode], datanode_id: int, regions: list[int]) -> None:
+    """A migration to `datanode_id` succeeded (ChaosRegionMigration.on_success): a live target serves,
+    and heartbeats, its regions from now on."""
+    dn = datanodes.get(datanode_id)
+    if dn is None or dn.died_at is not None:
+        return
+    held = set(dn.current_regions())
+    for r in regions:
+        if r not in held:
+            dn.add_region(r)
+
+
 @dataclass
 class SimDatanode:
     datanode_id: int
@@ -310,14 +322,7 @@ class ChaosCluster:
             dn.beater.start()
 
     def _opened(self, datanode_id: int, regions: list[int]) -> None:
-        """A migration to `datanode_id` succeeded: a live target serves and heartbeats its regions."""
-        dn = self.datanodes.get(datanode_id)
-        if dn is None or dn.died_at is not None:
-            return
-        held = set(dn.current_regions())
-        for r in regions:
-            if r not in held:
-                dn.add_region(r)
+        open_on_target(self.datanodes, datanode_id, regions)
 
     def _replica(self, i: int, shim: str) -> Replica:
         source_ip = f"127.0.1.{i + 1}"
