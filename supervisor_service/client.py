@@ -235,6 +235,31 @@ class SupervisorClient:
             lambda answer: (answer.is_leader, answer.leader_addr),
         )
 
+    # Planned operations (DESIGN.md section 10)
+    def drain(self, datanode_ids: Sequence[int], reason: str = "") -> str:
+        request = pb.DrainRequest(datanode_ids=list(datanode_ids), reason=reason)
+        return self._call(lambda: self.stub.DrainDatanodes(request, **self._kw()).drain_id)
+
+    def get_drain(self, drain_id: str = "") -> pb.DrainStatus:
+        return self._call(lambda: self.stub.GetDrain(pb.GetDrainRequest(drain_id=drain_id), **self._kw()))
+
+    def cancel_drain(self, drain_id: str, reason: str = "") -> pb.DrainStatus:
+        request = pb.GetDrainRequest(drain_id=drain_id, reason=reason)
+        return self._call(lambda: self.stub.CancelDrain(request, **self._kw()))
+
+    def set_table_policy(
+        self, table_ids: Sequence[int], failover_enabled: bool | None = None, priority: int | None = None,
+        reason: str = "",
+    ) -> list[pb.TablePolicy]:
+        """None leaves that part of each table's policy as it is."""
+        request = pb.TablePolicyRequest(table_ids=list(table_ids), failover_enabled=failover_enabled,
+                                        priority=priority, reason=reason)
+        return list(self._call(lambda: self.stub.SetTablePolicy(request, **self._kw())).policies)
+
+    def table_policies(self, table_ids: Sequence[int] = ()) -> list[pb.TablePolicy]:
+        request = pb.ListTablePoliciesRequest(table_ids=list(table_ids))
+        return list(self._call(lambda: self.stub.ListTablePolicies(request, **self._kw())).policies)
+
     def journal(self, limit: int = 100) -> tuple[bool, list[pb.JournalEntry]]:
         resp = self._call(lambda: self.stub.ListJournal(pb.ListJournalRequest(limit=limit), **self._kw()))
         return resp.embedded, list(resp.entries)

@@ -352,6 +352,16 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.drains = Gauge(
+            "supervisor_drains", "Drains this leader knows (running and recently finished), by state.", ["state"],
+            registry=r,
+        )
+        self.drain_regions = Gauge(
+            "supervisor_drain_regions",
+            "Regions of the running drains, by state (moved, in_flight, pending, failed, gone).",
+            ["state"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "supervisor_migrations_in_flight", "Regions submitted for migration and not finished.", registry=r
         )

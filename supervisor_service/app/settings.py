@@ -187,6 +187,9 @@ class Settings(BaseSettings):
     resubmit_window_ms: int = _core("resubmit_window_ms")
     expiry_checkpoint_interval_ms: int = _core("expiry_checkpoint_interval_ms")
     migration_status_poll_interval_ms: int = _core("migration_status_poll_interval_ms")
+    drain_regions_per_s: float = _core("drain_regions_per_s")
+    drain_burst_regions: int = _core("drain_burst_regions")
+    drain_max_attempts: int = _core("drain_max_attempts")
     journal_capacity: int = Field(10_000, ge=1, le=10_000_000)
     """Entries the embedded dry-run journal keeps (newest)."""
     selector_alive_window_ms: int = Field(0, ge=0, le=86_400_000)
@@ -359,6 +362,8 @@ class Settings(BaseSettings):
         return FailoverPolicy(
             # A remote Selector or RegionMigration must be given targets it can reach.
             require_target_addr=bool(self.selector_endpoint or self.region_migration_endpoint),
+            # The embedded dry run moves nothing: a target it "succeeded" to never reports the regions.
+            watch_target_on_success=bool(self.region_migration_endpoint),
             **values,
         )
 

@@ -5,6 +5,8 @@
     supervisor-service maintenance on|off|status [--datanode ID ...] [--ttl SECONDS]
     supervisor-service hold status|release
     supervisor-service journal [--limit N] [--json]
+    supervisor-service drain start|status|cancel [ID ...] [--reason TEXT]   (cli/planned.py)
+    supervisor-service policy set|list [TABLE ...] [--failover on|off] [--priority N]
     supervisor-service settings [--markdown]
     supervisor-service health [--addr HOST:PORT] [--timeout S] [--service NAME]
     supervisor-service evaluate [--config FILE] [--trace FILE.csv ...] [--out DIR] [--quick]
@@ -29,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
+from supervisor_service.cli.planned import add_planned_commands, run_planned
 from supervisor_service.cli.tls import add_certs_parser, add_tls_flags, certs_command, client_tls
 
 EXIT_USAGE = 2
@@ -246,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     journal.add_argument("--limit", type=_int_in(1, UINT32_MAX, "a number of entries"), default=100,
                          help="newest N entries (default 100)")
     journal.add_argument("--json", action="store_true", help="one JSON object per entry")
+    add_planned_commands(client, _int_in)  # drain, policy (cli/planned.py)
 
     health = sub.add_parser(
         "health",
@@ -467,6 +471,8 @@ def _client_command(args) -> int:
                     return 0
                 case "journal":
                     return _journal(client, args)
+                case "drain" | "policy":
+                    return run_planned(client, args, _fail, EXIT_USAGE, _int_in)
     except grpc.RpcError as exc:
         code = exc.code().name if exc.code() else "UNKNOWN"
         detail = exc.details() or ""

@@ -9,6 +9,8 @@ from supervisor_service.core.changes import (
     ClockMark,
     CountsDrop,
     CountsSet,
+    DrainDrop,
+    DrainSet,
     InFlightDrop,
     InFlightRecord,
     InFlightSet,
@@ -19,6 +21,7 @@ from supervisor_service.core.changes import (
     RegistryAdd,
     RegistryRemove,
     StoredState,
+    TablePoliciesSet,
     TermSet,
 )
 from supervisor_service.core.clock import (
@@ -32,6 +35,7 @@ from supervisor_service.core.detector import (
     phi_from,
     stats_from_sums,
 )
+from supervisor_service.core.drainbook import DrainRecord, DrainRefused, DrainView
 from supervisor_service.core.effects import (
     Effect,
     PollMigration,
@@ -75,6 +79,14 @@ from supervisor_service.core.options import (
     Option,
     settable_fields,
 )
+from supervisor_service.core.planned_events import (
+    CancelDrain,
+    GetDrain,
+    ListTablePolicies,
+    SetTablePolicy,
+    StartDrain,
+)
+from supervisor_service.core.policy import MAX_TABLE_ID, TablePolicy, table_of
 from supervisor_service.core.ports import PHI_BUCKETS, CoreMetrics
 from supervisor_service.core.snapshot import DumpSnapshot
 from supervisor_service.core.status import CoreStatus
@@ -95,6 +107,20 @@ from supervisor_service.core.types import (
 )
 
 __all__ = [
+    "MAX_TABLE_ID",
+    "CancelDrain",
+    "DrainDrop",
+    "DrainRecord",
+    "DrainRefused",
+    "DrainSet",
+    "DrainView",
+    "GetDrain",
+    "ListTablePolicies",
+    "SetTablePolicy",
+    "StartDrain",
+    "TablePoliciesSet",
+    "TablePolicy",
+    "table_of",
     "BecomeLeader",
     "Change",
     "Clear",

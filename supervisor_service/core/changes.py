@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from supervisor_service.core.types import DetectingRegion, Peer, RegionArray
 
@@ -41,6 +42,7 @@ class InFlightRecord:
     procedure_id: str = ""
     attempts: int = 0  # calls that failed ambiguously so far
     mark: ClockMark | None = None  # submitted / migrating: when it was accepted (its timeout runs from there)
+    trigger_reason: str = "FAILOVER"  # or MANUAL (a drain): what every retry of it says
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,8 @@ class StoredState:
     journal: list[JournalEntry] = field(default_factory=list)
     journal_term: int = 0
     term: int = 0
+    table_policies: tuple[Any, ...] = ()  # core.policy.TablePolicy
+    drains: dict[str, Any] = field(default_factory=dict)  # drain id -> core.drains.DrainRecord
 
     @property
     def region_count(self) -> int:
@@ -128,9 +132,29 @@ class TermSet:
     term: int
 
 
+@dataclass(frozen=True, slots=True)
+class TablePoliciesSet:
+    """The whole per-table policy (core.policy.TablePolicy values): one stored value."""
+
+    policies: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainSet:
+    """One drain's record (core.drains.DrainRecord), written whole."""
+
+    drain_id: str
+    record: Any
+
+
+@dataclass(frozen=True, slots=True)
+class DrainDrop:
+    drain_id: str
+
+
 Change = (
     RegistryAdd | RegistryRemove | CountsSet | CountsDrop | InFlightSet | InFlightDrop | MaintenanceSet
-    | JournalAppend | TermSet
+    | JournalAppend | TermSet | TablePoliciesSet | DrainSet | DrainDrop
 )
 
 

@@ -11,6 +11,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from supervisor_service.core.planned_events import (
+    CancelDrain,
+    GetDrain,
+    ListTablePolicies,
+    SetTablePolicy,
+    StartDrain,
+)
 from supervisor_service.core.types import (
     DetectingRegion,
     MigrationResult,
@@ -157,5 +164,10 @@ Event = (
     | BecomeLeader
     | LoseLeadership
     | Stop
+    | StartDrain
+    | GetDrain
+    | CancelDrain
+    | SetTablePolicy
+    | ListTablePolicies
 )
 

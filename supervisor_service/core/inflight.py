@@ -43,7 +43,7 @@ class Submission:
     def record(self) -> InFlightRecord:
         t = self.task
         return InFlightRecord(t.request_id, t.datanode_id, t.from_peer, t.to_peer, t.region_ids, t.timeout_ms,
-                              self.state, self.procedure_id, self.attempts, self.mark)
+                              self.state, self.procedure_id, self.attempts, self.mark, t.trigger_reason)
 
 
 @dataclass(slots=True)

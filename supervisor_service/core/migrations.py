@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from supervisor_service.core.backoff import ResubmitBackoff
@@ -38,6 +39,15 @@ from supervisor_service.core.types import (
 )
 
 log = logging.getLogger("supervisor_service.supervisor")
+
+EndListener = Callable[[int, Sequence[int], str, str, int], None]
+"""Told of every end of a migration of regions off a datanode: (datanode, regions, outcome, why, now);
+outcome "moved" (migrated, SUCCEEDED), "gone" (region_not_found, table_not_found, leader_changed) or
+"not_moved" (FAILED, NOT_FOUND, timed out, refused, peer_conflict). core.drains settles drains by it."""
+
+
+def _nobody(datanode_id: int, regions: Sequence[int], outcome: str, why: str, now: int) -> None:
+    return None
 
 
 @dataclass(slots=True)
@@ -116,6 +126,7 @@ class Migrations:
         self._ids = ids
         self._clock = clock
         self._held_log = held_log
+        self.on_end: EndListener = _nobody
 
     # ------------------------------------------------------------ decisions
 
@@ -167,8 +178,13 @@ class Migrations:
                       kept="polled under the procedure" if procedure_id else "in flight until the timeout")
         if answer.done:
             self._registry.drop(d, as_region_array(answer.done))
+            moved = [r for r in answer.done if categories[r][0] == "migrated"]
+            self.on_end(d, moved, "moved", "migrated", now)
+            self.on_end(d, [r for r in answer.done if categories[r][0] != "migrated"], "gone",
+                        "not on the datanode", now)
         if answer.conflicted:
             self._backoff.back_off(d, answer.conflicted, "peer_conflict", now, procedure_id)
+            self.on_end(d, answer.conflicted, "not_moved", "peer_conflict", now)
         # The step's record: the submission becomes its in-flight part, or ends. Counts of the
         # accepted regions go in the same write.
         self._inflight.remove(sub.sid)
@@ -217,6 +233,7 @@ class Migrations:
             self._end(sub.sid)
             log_event(log, logging.ERROR, "failover_submit_refused", **fields)
             self._backoff.back_off(task.datanode_id, task.region_ids, "refused", now)
+            self.on_end(task.datanode_id, task.region_ids, "not_moved", f"refused: {ev.error}", now)
             return
         sub.attempts += 1
         sub.retry_at_ms = now + self._retry_delay(sub.attempts)
@@ -260,13 +277,20 @@ class Migrations:
         for sub in ended:
             d = sub.task.datanode_id
             if state is MigrationState.SUCCEEDED:
-                # The regions live elsewhere now: the old detectors would only fire again.
+                # The regions live elsewhere now: the old detectors would only fire again. The target
+                # is watched from now on, fresh (GreptimeDB #8234, #1762; docs/design.md §16).
                 self._registry.drop(d, as_region_array(list(sub.regions)))
+                if self._policy.watch_target_on_success:
+                    self._registry.watch_target(d, sub.task.to_peer.id, sub.regions, now)
             elif state is MigrationState.NOT_FOUND:
                 self._metrics.migration_not_found.inc(len(sub.regions))
                 self._backoff.back_off(d, sub.regions, "not_found", now, sub.procedure_id)
             else:
+                if state is MigrationState.FAILED:  # the candidate never got them (GreptimeDB #7212)
+                    self._registry.drop_candidate(d, sub.task.to_peer.id, sub.regions)
                 self._backoff.back_off(d, sub.regions, state.name.lower(), now, sub.procedure_id)
+            moved = state is MigrationState.SUCCEEDED
+            self.on_end(d, sub.regions, "moved" if moved else "not_moved", state.name, now)
         log_event(
             log,
             logging.INFO if state is MigrationState.SUCCEEDED else logging.WARNING,
@@ -289,6 +313,7 @@ class Migrations:
                 regions=len(sub.regions), sample=sample(sub.regions), procedure_id=sub.procedure_id,
                 timeout_ms=sub.task.timeout_ms,
             )
+            self.on_end(sub.task.datanode_id, sub.regions, "not_moved", "timed out", now)
         for sub in subs:
             if sub.state in (INTENT, AMBIGUOUS) and not sub.sending and now >= sub.retry_at_ms:
                 if self._maintenance.covers(sub.task.datanode_id):

@@ -116,6 +116,11 @@ class FailoverPolicy:
         "A Selector answer with a target without an address is invalid (set when the Selector or the "
         "RegionMigration service is remote).",
     )
+    watch_target_on_success: bool = derived(
+        True,
+        "A migration that SUCCEEDED watches its regions on the target from then on (off with the embedded "
+        "dry-run RegionMigration: it moves nothing, so the target never reports them).",
+    )
     status_poll_interval_ms: int = option(
         5000, ge=1, le=3_600_000, setting="migration_status_poll_interval_ms",
         doc="How often an in-flight migration's status is polled.",
@@ -137,6 +142,24 @@ class FailoverPolicy:
     rebaseline_after_maintenance: bool = option(
         True, doc="When maintenance ends, give the detectors it covered a fresh heartbeat at now."
     )
+    drain_regions_per_s: float = option(
+        200.0, gt=0, le=1_000_000, doc="Budget of regions a drain (DrainDatanodes) submits per second, all drains together."
+    )
+    drain_burst_regions: int = option(200, ge=1, le=1_000_000, doc="Burst of the drain budget.")
+    drain_max_attempts: int = option(
+        3, ge=1, le=1000,
+        doc="A drained region whose migrations end this many times without moving it (FAILED, NOT_FOUND, "
+        "timed out, refused, peer_conflict) is given up on: the drain ends failed, naming it and why.",
+    )
+
+    @property
+    def timeout_cap_ms(self) -> int:
+        """The longest migration timeout: max_failover_timeout_ms, and never below the base."""
+        return max(self.max_failover_timeout_ms, self.base_timeout_ms)
+
+    def failover_timeout_ms(self, count: int) -> int:
+        """The timeout of a migration whose regions' highest failover count, this one included, is `count`."""
+        return min(self.base_timeout_ms * max(count, 1), self.timeout_cap_ms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ the longest-failed first. The answer is `targets.TargetSelection`'s.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from supervisor_service.core.backoff import ResubmitBackoff
 from supervisor_service.core.detection import Detection
@@ -24,6 +25,9 @@ from supervisor_service.core.outbox import Outbox
 from supervisor_service.core.ports import PHI_BUCKETS, CoreMetrics
 from supervisor_service.core.registry import Registry
 from supervisor_service.core.types import RegionArray, SelectJob
+
+if TYPE_CHECKING:
+    from supervisor_service.core.drains import Drains
 
 log = logging.getLogger("supervisor_service.supervisor")
 
@@ -58,6 +62,8 @@ class Planner:
         self._ids = ids
         self._held_log = held_log
         self._selecting: dict[int, SelectJob] = {}  # datanode -> job in PeerLookup/Selector
+        # Planned operations (docs/design.md §17): table policies, drained datanodes and regions.
+        self.drains: Drains | None = None
 
     def answered(self, job: SelectJob) -> bool:
         """The Selector answered `job`: it is no longer asked for. True if it was the one asked for."""
@@ -121,7 +127,15 @@ class Planner:
         guards = self._guards
         # Oldest failure first: under a rate limit, the longest-waiting datanode goes first.
         order = sorted(failed, key=lambda d: (guards.failed_since(d, now) if guards else 0, d))
-        exclude_targets = tuple(sorted(guards.excluded_targets(now))) if guards is not None else ()
+        exclude = guards.excluded_targets(now) if guards is not None else set()
+        drains = self.drains
+        if drains is not None:
+            # Higher table priority first; equal priorities the oldest failure first. No target is drained.
+            tables = drains.tables
+            if tables:
+                order.sort(key=lambda d: -tables.top_priority(failed[d].tolist()))
+            exclude = exclude | drains.draining()
+        exclude_targets = tuple(sorted(exclude))
         region_holds: set[str] = set()
         for datanode_id in order:
             region_ids = failed[datanode_id]
@@ -134,6 +148,8 @@ class Planner:
             regions = [r for r in region_ids.tolist() if not self._inflight.holds(r)]
             if len(regions) < region_ids.size:
                 m.failover_skipped.labels(reason="in_flight").inc(region_ids.size - len(regions))
+            if drains is not None:
+                regions = drains.tables.by_priority(drains.failover_filter(datanode_id, regions))
             if self._backoff:
                 regions = self._after_resubmit_backoff(datanode_id, regions, now, region_holds)
             if not regions:

@@ -125,8 +125,10 @@ class Recovery:
         self._holds.reset()
 
     def _load_submission(self, sid: str, rec: InFlightRecord, now: int) -> None:
+        # A timeout stored under a larger cap (an earlier setting or version) is bounded by this one's.
+        timeout_ms = min(rec.timeout_ms, self._policy.timeout_cap_ms)
         task = MigrationTask(self._ids.next(), rec.datanode_id, rec.from_peer, rec.to_peer, rec.region_ids,
-                             rec.timeout_ms, self._leadership.term, rec.request_id)
+                             timeout_ms, self._leadership.term, rec.request_id, rec.trigger_reason)
         sub = Submission(sid, task, rec.state, rec.procedure_id, rec.attempts, mark=rec.mark)
         poll_at = None
         if rec.state in (INTENT, AMBIGUOUS):
@@ -134,7 +136,7 @@ class Recovery:
         else:
             # On this boot the monotonic clock says exactly how long it has run; elsewhere a full
             # timeout from now (status polls learn the real end; at most one timeout longer).
-            remaining = rec.timeout_ms - self._clock.elapsed_since(rec.mark, now)
+            remaining = timeout_ms - self._clock.elapsed_since(rec.mark, now)
             if rec.procedure_id:
                 poll_at = now
                 # Its stored mark is the submission: RUNNING answers since then are not stored.

@@ -69,6 +69,28 @@ class Registry:
         self._out.changes.append(RegistryRemove(datanode_id, region_ids))
         return self.table.deregister(datanode_id, region_ids)
 
+    def watch_target(self, source_id: int, target_id: int, region_ids: Iterable[int], now: int) -> None:
+        """A migration of the regions to `target_id` succeeded: watch them there from a fresh heartbeat
+        at `now`, whether a detector exists (it may be stale) or not (the target may die before its
+        first heartbeat carrying them)."""
+        if target_id and target_id != source_id:
+            self._reset(target_id, as_region_array(list(region_ids)), now)
+
+    def drop_candidate(self, source_id: int, target_id: int, region_ids: Iterable[int]) -> None:
+        """A migration of the regions to `target_id` failed: any detector made for them there (the
+        candidate reported them while it was being moved) goes, with its count; the regions' own
+        back-off, which is the source's, stays."""
+        if not target_id or target_id == source_id:
+            return
+        ids = as_region_array(list(region_ids))
+        keys = tuple((target_id, r) for r in ids.tolist() if self.failover_counts.pop((target_id, r), None) is not None)
+        for key in keys:
+            self._count_touched.pop(key, None)
+        if keys:
+            self._out.changes.append(CountsDrop(keys))
+        if self.table.deregister(target_id, ids):
+            self._out.changes.append(RegistryRemove(target_id, ids))
+
     def _register(self, datanode_id: int, region_ids: RegionArray, now: int) -> int:
         self._out.changes.append(RegistryAdd(datanode_id, region_ids))
         return self.table.register(datanode_id, region_ids, now)

@@ -27,6 +27,8 @@ from supervisor_service.core.changes import Change
 from supervisor_service.core.clock import ClockBase
 from supervisor_service.core.detection import Detection
 from supervisor_service.core.detector import PhiAccrualOptions
+from supervisor_service.core.drainbook import DrainRefused
+from supervisor_service.core.drains import Drains
 from supervisor_service.core.effects import Effect
 from supervisor_service.core.events import (
     BecomeLeader,
@@ -51,12 +53,14 @@ from supervisor_service.core.holds import HoldLog, Holds, Warmup
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
 from supervisor_service.core.leadership import LeaderState
-from supervisor_service.core.logs import log_event
+from supervisor_service.core.logs import log_event, sample
 from supervisor_service.core.maintenance import Maintenance
 from supervisor_service.core.migrations import Migrations
 from supervisor_service.core.options import FailoverPolicy
 from supervisor_service.core.outbox import Outbox
+from supervisor_service.core.planned_events import CancelDrain, GetDrain, ListTablePolicies, SetTablePolicy, StartDrain
 from supervisor_service.core.planning import Planner
+from supervisor_service.core.policy import PolicyRefused, TablePolicies
 from supervisor_service.core.ports import CoreMetrics
 from supervisor_service.core.recovery import Recovery
 from supervisor_service.core.registry import Registry
@@ -108,6 +112,12 @@ class Supervisor:
         self._recovery = Recovery(policy, metrics, out, leadership, registry, detection, maint, planner, inflight,
                                   migrations, backoff, warmup, holds, guards, ids, clock)
         self._snapshots = Snapshots(registry, inflight, leadership, maint, holds, guards)
+        # Planned operations (docs/design.md §17): drains reuse the failover machinery; policies filter it.
+        tables = self._tables = TablePolicies(out)
+        drains = self._drains = Drains(policy, metrics, out, registry, inflight, migrations, self._targets, tables,
+                                       maint, holds, guards, leadership, ids, held_log)
+        migrations.on_end = drains.ended
+        planner.drains = drains
         self.status: CoreStatus = self._snapshots.status()
         """The status as of the last event (replaced, never changed: any thread may read it)."""
 
@@ -144,6 +154,8 @@ class Supervisor:
             case ReleaseHold():
                 value = self.guards.release() if self.guards is not None else False
                 log_event(log, logging.WARNING, "failover_hold_released", was_held=value)
+            case SelectionDone() if event.job.drain_id:
+                self._drains.answered(event, now)
             case SelectionDone():
                 current = self._planner.answered(event.job)
                 if event.error is not None:
@@ -156,8 +168,30 @@ class Supervisor:
                 self._migrations.on_status(event, now)
             case BecomeLeader(term, state):
                 self._recovery.become_leader(term, state, now)
+                self._tables.load(state.table_policies)
+                self._drains.load(state.drains.values())
             case LoseLeadership():
                 self._recovery.lose_leadership()
+                self._drains.forget()
+            case StartDrain(datanode_ids, reason):
+                try:
+                    value = self._drains.start(datanode_ids, reason, now)
+                except DrainRefused as exc:
+                    value = exc
+            case GetDrain(drain_id):
+                value = self._drains.get(drain_id)
+            case CancelDrain(drain_id, reason):
+                value = self._drains.cancel(drain_id, reason, now)
+            case SetTablePolicy(table_ids, enabled, priority):
+                try:
+                    value = self._tables.set(table_ids, enabled, priority)
+                except PolicyRefused as exc:
+                    value = exc
+                else:
+                    log_event(log, logging.WARNING, "table_policy_set", tables=len(table_ids), sample=sample(table_ids),
+                              failover_enabled=enabled, priority=priority, reason=event.reason)
+            case ListTablePolicies(table_ids):
+                value = tuple(self._tables.get(t) for t in table_ids) if table_ids else self._tables.all()
             case Stop():
                 pass
             case _:
@@ -172,6 +206,7 @@ class Supervisor:
             return
         self._migrations.expire_and_poll(now)
         self._planner.plan(now, failed, pause)
+        self._drains.tick(now, failed)
 
     # ------------------------------------------------------------ for the runtime
 
@@ -200,6 +235,10 @@ class Supervisor:
     @property
     def failover_counts(self) -> dict[DetectingRegion, int]:
         return self._registry.failover_counts
+
+    def why_not_failed_over(self, datanode_id: int, region_id: int) -> str | None:
+        """Why failover leaves this region alone by policy or drain (for Explain), or None."""
+        return self._drains.why_not_failed_over(datanode_id, region_id)
 
     # For the supervisor thread and single-threaded tests; every other thread reads `status`.
     @property

@@ -106,7 +106,7 @@ class TargetSelection:
             self._held_log(now, "failover_lookup_answer_invalid", datanode_id=job.datanode_id, peer_id=lookup.id,
                            addr_len=len(lookup.addr), retry="next tick")
             return
-        invalid = self._invalid_answer(job, peers)
+        invalid = self.invalid_answer(job, peers)
         if invalid is not None:
             reason, peer = invalid
             m.failover_errors.labels(stage="invalid_selection").inc()
@@ -119,7 +119,7 @@ class TargetSelection:
         by_target = self._by_target(job, from_peer, peers, now)
         guards = self._guards
         if guards is not None:
-            by_target = self._limit_targets(guards, by_target, now)
+            by_target = self.limit_targets(guards, by_target, now)
             if by_target:
                 guards.note_failover(job.datanode_id, now)
         self._migrations.submit([self._task(job.datanode_id, from_peer, to_peer, regions)
@@ -160,12 +160,12 @@ class TargetSelection:
             from_peer=from_peer,
             to_peer=to_peer,
             region_ids=tuple(regions),
-            timeout_ms=min(p.base_timeout_ms * count, max(p.max_failover_timeout_ms, p.base_timeout_ms)),
+            timeout_ms=p.failover_timeout_ms(count),
             leader_term=self._leadership.term,
             request_id=self._ids.request_id(self._leadership.term),
         )
 
-    def _invalid_answer(self, job: SelectJob, peers: tuple[Peer, ...]) -> tuple[str, Peer] | None:
+    def invalid_answer(self, job: SelectJob, peers: tuple[Peer, ...]) -> tuple[str, Peer] | None:
         """Why the Selector's answer cannot be used (and the peer that shows it), or None.
 
         A target equal to the failed datanode is not invalid: it is skipped (docs/design.md §4).
@@ -187,7 +187,7 @@ class TargetSelection:
                 return "excluded_peer", peer
         return None
 
-    def _limit_targets(self, guards: Guards, by_target: dict[Peer, list[int]], now: int) -> dict[Peer, list[int]]:
+    def limit_targets(self, guards: Guards, by_target: dict[Peer, list[int]], now: int) -> dict[Peer, list[int]]:
         """Per-target budget: regions beyond it wait for a later tick (they are still failed then)."""
         allowed = {}
         for to_peer, regions in by_target.items():

@@ -48,6 +48,12 @@ class MigrationTask:
     leader_term: int
     request_id: str = ""
     """The idempotency key of the decision: the same for every retry of it, by any leader."""
+    trigger_reason: str = "FAILOVER"
+    """FAILOVER (a failure) or MANUAL (a drain): SubmitRegionMigration's trigger_reason."""
+
+
+FAILOVER, MANUAL = "FAILOVER", "MANUAL"
+"""The trigger reasons of a migration task."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,4 +84,5 @@ class SelectJob:
     job_id: int
     datanode_id: int
     region_ids: tuple[int, ...]
-    exclude_targets: tuple[int, ...] = ()  # besides the datanode itself (flap damping)
+    exclude_targets: tuple[int, ...] = ()  # besides the datanode itself (flap damping, drained datanodes)
+    drain_id: str = ""  # asked for a drain (core.drains), not for a failover

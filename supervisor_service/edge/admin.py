@@ -294,7 +294,7 @@ class AdminCalls:
                 from_peer=peer_to_pb(e.from_peer),
                 to_peer=peer_to_pb(e.to_peer),
                 timeout_millis=e.timeout_ms,
-                trigger_reason=pb.TRIGGER_REASON_FAILOVER,
+                trigger_reason=pb.TRIGGER_REASON_MANUAL if e.trigger_reason == "MANUAL" else pb.TRIGGER_REASON_FAILOVER,
                 procedure_id=e.procedure_id,
                 leader_term=e.leader_term,
             )

@@ -13,6 +13,7 @@ from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus
 from supervisor_service.edge.admin import AdminCalls
 from supervisor_service.edge.heartbeat import HeartbeatStreams
+from supervisor_service.edge.planned import PlannedCalls
 from supervisor_service.edge.problems import InvalidRequests, ProblemLog
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes import DryRunJournal, PeerDirectory
@@ -50,6 +51,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             settings=settings, queue=queue, status=status, metrics=metrics, journal=journal,
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,
         )
+        self.planned = PlannedCalls(self.admin, settings, leadership, self.invalid_requests)
 
     def close_streams(self) -> None:
         """End every open heartbeat stream now (`HeartbeatStreams.close_streams`)."""
@@ -91,3 +93,19 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def ListJournal(self, request, context):
         return await self.admin.ListJournal(request, context)
+
+    # Planned operations (edge/planned.py)
+    async def DrainDatanodes(self, request, context):
+        return await self.planned.DrainDatanodes(request, context)
+
+    async def GetDrain(self, request, context):
+        return await self.planned.GetDrain(request, context)
+
+    async def CancelDrain(self, request, context):
+        return await self.planned.CancelDrain(request, context)
+
+    async def SetTablePolicy(self, request, context):
+        return await self.planned.SetTablePolicy(request, context)
+
+    async def ListTablePolicies(self, request, context):
+        return await self.planned.ListTablePolicies(request, context)

@@ -100,7 +100,7 @@ class DryRunJournal:
                     from_peer=task.from_peer,
                     to_peer=task.to_peer,
                     timeout_ms=task.timeout_ms,
-                    trigger_reason="FAILOVER",
+                    trigger_reason=task.trigger_reason,
                     procedure_id=procedure_id,
                     leader_term=task.leader_term,
                     request_id=task.request_id,

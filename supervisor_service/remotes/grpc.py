@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from supervisor_service.core import MigrationResult, MigrationState, MigrationTask, Peer
+from supervisor_service.core.types import MANUAL
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes.base import RemoteError, StaleLeaderTerm
 from supervisor_service.security.tls import ClientTLS, channel
@@ -91,7 +92,7 @@ class GrpcRegionMigration(_GrpcClient):
             from_peer=peer_to_pb(task.from_peer),
             to_peer=peer_to_pb(task.to_peer),
             timeout_millis=task.timeout_ms,
-            trigger_reason=pb.TRIGGER_REASON_FAILOVER,
+            trigger_reason=pb.TRIGGER_REASON_MANUAL if task.trigger_reason == MANUAL else pb.TRIGGER_REASON_FAILOVER,
             leader_term=task.leader_term,
             request_id=task.request_id,
         )

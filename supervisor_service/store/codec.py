@@ -9,6 +9,7 @@ Keys under the prefix (one per cluster; `prefix` below always ends with "/"):
   journal/<seq>         JSON dry-run journal entry
   journal_term          highest leader term the dry-run journal accepted
   term                  leadership counter of a single replica (SQLite, memory)
+  table_policies, drains/<id>  the planned operations (store/planned_codec.py)
 
 A datanode's registry and counts keys are rewritten whole, and the journal is
 trimmed to its capacity, so encoding needs to know what the store holds: the
@@ -31,6 +32,8 @@ from supervisor_service.core import (
     ClockMark,
     CountsDrop,
     CountsSet,
+    DrainDrop,
+    DrainSet,
     InFlightDrop,
     InFlightRecord,
     InFlightSet,
@@ -42,7 +45,16 @@ from supervisor_service.core import (
     RegistryAdd,
     RegistryRemove,
     StoredState,
+    TablePoliciesSet,
     TermSet,
+)
+from supervisor_service.store.planned_codec import (
+    DRAINS,
+    TABLE_POLICIES_KEY,
+    decode_drain,
+    decode_policies,
+    encode_drain,
+    encode_policies,
 )
 
 _U64 = np.dtype("<u8")
@@ -155,6 +167,16 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
                 journal_new.append(key)
             case TermSet(term):
                 puts[f"{p}term"] = str(term).encode()
+            case TablePoliciesSet(policies):
+                puts[p + TABLE_POLICIES_KEY] = encode_policies(policies)
+            case DrainSet(drain_id, rec):
+                key = f"{p}{DRAINS}/{drain_id}"
+                deletes.discard(key)
+                puts[key] = encode_drain(rec)
+            case DrainDrop(drain_id):
+                key = f"{p}{DRAINS}/{drain_id}"
+                puts.pop(key, None)
+                deletes.add(key)
     for d, ids in registry.items():
         key = f"{p}registry/{_key_id(d)}"
         if ids.size:
@@ -204,6 +226,8 @@ def _entry_to_json(entry: JournalEntry) -> bytes:
 
 
 def _inflight_to_json(rec: InFlightRecord) -> bytes:
+    # A drain's decision says MANUAL; a failover's leaves the key out (the format failovers always had).
+    extra = {} if rec.trigger_reason == "FAILOVER" else {"trigger_reason": rec.trigger_reason}
     return json.dumps({
         "request_id": rec.request_id,
         "datanode_id": rec.datanode_id,
@@ -216,6 +240,7 @@ def _inflight_to_json(rec: InFlightRecord) -> bytes:
         "procedure_id": rec.procedure_id,
         "attempts": rec.attempts,
         "mark": _mark_json(rec.mark),
+        **extra,
     }).encode()
 
 
@@ -246,6 +271,10 @@ def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
             state.journal_term = int(value)
         elif kind == "term":
             state.term = int(value)
+        elif kind == TABLE_POLICIES_KEY:
+            state.table_policies = decode_policies(value)
+        elif kind == DRAINS:
+            state.drains[ident] = decode_drain(value)
     return state
 
 
@@ -303,4 +332,5 @@ def _decode_inflight(ident: str, value: bytes, state: StoredState) -> None:
         procedure_id=str(d.get("procedure_id", "")),
         attempts=int(d.get("attempts", 0)),
         mark=ClockMark(str(mark["boot_id"]), int(mark["monotonic_ms"]), int(mark["wall_ms"])) if mark else None,
+        trigger_reason=str(d.get("trigger_reason", "FAILOVER")),
     )

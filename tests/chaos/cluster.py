@@ -226,6 +226,18 @@ class Replica:
 # ---------------------------------------------------------------- datanodes
 
 
+def open_on_target(datanodes: dict[int, SimDatanode], datanode_id: int, regions: list[int]) -> None:
+    """A migration to `datanode_id` succeeded (ChaosRegionMigration.on_success): a live target serves,
+    and heartbeats, its regions from now on."""
+    dn = datanodes.get(datanode_id)
+    if dn is None or dn.died_at is not None:
+        return
+    held = set(dn.current_regions())
+    for r in regions:
+        if r not in held:
+            dn.add_region(r)
+
+
 @dataclass
 class SimDatanode:
     datanode_id: int
@@ -287,6 +299,7 @@ class ChaosCluster:
     def start(self) -> None:
         self.etcd = EtcdCluster(self.work_dir)
         self.migration = ChaosRegionMigration(seed=self.seed)
+        self.migration.on_success = self._opened
         addrs = {d: f"127.0.0.1:{41000 + d}" for d in range(1, self.n_datanodes + 1)}
         self.selector = ChaosSelector([pb.Peer(id=d, addr=a) for d, a in addrs.items()])
         self.lookup = ChaosPeerLookup(addrs)
@@ -307,6 +320,9 @@ class ChaosCluster:
             )
             self.datanodes[d] = dn
             dn.beater.start()
+
+    def _opened(self, datanode_id: int, regions: list[int]) -> None:
+        open_on_target(self.datanodes, datanode_id, regions)
 
     def _replica(self, i: int, shim: str) -> Replica:
         source_ip = f"127.0.1.{i + 1}"

@@ -31,7 +31,7 @@ import grpc
 
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
 from supervisor_service.proto import pb
-from tests.chaos.cluster import REPLICA_ENV, SimDatanode, region_ids
+from tests.chaos.cluster import REPLICA_ENV, SimDatanode, open_on_target, region_ids
 from tests.chaos.history import Ack, Death, History, Poll, Submit, Violation, check
 from tests.chaos.remotes import ChaosPeerLookup, ChaosRegionMigration, ChaosSelector
 from tests.support.readiness import free_port
@@ -235,6 +235,7 @@ def run_disk(*, seed: int, work_dir: str | None = None, datanodes: int = 6, log=
     phases: list[tuple[float, str]] = []
     history = History(seed=seed, failover_bound_s=30.0, recovery_bound_s=20.0)
     nodes: dict[int, SimDatanode] = {}
+    migration.on_success = lambda d, regions: open_on_target(nodes, d, regions)
     started = time.monotonic()
     writer: _Writer | None = None
     resumed: list[float | None] = []

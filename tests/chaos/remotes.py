@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 
 from supervisor_service.proto import pb
 from tests.support.fakes import FakePeerLookup, FakeRegionMigration, FakeSelector
@@ -33,6 +34,10 @@ class ChaosRegionMigration(FakeRegionMigration):
         self.contradict_next = 0
         self._rng = random.Random(seed)
         self._chaos_lock = threading.Lock()
+        # A procedure's target opens its regions when it is first seen SUCCEEDED, as a real target
+        # serves (and heartbeats) what it was given: on_success(to_peer_id, regions).
+        self._moves: dict[str, tuple[int, list[int]]] = {}
+        self.on_success: Callable[[int, list[int]], None] | None = None
         super().__init__(respond=self._respond, max_workers=32)
 
     def _respond(self, request: pb.SubmitRegionMigrationRequest) -> pb.SubmitRegionMigrationResponse:
@@ -40,6 +45,7 @@ class ChaosRegionMigration(FakeRegionMigration):
         regions = list(request.region_ids)
         with self._chaos_lock:
             self._started[procedure] = time.monotonic()
+            self._moves[procedure] = (request.to_peer.id, regions)
             if self.slow_s > 0:
                 self._takes[procedure] = self.slow_s
             if self.forget_next > 0:
@@ -73,6 +79,10 @@ class ChaosRegionMigration(FakeRegionMigration):
             state = pb.MIGRATION_STATE_NOT_FOUND
         elif time.monotonic() - started >= takes:
             state = pb.MIGRATION_STATE_SUCCEEDED
+            with self._chaos_lock:
+                move = self._moves.pop(request.procedure_id, None)
+            if move is not None and self.on_success is not None:
+                self.on_success(*move)
         else:
             state = pb.MIGRATION_STATE_RUNNING
         return pb.GetMigrationStatusResponse(state=state, message=f"chaos: {pb.MigrationState.Name(state)}")

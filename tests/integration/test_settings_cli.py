@@ -92,8 +92,9 @@ def test_default_settings_build_the_default_options():
     s = load_settings()
     assert s.detector_options() == PhiAccrualOptions()
     assert s.guard_settings() == GuardSettings()
-    # The one default of its own: the service forgets failover counts after 30 min, a plain policy never.
-    assert s.failover_policy() == FailoverPolicy(failover_count_decay_ms=1_800_000)
+    # The one default of its own: the service forgets failover counts after 30 min, a plain policy never;
+    # and with the embedded dry-run RegionMigration (no endpoint) a success moved nothing to watch on a target.
+    assert s.failover_policy() == FailoverPolicy(failover_count_decay_ms=1_800_000, watch_target_on_success=False)
 
 
 def test_serve_flags_say_what_their_settings_say(capsys):

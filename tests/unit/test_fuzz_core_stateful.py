@@ -96,6 +96,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.polls: set[str] = set()
         # region -> (datanode, procedure, deadline, deadline counted from the submission, timeout)
         self.inflight: dict[int, tuple[int, str, int, int, int]] = {}
+        self.targets: dict[int, int] = {}  # region -> the target of its last submission
         self.next_proc = 0
         self.alive = set(DATANODES)
         # The store, as the writer keeps it: every change the core emits, committed in order.
@@ -120,6 +121,7 @@ class CoreMachine(RuleBasedStateMachine):
     def _in_flight(self, r: int, task: MigrationTask, proc: str) -> None:
         deadline = self.now + task.timeout_ms
         self.inflight[r] = (task.datanode_id, proc, deadline, deadline, task.timeout_ms)
+        self.targets[r] = task.to_peer.id
 
     def _busy(self) -> set[int]:
         return {r for s in self.submits.values() for r in s.task.region_ids} | {
@@ -369,9 +371,15 @@ class CoreMachine(RuleBasedStateMachine):
             for r, (d, p, _, _, _) in list(self.inflight.items()):
                 if p == proc:
                     del self.inflight[r]
+                    to = self.targets.get(r, 0)
                     if state is MigrationState.SUCCEEDED:
                         self.watched.discard((d, r))
                         self.counts.pop((d, r), None)
+                        if to and to != d:  # watched on the target from the end (docs/design.md §16)
+                            self.watched.add((to, r))
+                    if state is MigrationState.FAILED and to and to != d:  # the candidate's detector goes
+                        self.watched.discard((to, r))
+                        self.counts.pop((to, r), None)
         self._drain()
 
     # ------------------------------------------------------------ invariants

@@ -382,7 +382,7 @@ def test_dump_snapshot_contents():
     assert node1.regions.tolist() == [10, 11]
     assert snap.migrating == frozenset({10, 11})
     after = sim.dump(t_fail + 30)
-    assert sorted(n.datanode_id for n in after.nodes) == [2]
+    assert sorted(n.datanode_id for n in after.nodes) == [2, 5]  # the target is watched from the end
     assert after.failover_counts == {}
 
 
@@ -848,7 +848,9 @@ def test_status_succeeded_deregisters():
     assert sim.sup._registry._count_touched == {}  # nothing kept about a region that left (no growth per failover)
     assert sim.value("supervisor_migrations_in_flight") == 0
     assert sim.dump(poll_at).migrating == frozenset()
-    assert sim.tick(poll_at + 10**6) == []
+    # Watched on the target from a fresh heartbeat at the end: silent there, they fail over from it.
+    assert sim.sup.table.phi(5, 10, poll_at) == 0.0 and sim.sup.table.phi(5, 11, poll_at) == 0.0
+    assert one_select(sim.tick(poll_at + 10**6)).job.datanode_id == 5
 
 
 @pytest.mark.parametrize("state", [MigrationState.FAILED, MigrationState.NOT_FOUND])
