@@ -1,5 +1,5 @@
 """A throwaway certificate authority and the certificates an mTLS deployment needs, for trying TLS
-locally and for the tests (`supervisor-service certs`; docs/design.md §13).
+locally and for the tests (`supervisor-service certs`; docs/design.md §14.1).
 
 Keys are ECDSA P-256 (fast to make, accepted by gRPC's BoringSSL and by etcd). A certificate's first
 DNS subject alternative name is the caller's identity under mTLS, and its common name says the
