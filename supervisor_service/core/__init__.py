@@ -9,6 +9,8 @@ from supervisor_service.core.changes import (
     ClockMark,
     CountsDrop,
     CountsSet,
+    FailoverDrop,
+    FailoverSet,
     InFlightDrop,
     InFlightRecord,
     InFlightSet,
@@ -59,6 +61,11 @@ from supervisor_service.core.events import (
     SubmissionDone,
     Tick,
 )
+from supervisor_service.core.failovers import (
+    FailoverHistory,
+    FailoverRecord,
+    RegionEvidence,
+)
 from supervisor_service.core.guards import (
     Guards,
     TokenBucket,
@@ -94,6 +101,11 @@ from supervisor_service.core.types import (
 )
 
 __all__ = [
+    "FailoverDrop",
+    "FailoverHistory",
+    "FailoverRecord",
+    "FailoverSet",
+    "RegionEvidence",
     "BecomeLeader",
     "Change",
     "Clear",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from supervisor_service.core.types import DetectingRegion, Peer, RegionArray
+
+if TYPE_CHECKING:
+    from supervisor_service.core.failovers import FailoverRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class StoredState:
     legacy_inflight: dict[str, LegacyInFlight] = field(default_factory=dict)  # by key id
     journal: list[JournalEntry] = field(default_factory=list)
     journal_term: int = 0
+    failovers: list[FailoverRecord] = field(default_factory=list)  # the failover history (any order)
     term: int = 0
 
     @property
@@ -124,13 +129,25 @@ class JournalAppend:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverSet:
+    """A failover record, new or updated (core/failovers.py)."""
+
+    record: FailoverRecord
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverDrop:
+    failover_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class TermSet:
     term: int
 
 
 Change = (
     RegistryAdd | RegistryRemove | CountsSet | CountsDrop | InFlightSet | InFlightDrop | MaintenanceSet
-    | JournalAppend | TermSet
+    | JournalAppend | TermSet | FailoverSet | FailoverDrop
 )
 
 

@@ -137,6 +137,10 @@ class FailoverPolicy:
     rebaseline_after_maintenance: bool = option(
         True, doc="When maintenance ends, give the detectors it covered a fresh heartbeat at now."
     )
+    failover_history_capacity: int = option(
+        1000, ge=1, le=1_000_000,
+        doc="Failover decisions the history keeps (newest), with their evidence (ListFailovers, `history`).",
+    )
 
 
 @dataclass(frozen=True, slots=True)

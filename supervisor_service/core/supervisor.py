@@ -35,6 +35,7 @@ from supervisor_service.core.events import (
     Dump,
     Event,
     Heartbeat,
+    Inspect,
     LoseLeadership,
     Register,
     ReleaseHold,
@@ -46,10 +47,12 @@ from supervisor_service.core.events import (
     SubmissionDone,
     Tick,
 )
+from supervisor_service.core.failovers import FailoverHistory
 from supervisor_service.core.guards import Guards
 from supervisor_service.core.holds import HoldLog, Holds, Warmup
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
+from supervisor_service.core.insight import Insight
 from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.logs import log_event
 from supervisor_service.core.maintenance import Maintenance
@@ -58,6 +61,7 @@ from supervisor_service.core.options import FailoverPolicy
 from supervisor_service.core.outbox import Outbox
 from supervisor_service.core.planning import Planner
 from supervisor_service.core.ports import CoreMetrics
+from supervisor_service.core.reasons import RuleState
 from supervisor_service.core.recovery import Recovery
 from supervisor_service.core.registry import Registry
 from supervisor_service.core.snapshot import Snapshots
@@ -108,6 +112,11 @@ class Supervisor:
         self._recovery = Recovery(policy, metrics, out, leadership, registry, detection, maint, planner, inflight,
                                   migrations, backoff, warmup, holds, guards, ids, clock)
         self._snapshots = Snapshots(registry, inflight, leadership, maint, holds, guards)
+        # The failover history and the read-only questions (ListFailovers, Explain, WhatIf).
+        self.history = FailoverHistory(self.table, out, policy.failover_history_capacity)
+        self._insight = Insight(registry, inflight, self.history, RuleState(maint, warmup, guards, backoff))
+        self._targets.on_decision = self._insight.decided
+        migrations.history = self.history
         self.status: CoreStatus = self._snapshots.status()
         """The status as of the last event (replaced, never changed: any thread may read it)."""
 
@@ -141,6 +150,8 @@ class Supervisor:
                 value = self._snapshots.dump(datanode_ids, now)
             case SetMaintenance(enabled, _, datanode_ids, ttl_ms):
                 value = self._maintenance.set(enabled, datanode_ids, ttl_ms, now)
+            case Inspect(query):
+                return self._insight.answer(query, now)  # nothing changed: the status stands
             case ReleaseHold():
                 value = self.guards.release() if self.guards is not None else False
                 log_event(log, logging.WARNING, "failover_hold_released", was_held=value)
@@ -155,6 +166,7 @@ class Supervisor:
             case StatusPolled():
                 self._migrations.on_status(event, now)
             case BecomeLeader(term, state):
+                self.history.restore(state.failovers)
                 self._recovery.become_leader(term, state, now)
             case LoseLeadership():
                 self._recovery.lose_leadership()

@@ -8,6 +8,7 @@ Keys under the prefix (one per cluster; `prefix` below always ends with "/"):
   maintenance           JSON {enabled, until_ms, datanodes, mark} (first format: b"1" or b"0")
   journal/<seq>         JSON dry-run journal entry
   journal_term          highest leader term the dry-run journal accepted
+  failovers/<id>        JSON: one failover record of the history (core/failovers.py), by request_id
   term                  leadership counter of a single replica (SQLite, memory)
 
 A datanode's registry and counts keys are rewritten whole, and the journal is
@@ -31,6 +32,8 @@ from supervisor_service.core import (
     ClockMark,
     CountsDrop,
     CountsSet,
+    FailoverDrop,
+    FailoverSet,
     InFlightDrop,
     InFlightRecord,
     InFlightSet,
@@ -44,6 +47,7 @@ from supervisor_service.core import (
     StoredState,
     TermSet,
 )
+from supervisor_service.store.failover_codec import failover_from_json, failover_to_json
 
 _U64 = np.dtype("<u8")
 
@@ -155,6 +159,14 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
                 journal_new.append(key)
             case TermSet(term):
                 puts[f"{p}term"] = str(term).encode()
+            case FailoverSet(rec):
+                key = f"{p}failovers/{rec.failover_id}"
+                deletes.discard(key)
+                puts[key] = failover_to_json(rec)
+            case FailoverDrop(failover_id):
+                key = f"{p}failovers/{failover_id}"
+                puts.pop(key, None)
+                deletes.add(key)
     for d, ids in registry.items():
         key = f"{p}registry/{_key_id(d)}"
         if ids.size:
@@ -242,6 +254,8 @@ def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
             on, until, datanodes, mark = _decode_maintenance_marked(value)
             state.maintenance, state.maintenance_until_ms, state.datanode_maintenance = on, until, datanodes
             state.maintenance_mark = mark
+        elif kind == "failovers":
+            state.failovers.append(failover_from_json(value))
         elif kind == "journal_term":
             state.journal_term = int(value)
         elif kind == "term":
