@@ -48,7 +48,8 @@ class TokenBucket:
         return math.floor(self.tokens + 1e-9)
 
     def ready_at(self, n: int, now: int) -> int:
-        """The earliest time at or after `now` when `n` tokens are there (no change to the bucket)."""
+        """The earliest time at or after `now` (and the last take) when `n` tokens are there."""
+        now = max(now, self.stamp)
         self._refill(now)
         missing = n - self.tokens - 1e-9
         if missing <= 0:
@@ -261,6 +262,13 @@ class Guards:
     def silent_datanodes(self) -> int:
         """Datanodes unheard for mass_failure_silence_ms at the last tick."""
         return self._silent
+
+    def next_tick(self, t: int) -> int:
+        """The first tick at or after `t`, were ticks to keep their interval from the last one (`t` if unknown)."""
+        last, every = self._last_tick, self.s.tick_interval_ms
+        if last is None or t <= last or every <= 0:
+            return t if last is None or t > last else last
+        return last + -(-(t - last) // every) * every
 
     @property
     def pause_hold_until(self) -> int:

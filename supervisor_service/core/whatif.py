@@ -103,11 +103,12 @@ class WhatIf:
                 plans[n.datanode_id] = PlannedFailover(n.datanode_id, n.regions, n.convicted, 0)
                 continue
             gated.append((gate, n.convicted, n))
-        # The tick serves the longest-failed datanode first; each takes one global token.
+        # The tick serves the longest-failed datanode first; each takes one global token at a tick.
+        tick = guards.next_tick if guards is not None else (lambda t: t)
         for gate, _, n in sorted(gated, key=lambda x: (x[0], x[1], x[2].datanode_id)):
-            at = gate
+            at = tick(gate)
             if bucket is not None:
-                at = bucket.ready_at(1, gate)
+                at = tick(bucket.ready_at(1, at))
                 bucket.take(1, at)
             plans[n.datanode_id] = PlannedFailover(n.datanode_id, n.regions, n.convicted, at)
         if mass_at is not None:
