@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from supervisor_service.core.records import FailoverRecord
 from supervisor_service.core.types import DetectingRegion, Peer, RegionArray
-
-if TYPE_CHECKING:
-    from supervisor_service.core.failovers import FailoverRecord
 
 
 @dataclass(frozen=True, slots=True)

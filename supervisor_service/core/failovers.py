@@ -14,57 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from supervisor_service.core.changes import FailoverDrop, FailoverSet
 from supervisor_service.core.outbox import Outbox
+from supervisor_service.core.records import TRIGGER_FAILOVER, FailoverRecord, RegionEvidence
 from supervisor_service.core.table import DetectorTable, NodeSnapshot
-from supervisor_service.core.types import MigrationState, MigrationTask, Peer
+from supervisor_service.core.types import MigrationState, MigrationTask
 
 MAX_EVIDENCE = 1000
 """Regions whose evidence a record keeps (the rest are counted in a check): a record stays one small key."""
 MAX_RESULT_LEN = 300
 """Longest call error kept in a record."""
-TRIGGER_FAILOVER = "failover"
-
-
-@dataclass(frozen=True, slots=True)
-class RegionEvidence:
-    """One region's detector as the decision saw it (the Dump's columns at `decided_at_millis`)."""
-
-    region_id: int
-    phi: float
-    last_heartbeat_millis: int
-    mean_interval_millis: float
-    std_deviation_millis: float
-    sample_count: int
-    failover_count: int
-    result: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class FailoverRecord:
-    """A decision from its making to its end (the proto's FailoverRecord)."""
-
-    failover_id: str  # the decision's request_id
-    decided_at_millis: int
-    leader_term: int
-    datanode_id: int
-    from_peer: Peer
-    to_peer: Peer
-    region_ids: tuple[int, ...]
-    timeout_ms: int
-    evidence: tuple[RegionEvidence, ...]
-    threshold: float
-    acceptable_heartbeat_pause_ms: float
-    checks: tuple[str, ...]
-    trigger_reason: str = TRIGGER_FAILOVER
-    procedure_id: str = ""
-    result: str = ""  # "" until the submit is answered
-    final_state: MigrationState = MigrationState.UNSPECIFIED
-    finished_at_millis: int = 0  # 0: not ended
 
 
 def evidence_of(
@@ -84,6 +46,9 @@ def evidence_of(
         out.append(RegionEvidence(region_id, g.phi(at), g.last, g.observed_mean, g.observed_std, g.samples,
                                   counts.get((node.datanode_id, region_id), 0)))
     return out
+
+
+__all__ = ["FailoverHistory", "FailoverRecord", "RegionEvidence", "evidence_of"]
 
 
 class FailoverHistory:
