@@ -5,6 +5,8 @@
     supervisor-service maintenance on|off|status [--datanode ID ...] [--ttl SECONDS]
     supervisor-service hold status|release
     supervisor-service journal [--limit N] [--json]
+    supervisor-service history|explain|whatif ... (cli/insight.py)
+    supervisor-service demo [--datanodes N] [--kill-after S] [--duration S]
     supervisor-service settings [--markdown]
     supervisor-service health [--addr HOST:PORT] [--timeout S] [--service NAME]
     supervisor-service evaluate [--config FILE] [--trace FILE.csv ...] [--out DIR] [--quick]
@@ -241,6 +243,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="newest N entries (default 100)")
     journal.add_argument("--json", action="store_true", help="one JSON object per entry")
 
+    from supervisor_service.cli import demo, insight
+
+    insight.add_commands(client, _int_in)
+    demo.add_command(sub)
+
     health = sub.add_parser(
         "health",
         help="ask the service's grpc.health.v1 Check: exit 0 only when SERVING",
@@ -290,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 code = _evaluate(args, argv)
             case "health":
                 code = _health(args)
+            case "demo":
+                from supervisor_service.cli import demo
+
+                code = demo.run(args)
             case _:
                 code = _client_command(args)
         sys.stdout.flush()  # here, so that a reader gone away is seen here and not at exit
@@ -453,6 +464,10 @@ def _client_command(args) -> int:
                     return 0
                 case "journal":
                     return _journal(client, args)
+                case "history" | "explain" | "whatif":
+                    from supervisor_service.cli import insight
+
+                    return insight.run(client, args)
     except grpc.RpcError as exc:
         code = exc.code().name if exc.code() else "UNKNOWN"
         detail = exc.details() or ""

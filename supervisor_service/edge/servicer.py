@@ -13,6 +13,7 @@ from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus
 from supervisor_service.edge.admin import AdminCalls
 from supervisor_service.edge.heartbeat import HeartbeatStreams
+from supervisor_service.edge.insight import InsightCalls
 from supervisor_service.edge.problems import InvalidRequests, ProblemLog
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes import DryRunJournal, PeerDirectory
@@ -50,6 +51,8 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             settings=settings, queue=queue, status=status, metrics=metrics, journal=journal,
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,
         )
+        self.insight = InsightCalls(settings=settings, ask=self.admin._ask, require_leader=self.admin._require_leader,
+                                    invalid=self.invalid_requests.invalid)
 
     def close_streams(self) -> None:
         """End every open heartbeat stream now (`HeartbeatStreams.close_streams`)."""
@@ -91,3 +94,12 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def ListJournal(self, request, context):
         return await self.admin.ListJournal(request, context)
+
+    async def ListFailovers(self, request, context):
+        return await self.insight.ListFailovers(request, context)
+
+    async def Explain(self, request, context):
+        return await self.insight.Explain(request, context)
+
+    async def WhatIf(self, request, context):
+        return await self.insight.WhatIf(request, context)
