@@ -120,7 +120,7 @@ class InsightCalls:
         await self._bounded(context, "WhatIf", "datanode_ids", request.datanode_ids)
         ids = tuple(sorted(set(request.datanode_ids)))
         if len(ids) > MAX_WHATIF_DATANODES:
-            await self._invalid(context, "WhatIf", "too_many", f"{len(ids)} datanodes; the limit is {MAX_WHATIF_DATANODES}")
+            await self._invalid(context, "WhatIf", "too_many", f"{len(ids)} datanodes in one WhatIf; the limit is {MAX_WHATIF_DATANODES}: ask about fewer")
         await self._require_leader(context)
         plan: WhatIfPlan = await self._ask(context, lambda reply: Inspect(WhatIfQuery(ids), reply))  # type: ignore[assignment]
         return pb.WhatIfResponse(
