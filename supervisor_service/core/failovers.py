@@ -19,6 +19,7 @@ import numpy as np
 
 from supervisor_service.core.changes import FailoverDrop, FailoverSet
 from supervisor_service.core.outbox import Outbox
+from supervisor_service.core.ports import Gauge
 from supervisor_service.core.records import TRIGGER_FAILOVER, FailoverRecord, RegionEvidence
 from supervisor_service.core.table import DetectorTable, NodeSnapshot
 from supervisor_service.core.types import MigrationState, MigrationTask
@@ -54,10 +55,11 @@ __all__ = ["FailoverHistory", "FailoverRecord", "RegionEvidence", "evidence_of"]
 class FailoverHistory:
     """The records of the decisions, oldest first, bounded by `capacity`."""
 
-    def __init__(self, table: DetectorTable, out: Outbox, capacity: int) -> None:
+    def __init__(self, table: DetectorTable, out: Outbox, capacity: int, gauge: Gauge | None = None) -> None:
         self._table = table
         self._out = out
         self.capacity = max(1, capacity)
+        self._gauge = gauge  # supervisor_failover_history_records
         self._records: dict[str, FailoverRecord] = {}  # by failover_id, oldest first
 
     def __len__(self) -> int:
@@ -67,6 +69,8 @@ class FailoverHistory:
         """The stored records (a new leadership): the newest `capacity` of them, oldest first."""
         ordered = sorted(records, key=lambda r: (r.decided_at_millis, r.failover_id))
         self._records = {r.failover_id: r for r in ordered[-self.capacity:]}
+        if self._gauge is not None:
+            self._gauge.set(len(self._records))
 
     def get(self, failover_id: str) -> FailoverRecord | None:
         return self._records.get(failover_id)
@@ -164,3 +168,5 @@ class FailoverHistory:
             oldest = next(iter(self._records))
             del self._records[oldest]
             self._out.changes.append(FailoverDrop(oldest))
+        if new and self._gauge is not None:
+            self._gauge.set(len(self._records))

@@ -113,7 +113,7 @@ class Supervisor:
                                   migrations, backoff, warmup, holds, guards, ids, clock)
         self._snapshots = Snapshots(registry, inflight, leadership, maint, holds, guards)
         # The failover history and the read-only questions (ListFailovers, Explain, WhatIf).
-        self.history = FailoverHistory(self.table, out, policy.failover_history_capacity)
+        self.history = FailoverHistory(self.table, out, policy.failover_history_capacity, metrics.failover_history)
         self._insight = Insight(registry, inflight, self.history, RuleState(maint, warmup, guards, backoff))
         self._targets.on_decision = self._insight.decided
         migrations.history = self.history

@@ -68,9 +68,11 @@ def _row(v: DetectorView) -> pb.DetectorState:
 class InsightCalls:
     """ListFailovers, Explain and WhatIf; `ask`, `require_leader` and `invalid` are the admin calls' own."""
 
-    def __init__(self, *, settings: Settings, ask: Ask, require_leader: Check, invalid: Invalid) -> None:
+    def __init__(self, *, settings: Settings, ask: Ask, require_leader: Check, invalid: Invalid,
+                 embedded_migration: bool = False) -> None:
         self._s = settings
         self._ask = ask
+        self._embedded = embedded_migration
         self._require_leader = require_leader
         self._invalid = invalid
 
@@ -95,6 +97,20 @@ class InsightCalls:
                                    request.limit or DEFAULT_LIST_LIMIT)
         records: list[FailoverRecord] = await self._ask(context, lambda reply: Inspect(query, reply))  # type: ignore[assignment]
         return pb.ListFailoversResponse(failovers=[record_to_pb(r) for r in records])
+
+    async def ListJournal(self, request: pb.ListJournalRequest, context) -> pb.ListJournalResponse:
+        """The earlier releases' view of the embedded dry run's decisions: the failover history, as
+        JournalEntry rows (one record type; the journal keys hold only the dry run's request ids)."""
+        if not self._embedded:
+            return pb.ListJournalResponse(embedded=False)
+        query = ListFailoversQuery(limit=request.limit or DEFAULT_LIST_LIMIT)
+        records: list[FailoverRecord] = await self._ask(context, lambda reply: Inspect(query, reply))  # type: ignore[assignment]
+        return pb.ListJournalResponse(embedded=True, entries=[pb.JournalEntry(
+            at_millis=r.decided_at_millis, region_ids=r.region_ids, from_peer=peer_to_pb(r.from_peer),
+            to_peer=peer_to_pb(r.to_peer), timeout_millis=r.timeout_ms,
+            trigger_reason=_TRIGGERS.get(r.trigger_reason, pb.TRIGGER_REASON_UNSPECIFIED),
+            procedure_id=r.procedure_id, leader_term=r.leader_term,
+        ) for r in records])
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         if request.at_millis < 0:

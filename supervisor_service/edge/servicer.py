@@ -52,7 +52,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,
         )
         self.insight = InsightCalls(settings=settings, ask=self.admin._ask, require_leader=self.admin._require_leader,
-                                    invalid=self.invalid_requests.invalid)
+                                    invalid=self.invalid_requests.invalid, embedded_migration=journal is not None)
 
     def close_streams(self) -> None:
         """End every open heartbeat stream now (`HeartbeatStreams.close_streams`)."""
@@ -93,7 +93,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         return await self.admin.ReleaseFailoverHold(request, context)
 
     async def ListJournal(self, request, context):
-        return await self.admin.ListJournal(request, context)
+        return await self.insight.ListJournal(request, context)
 
     async def ListFailovers(self, request, context):
         return await self.insight.ListFailovers(request, context)

@@ -43,7 +43,8 @@ def regions_of(datanode_id: int, n: int = 2) -> list[int]:
 class InsightSim:
     def __init__(self, datanodes: int = 10, regions: int = 2, guards: GuardSettings | None = GuardSettings(),
                  policy: FailoverPolicy | None = None, opts: PhiAccrualOptions | None = None) -> None:
-        self.metrics = Metrics(CollectorRegistry())
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
         self.guards = Guards(guards) if guards is not None else None
         self.sup = Supervisor(opts or PhiAccrualOptions(), self.metrics, policy or FailoverPolicy(),
                               guards=self.guards)

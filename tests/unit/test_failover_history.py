@@ -122,6 +122,7 @@ def test_the_history_is_bounded_and_filtered_newest_first():
     recs = sim.ask(ListFailoversQuery())
     assert [r.datanode_id for r in recs] == [5, 4, 3]
     assert sum(isinstance(c, FailoverDrop) for c in sim.changes) == 1
+    assert sim.registry.get_sample_value("supervisor_failover_history_records") == 3
     assert [r.datanode_id for r in sim.ask(ListFailoversQuery(datanode_ids=(4, 9)))] == [4]
     assert [r.datanode_id for r in sim.ask(ListFailoversQuery(region_ids=((3 << 32) | 1,)))] == [3]
     assert sim.ask(ListFailoversQuery(since_millis=recs[0].decided_at_millis)) == recs[:1]
