@@ -40,7 +40,7 @@ def plot_record(rec, path: str) -> None:  # type: ignore[no-untyped-def]
         ax.axvline((rec.finished_at_millis - t0) / 1000, color="tab:purple", linestyle="-.", label="migration ended")
     ax.set_xlabel(f"seconds since the last heartbeat of datanode {rec.from_peer.id}")
     ax.set_ylabel("phi")
-    ax.set_title(f"failover of datanode {rec.from_peer.id} to {rec.to_peer.id} ({len(rec.region_ids)} regions)")
+    ax.set_title(f"failover of datanode {rec.from_peer.id} to {rec.to_peer.id} ({len(rec.region_ids)} region{"s" if len(rec.region_ids) != 1 else ""})")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

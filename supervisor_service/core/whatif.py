@@ -172,7 +172,8 @@ class WhatIf:
         regions = sum(p.regions for p in plans)
         moving = [p for p in plans if p.earliest_submit_millis]
         first = min(p.predicted_failure_millis for p in plans)
-        out = f"{len(plans)} datanodes ({regions} regions) would be convicted from {clock_text(first)}"
+        out = (f"{_n(len(plans), 'datanode')} ({_n(regions, 'region')}) would be convicted from "
+               f"{clock_text(first)}")
         if not moving:
             return f"{out}; nothing would move: {held_by[0] if held_by else 'held'}"
         if all_by:
@@ -181,3 +182,7 @@ class WhatIf:
         else:
             out += f"; {len(moving)} of {len(plans)} datanodes would move, the rest held: {held_by[0]}"
         return out
+
+
+def _n(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"

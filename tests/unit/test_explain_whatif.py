@@ -137,7 +137,7 @@ def test_what_if_a_single_failure_matches_the_real_outcome():
     assert p.predicted_failure_millis <= submitted[7] < p.predicted_failure_millis + TICK
     assert p.earliest_submit_millis <= submitted[7] < p.earliest_submit_millis + TICK
     assert plan.all_submitted_by_millis == p.earliest_submit_millis
-    assert "1 datanodes (2 regions) would be convicted" in plan.summary
+    assert "1 datanode (2 regions) would be convicted" in plan.summary
 
 
 def test_what_if_a_mass_failure_matches_the_real_outcome_nothing_moves():
