@@ -92,8 +92,9 @@ def print_record(r, indent: str = "") -> None:  # type: ignore[no-untyped-def]
     end = "in flight" if not r.finished_at_millis else (
         f"{_STATES.get(r.final_state, '?') if r.final_state else 'ended'} after "
         f"{(r.finished_at_millis - r.decided_at_millis) / 1000:.1f} s")
+    noun = "region" if len(r.region_ids) == 1 else "regions"
     print(f"{indent}{clock(r.decided_at_millis)}  datanode {r.from_peer.id} -> {r.to_peer.id} "
-          f"({r.to_peer.addr or 'no address'})  {len(r.region_ids)} region{'' if len(r.region_ids) == 1 else 's'}  {end}")
+          f"({r.to_peer.addr or 'no address'})  {len(r.region_ids)} {noun}  {end}")
     print(f"{indent}  id {r.failover_id}  term {r.leader_term}  procedure {r.procedure_id or '-'}  "
           f"timeout {r.timeout_millis // 1000} s  result {r.result or '(not answered yet)'}")
     print(f"{indent}  threshold {r.threshold:g}, acceptable pause {r.acceptable_heartbeat_pause_millis / 1000:g} s")
