@@ -39,12 +39,14 @@ def evidence_of(
     pos = np.minimum(pos, max(node.regions.size - 1, 0))
     present = node.regions.size > 0
     groups = node.groups
+    samples, means, stds = (a.tolist() for a in node.observed())  # the Dump's columns, the same bits
     out = []
     for region_id, p in zip(wanted.tolist(), pos.tolist()):
         if not present or int(node.regions[p]) != region_id:
             continue
-        g = groups[int(node.gids[p])]
-        out.append(RegionEvidence(region_id, g.phi(at), g.last, g.observed_mean, g.observed_std, g.samples,
+        gi = int(node.gids[p])
+        g = groups[gi]
+        out.append(RegionEvidence(region_id, g.phi(at), g.last, means[gi], stds[gi], samples[gi],
                                   counts.get((node.datanode_id, region_id), 0)))
     return out
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from supervisor_service.core.events import SelectionDone
 from supervisor_service.core.failovers import FailoverHistory, FailoverRecord
 from supervisor_service.core.inflight import InFlight
 from supervisor_service.core.reasons import RuleState, clock_text, decision_checks, holds_of, in_text
 from supervisor_service.core.registry import Registry
-from supervisor_service.core.table import as_region_array
+from supervisor_service.core.table import NodeSnapshot, as_region_array
 from supervisor_service.core.types import MigrationTask
 from supervisor_service.core.whatif import WhatIf, crossing_ms
 
@@ -110,6 +112,8 @@ class Insight:
     # ------------------------------------------------------------ Explain
 
     def explain(self, q: ExplainQuery, now: int) -> Explanation:
+        """Per history group, not per region: a datanode of 100,000 regions costs its few groups, and rows
+        are built only for the regions shown (and those the verdict names)."""
         at = q.at_millis or now
         d = q.datanode_id
         nodes = self._table.snapshot({d})
@@ -117,35 +121,59 @@ class Insight:
             return Explanation(False)
         node = nodes[0]
         threshold = self._table.opts.threshold
-        counts = self._registry.failover_counts
-        regions = node.regions.tolist()
         if q.region_id:
-            if q.region_id not in set(regions):
+            pos = int(np.searchsorted(node.regions, np.uint64(q.region_id)))
+            if pos >= node.regions.size or int(node.regions[pos]) != q.region_id:
                 return Explanation(False)
-            regions = [q.region_id]
-        index = {r: i for i, r in enumerate(node.regions.tolist())}
+            idx = np.array([pos])
+        else:
+            idx = np.arange(node.regions.size)
+        gids, region_ids = node.gids[idx], node.regions[idx]
         groups = node.groups
-        samples, means, stds = (a.tolist() for a in node.observed())
-        rows = []
-        for r in regions:
-            gi = int(node.gids[index[r]])
-            g = groups[gi]
-            phi = g.phi(at)
-            rows.append(DetectorView(d, r, g.last, phi, phi < threshold, samples[gi], means[gi], stds[gi],
-                                     counts.get((d, r), 0), self._inflight.holds(r), crossing_ms(g, threshold)))
-        verdict, holds = self._verdict(d, q.region_id, rows, threshold, at)
+        phi = np.full(len(groups), -1.0)
+        for g in np.unique(gids).tolist():
+            phi[g] = groups[g].phi(at)
+        inflight = self._inflight.regions
+        moving = (np.isin(region_ids, np.fromiter(inflight, dtype=np.uint64, count=len(inflight))) if inflight
+                  else np.zeros(idx.size, dtype=bool))
+        failing = (phi[gids] >= threshold) & ~moving
+        crossings = {g: crossing_ms(groups[g], threshold) for g in np.unique(gids[~moving]).tolist()}
+        shown = set(range(min(idx.size, MAX_EXPLAIN_ROWS)))
+        if failing.any():
+            shown.add(int(np.flatnonzero(failing)[np.argmax(phi[gids[failing]])]))
+        if moving.any():
+            shown.add(int(np.flatnonzero(moving)[0]))
+        if crossings:
+            first = min(crossings, key=crossings.__getitem__)
+            shown.add(int(np.flatnonzero((gids == first) & ~moving)[0]))
+        observed = [a.tolist() for a in node.observed()]  # the Dump's columns, the same bits
+        rows = [self._row(node, observed, int(region_ids[i]), int(gids[i]), float(phi[gids[i]]), bool(moving[i]),
+                          crossings) for i in sorted(shown)]
+        verdict, holds = self._verdict(d, q.region_id, rows, (idx.size, int(failing.sum()), int(moving.sum())),
+                                       threshold, at)
         failovers = self.history.query((d,), (q.region_id,) if q.region_id else (), 0, 20)
-        predicted = min((v.predicted_failure_millis for v in rows if not v.migrating), default=0)
+        predicted = min(crossings.values(), default=0)
         return Explanation(True, tuple(rows[:MAX_EXPLAIN_ROWS]), verdict, tuple(holds), tuple(failovers), predicted)
 
-    def _verdict(self, d: int, region_id: int, rows: list[DetectorView], threshold: float,
-                 at: int) -> tuple[str, list[str]]:
+    def _row(self, node: NodeSnapshot, observed: list[list], r: int, gi: int, phi: float,  # type: ignore[type-arg]
+             moving: bool, crossings: dict[int, int]) -> DetectorView:
+        g = node.groups[gi]
+        threshold = self._table.opts.threshold
+        crossing = crossings.get(gi)
+        samples, means, stds = observed
+        return DetectorView(node.datanode_id, r, g.last, phi, phi < threshold, samples[gi], means[gi], stds[gi],
+                            self._registry.failover_counts.get((node.datanode_id, r), 0), moving,
+                            crossing if crossing is not None else crossing_ms(g, threshold))
+
+    def _verdict(self, d: int, region_id: int, rows: list[DetectorView], totals: tuple[int, int, int],
+                 threshold: float, at: int) -> tuple[str, list[str]]:
         """One sentence of what the supervisor would do now and why, and every hold that applies."""
         holds = holds_of(self.rules, d, region_id, at)
         texts = [h.text for h in holds]
         moving = [v for v in rows if v.migrating]
         failing = [v for v in rows if not v.available and not v.migrating]
-        prefix = "" if region_id else f"datanode {d}: {len(rows)} regions, {len(failing)} failing, {len(moving)} in flight; "
+        n, n_failing, n_moving = totals
+        prefix = "" if region_id else f"datanode {d}: {n} regions, {n_failing} failing, {n_moving} in flight; "
         if failing:
             v = max(failing, key=lambda x: x.phi)
             since = f"phi {_phi(v.phi)} >= {threshold:g} since {clock_text(v.predicted_failure_millis)}"

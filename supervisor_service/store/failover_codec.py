@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+
+import numpy as np
 
 from supervisor_service.core import FailoverRecord, MigrationState, Peer, RegionEvidence
 
@@ -18,7 +21,8 @@ def failover_to_json(rec: FailoverRecord) -> bytes:
         "datanode_id": rec.datanode_id,
         "from": [rec.from_peer.id, rec.from_peer.addr],
         "to": [rec.to_peer.id, rec.to_peer.addr],
-        "regions": list(rec.region_ids),
+        # 8 bytes per region, base64, as an in-flight record's (store/codec.py).
+        "regions": base64.b64encode(np.asarray(rec.region_ids, dtype="<u8").tobytes()).decode(),
         "timeout_ms": rec.timeout_ms,
         # Columns, not objects: a record of a thousand regions stays small.
         "evidence": [[getattr(e, f) for e in rec.evidence] for f in _EVIDENCE_FIELDS],
@@ -44,7 +48,7 @@ def failover_from_json(raw: bytes) -> FailoverRecord:
         datanode_id=int(d["datanode_id"]),
         from_peer=Peer(int(d["from"][0]), str(d["from"][1])),
         to_peer=Peer(int(d["to"][0]), str(d["to"][1])),
-        region_ids=tuple(int(r) for r in d["regions"]),
+        region_ids=tuple(np.frombuffer(base64.b64decode(d["regions"]), dtype="<u8").tolist()),
         timeout_ms=int(d["timeout_ms"]),
         evidence=evidence,
         threshold=float(d["threshold"]),
