@@ -243,7 +243,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="newest N entries (default 100)")
     journal.add_argument("--json", action="store_true", help="one JSON object per entry")
 
-    from supervisor_service.cli import demo, insight
+    import supervisor_service.cli.demo as demo
+    import supervisor_service.cli.insight as insight
 
     insight.add_commands(client, _int_in)
     demo.add_command(sub)
@@ -298,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "health":
                 code = _health(args)
             case "demo":
-                from supervisor_service.cli import demo
+                import supervisor_service.cli.demo as demo
 
                 code = demo.run(args)
             case _:
@@ -465,7 +466,7 @@ def _client_command(args) -> int:
                 case "journal":
                     return _journal(client, args)
                 case "history" | "explain" | "whatif":
-                    from supervisor_service.cli import insight
+                    import supervisor_service.cli.insight as insight
 
                     return insight.run(client, args)
     except grpc.RpcError as exc:
