@@ -68,6 +68,7 @@ class StoredState:
     journal: list[JournalEntry] = field(default_factory=list)
     journal_term: int = 0
     failovers: list[FailoverRecord] = field(default_factory=list)  # the failover history (any order)
+    failovers_unreadable: list[str] = field(default_factory=list)  # ids of stored records that did not decode
     term: int = 0
 
     @property

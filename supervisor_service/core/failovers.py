@@ -13,11 +13,13 @@ beyond `failover_history_capacity` are dropped (`FailoverDrop`). Owned by the su
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from supervisor_service.core.changes import FailoverDrop, FailoverSet
+from supervisor_service.core.logs import log_event
 from supervisor_service.core.outbox import Outbox
 from supervisor_service.core.ports import Gauge
 from supervisor_service.core.records import TRIGGER_FAILOVER, FailoverRecord, RegionEvidence
@@ -51,6 +53,8 @@ def evidence_of(
     return out
 
 
+log = logging.getLogger("supervisor_service.supervisor")
+
 __all__ = ["FailoverHistory", "FailoverRecord", "RegionEvidence", "evidence_of"]
 
 
@@ -67,10 +71,16 @@ class FailoverHistory:
     def __len__(self) -> int:
         return len(self._records)
 
-    def restore(self, records: Iterable[FailoverRecord]) -> None:
-        """The stored records (a new leadership): the newest `capacity` of them, oldest first."""
+    def restore(self, records: Iterable[FailoverRecord], unreadable: Sequence[str] = ()) -> None:
+        """The stored records (a new leadership): the newest `capacity` of them, oldest first. Those
+        beyond the capacity (it was lowered) are dropped from the store; unreadable ones are logged."""
         ordered = sorted(records, key=lambda r: (r.decided_at_millis, r.failover_id))
-        self._records = {r.failover_id: r for r in ordered[-self.capacity:]}
+        keep = ordered[-self.capacity:]
+        self._records = {r.failover_id: r for r in keep}
+        self._out.changes.extend(FailoverDrop(r.failover_id) for r in ordered[:len(ordered) - len(keep)])
+        if unreadable:
+            log_event(log, logging.ERROR, "failover_records_unreadable", records=len(unreadable),
+                      sample=",".join(unreadable[:5]), kept="left in the store, not shown")
         if self._gauge is not None:
             self._gauge.set(len(self._records))
 

@@ -166,7 +166,7 @@ class Supervisor:
             case StatusPolled():
                 self._migrations.on_status(event, now)
             case BecomeLeader(term, state):
-                self.history.restore(state.failovers)
+                self.history.restore(state.failovers, state.failovers_unreadable)
                 self._recovery.become_leader(term, state, now)
             case LoseLeadership():
                 self._recovery.lose_leadership()

@@ -255,7 +255,12 @@ def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
             state.maintenance, state.maintenance_until_ms, state.datanode_maintenance = on, until, datanodes
             state.maintenance_mark = mark
         elif kind == "failovers":
-            state.failovers.append(failover_from_json(value))
+            # A record that does not read (written by hand, a bad disk) is history, not state: it is left
+            # out and counted, rather than keeping every replica from leading.
+            try:
+                state.failovers.append(failover_from_json(value))
+            except (ValueError, KeyError, TypeError, IndexError):
+                state.failovers_unreadable.append(ident)
         elif kind == "journal_term":
             state.journal_term = int(value)
         elif kind == "term":

@@ -160,3 +160,26 @@ def test_the_record_codec_keeps_every_field_and_odd_values():
     assert back == odd and math.isinf(back.evidence[0].phi)
     empty = dataclasses.replace(rec, evidence=())
     assert failover_from_json(failover_to_json(empty)) == empty
+
+
+def test_an_unreadable_stored_record_is_left_out_and_a_lowered_capacity_drops_the_oldest(caplog):
+    sim = InsightSim(guards=GuardSettings(max_failed_datanode_fraction=1.0, flap_backoff_base_ms=0))
+    sim.run_to(START + 20 * TICK)
+    for d in (2, 3, 4):
+        sim.alive.discard(d)
+        n = len(sim.submissions())
+        while len(sim.submissions()) == n:
+            sim.step()
+    enc = encode(sim.changes, Mirror(), "/x/", 100)
+    raw = dict(enc.puts)
+    raw["/x/failovers/garbage"] = b"{not json"
+    raw["/x/failovers/half"] = b'{"id": "half"}'
+    state = decode_state(raw, "/x/")
+    assert len(state.failovers) == 3 and sorted(state.failovers_unreadable) == ["garbage", "half"]
+    other = InsightSim(policy=FailoverPolicy(failover_history_capacity=2))
+    other.handle(BecomeLeader(2, state))
+    kept = other.ask(ListFailoversQuery())
+    assert [r.datanode_id for r in kept] == [4, 3]
+    dropped = [c.failover_id for c in other.changes if isinstance(c, FailoverDrop)]
+    assert dropped == [r.failover_id for r in state.failovers if r.datanode_id == 2]
+    assert any(r.getMessage() == "failover_records_unreadable" for r in caplog.records)
