@@ -12,6 +12,7 @@ migration has ended, after `--duration`, or on Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import sys
 import tempfile
@@ -110,9 +111,22 @@ async def _demo(args) -> int:  # type: ignore[no-untyped-def]
     regions = {d: [(TABLE << 32) | (d * 100 + i) for i in range(args.regions)] for d in stops}
     tasks = [asyncio.create_task(_heartbeats(stub, pb, d, regions[d], stops[d])) for d in stops]
     code, record, shown_first, last_verdict = 1, None, False, ""
+    # Ctrl-C and SIGTERM end the demo cleanly (the service stopped, its directory removed), even where
+    # SIGINT was ignored (a background job of a shell).
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
     try:
         while time.monotonic() - t0 < args.duration:
-            await asyncio.sleep(1.0)
+            try:
+                await asyncio.wait_for(interrupted.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            if interrupted.is_set():
+                _say(t0, "interrupted: stopping the datanodes and the service")
+                code = 130
+                break
             elapsed = time.monotonic() - t0
             if not stops[victim].is_set():
                 if elapsed >= args.kill_after:
@@ -157,6 +171,8 @@ async def _demo(args) -> int:  # type: ignore[no-untyped-def]
                 break
         else:
             _say(t0, f"no failover within {args.duration:g} s")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
     finally:
         for ev in stops.values():
             ev.set()

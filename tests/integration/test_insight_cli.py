@@ -108,3 +108,24 @@ def test_the_demo_shows_a_failover_with_its_evidence_well_within_90_s():
     assert "waiting: phi rises slowly until the acceptable heartbeat pause has passed" in out
     assert "supervisor-service explain 5 --addr" in out
     assert took < 60, took
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_the_demo_ends_cleanly_on_a_signal(sig, tmp_path):
+    import glob
+    import signal as signals
+    import tempfile
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "supervisor-demo-*")))
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor_service.cli", "demo"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(4)
+        proc.send_signal(getattr(signals, sig))
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "interrupted: stopping the datanodes and the service" in out and "done:" in out
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "supervisor-demo-*"))) <= before
