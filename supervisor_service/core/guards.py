@@ -264,10 +264,13 @@ class Guards:
         return self._silent
 
     def next_tick(self, t: int) -> int:
-        """The first tick at or after `t`, were ticks to keep their interval from the last one (`t` if unknown)."""
+        """The first tick still to come at or after `t`, were ticks to keep their interval from the last one
+        (`t` when no tick was seen)."""
         last, every = self._last_tick, self.s.tick_interval_ms
-        if last is None or t <= last or every <= 0:
-            return t if last is None or t > last else last
+        if last is None or every <= 0:
+            return t
+        if t <= last:  # that tick has run: the next one
+            return last + every
         return last + -(-(t - last) // every) * every
 
     @property

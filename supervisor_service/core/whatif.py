@@ -110,6 +110,9 @@ class WhatIf:
         snapshots = {node.datanode_id: node for node in self._table.snapshot(set(datanode_ids))}  # one pass
         nodes = [n for d in sorted(snapshots) if (n := self._node(snapshots[d], guards)) is not None]
         held_by: list[str] = [f"datanode {d} has no detector: nothing to fail over" for d in unknown]
+        handled = {n.datanode_id for n in nodes}
+        held_by += [f"datanode {d}: every region of it is already being migrated" for d in sorted(snapshots)
+                    if d not in handled]
         silent = _SilentCount(nodes, self._already_silent(nodes, guards, now))
         mass_at = self._mass_failure_time(nodes, silent, guards)
         bucket = guards.global_budget(now) if guards is not None else None
@@ -137,7 +140,7 @@ class WhatIf:
         # The tick serves the longest-failed datanode first; each takes one global token at a tick.
         tick = guards.next_tick if guards is not None else (lambda t: t)
         for gate, _, n in sorted(gated, key=lambda x: (x[0], x[1], x[2].datanode_id)):
-            at = tick(gate)
+            at = tick(max(gate, now))  # one already failed goes at the next tick
             if bucket is not None:
                 at = tick(bucket.ready_at(1, at))
                 bucket.take(1, at)

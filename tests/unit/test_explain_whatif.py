@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 
-from supervisor_service.core import GuardSettings, SetMaintenance
+from supervisor_service.core import FailoverPolicy, GuardSettings, SetMaintenance
 from supervisor_service.core.insight import ExplainQuery, ListFailoversQuery, WhatIfQuery
 from supervisor_service.core.reasons import clock_text
 from tests.support.insight_sim import START, TICK, InsightSim
@@ -176,3 +176,25 @@ def test_what_if_a_maintained_datanode_is_held_and_unknown_ones_are_named():
     assert "datanode 42 has no detector: nothing to fail over" in plan.held_by
     assert "datanode 4: held: maintenance of datanode 4 until switched off (no expiry)" in plan.held_by
     assert plan.plans[0].earliest_submit_millis == 0
+
+
+def test_what_if_a_datanode_already_failed_or_in_flight():
+    sim = InsightSim(guards=GuardSettings(max_failed_datanode_fraction=1.0),
+                     policy=FailoverPolicy(rebaseline_after_maintenance=False))
+    warm(sim)
+    sim.alive.discard(4)
+    while not sim.submissions():
+        sim.step()
+    plan = sim.ask(WhatIfQuery((4,)))
+    assert plan.held_by == ("datanode 4: every region of it is already being migrated",) and plan.plans == ()
+    # One failed (phi over the threshold) but held by maintenance: it would go at the next tick after the release.
+    sim.handle(SetMaintenance(True, None, (6,), 0))
+    sim.alive.discard(6)
+    sim.run_to(sim.now + 15 * TICK)
+    sim.handle(SetMaintenance(False, None, (6,), 0))
+    plan = sim.ask(WhatIfQuery((6,)))
+    (p,) = plan.plans
+    assert p.predicted_failure_millis < sim.now and sim.now < p.earliest_submit_millis <= sim.now + TICK
+    n = len(sim.submissions())
+    sim.step()
+    assert len(sim.submissions()) == n + 1 and sim.submissions()[-1][0] == p.earliest_submit_millis
