@@ -55,6 +55,7 @@ class InsightSim:
         self.changes: list[object] = []
         self.submit_category = "submitted"
         self.submit_error: str | None = None
+        self.submit_error_kind = "refused"
         self.poll_state = MigrationState.RUNNING
         self._procedures = 0
 
@@ -94,7 +95,7 @@ class InsightSim:
                                           peers=peers))
             case SubmitMigration(task):
                 if self.submit_error is not None:
-                    self.handle(SubmissionDone(task, error=self.submit_error, error_kind="refused"))
+                    self.handle(SubmissionDone(task, error=self.submit_error, error_kind=self.submit_error_kind))
                     return
                 self._procedures += 1
                 pid = f"proc-{self._procedures}" if self.submit_category == "submitted" else ""

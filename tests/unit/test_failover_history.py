@@ -183,3 +183,17 @@ def test_an_unreadable_stored_record_is_left_out_and_a_lowered_capacity_drops_th
     dropped = [c.failover_id for c in other.changes if isinstance(c, FailoverDrop)]
     assert dropped == [r.failover_id for r in state.failovers if r.datanode_id == 2]
     assert any(r.getMessage() == "failover_records_unreadable" for r in caplog.records)
+
+
+def test_an_ambiguous_call_is_recorded_then_its_retry_answered_in_the_same_record():
+    sim = InsightSim(policy=FailoverPolicy(submit_retry_backoff_ms=1000))
+    sim.submit_error, sim.submit_error_kind = "DEADLINE_EXCEEDED: no answer within 5 s", "ambiguous"
+    dead(sim, 2)
+    rec = sim.ask(ListFailoversQuery())[0]
+    assert rec.result == "call failed, retried: ambiguous: DEADLINE_EXCEEDED: no answer within 5 s"
+    assert rec.finished_at_millis == 0
+    sim.submit_error = None  # the remote answers again: the retry, same request_id
+    sim.run_to(sim.now + 5 * TICK)
+    recs = sim.ask(ListFailoversQuery())
+    assert len(recs) == 1 and recs[0].failover_id == rec.failover_id and recs[0].result == "submitted: 2"
+    assert len({t.request_id for _, t in sim.submissions()}) == 1 and len(sim.submissions()) >= 2
