@@ -602,7 +602,7 @@ def _journal(client, args) -> int:
     embedded, entries = client.journal(args.limit)
     if not embedded:
         return _fail(
-            "the service uses a remote RegionMigration service; its decisions are not journaled here",
+            "the service uses a remote RegionMigration service: `supervisor-service history` lists its decisions",
             EXIT_USAGE,
         )
     for e in entries:
