@@ -1,4 +1,4 @@
-"""`supervisor-service history | explain | whatif`: the failover history, why, and what if (docs/design.md §14).
+"""`supervisor-service history | explain | whatif`: the failover history, why, and what if (docs/design.md §16).
 
     supervisor-service history [--datanode ID ...] [--region ID ...] [--since MILLIS] [--limit N] [--json]
                                [--plot FILE.png]

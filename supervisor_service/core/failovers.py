@@ -1,4 +1,4 @@
-"""The failover history: one durable record per decision, with its evidence, checks and end (docs/design.md §14).
+"""The failover history: one durable record per decision, with its evidence, checks and end (docs/design.md §16).
 
 A decision (one SubmitRegionMigration of regions of one datanode to one target, under one
 request_id) is recorded when it is made, whatever the RegionMigration behind it: the evidence

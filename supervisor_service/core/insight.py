@@ -1,4 +1,4 @@
-"""Operator insight on the supervisor thread: the history's hook, ListFailovers, Explain (docs/design.md §14).
+"""Operator insight on the supervisor thread: the history's hook, ListFailovers, Explain (docs/design.md §16).
 
 `Insight` answers the `Inspect` event's queries from the core's own objects, reading them
 only: a ListFailovers filter over the history, an Explain of a datanode or a region (its

@@ -1,4 +1,4 @@
-"""Why a failed datanode would not be failed over now, and what a decision checked (docs/design.md §14).
+"""Why a failed datanode would not be failed over now, and what a decision checked (docs/design.md §16).
 
 `HOLD_RULES` is the one list of the reasons that keep a failed datanode's regions where they
 are, in the order the tick checks them: each rule reads the core's state (never changes it)

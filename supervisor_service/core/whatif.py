@@ -1,4 +1,4 @@
-"""What if these datanodes stopped heartbeating now (docs/design.md §14)?
+"""What if these datanodes stopped heartbeating now (docs/design.md §16)?
 
 Computed on the supervisor thread from the same table and guards, read only: each datanode's
 conviction (the first instant phi of one of its regions reaches the threshold with no heartbeat),

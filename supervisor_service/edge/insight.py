@@ -1,4 +1,4 @@
-"""The operator-insight RPCs: ListFailovers, Explain, WhatIf (docs/design.md §14).
+"""The operator-insight RPCs: ListFailovers, Explain, WhatIf (docs/design.md §16).
 
 Each validates its request, asks the supervisor thread through the event queue (an `Inspect`
 event: read only, nothing is stored) and converts the answer. The history and the table live

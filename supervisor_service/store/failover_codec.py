@@ -1,4 +1,4 @@
-"""How a failover record is stored: one JSON value per record, `failovers/<request_id>` (docs/design.md §14)."""
+"""How a failover record is stored: one JSON value per record, `failovers/<request_id>` (docs/design.md §16)."""
 
 from __future__ import annotations
 
