@@ -25,6 +25,7 @@ import grpc
 
 from supervisor_service.core import DetectingRegion, log_event
 from supervisor_service.proto import LEADER_METADATA_KEY, pb, pb_grpc
+from supervisor_service.security.tls import ClientTLS, channel
 
 log = logging.getLogger("supervisor_service.client")
 
@@ -74,9 +75,11 @@ class SupervisorClient:
     """
 
     def __init__(
-        self, addr: str | Sequence[str], *, token: str = "", timeout: float = 10.0, follow_leader: bool = True
+        self, addr: str | Sequence[str], *, token: str = "", timeout: float = 10.0, follow_leader: bool = True,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.addrs = _addresses(addr)
+        self._tls = tls
         if not self.addrs:
             raise ValueError("no address given")
         self._timeout = timeout
@@ -87,7 +90,7 @@ class SupervisorClient:
 
     def _connect(self, addr: str) -> None:
         self.addr = addr
-        self._channel = grpc.insecure_channel(addr)
+        self._channel = channel(addr, self._tls)
         self.stub = pb_grpc.RegionSupervisorStub(self._channel)
 
     def _switch(self, addr: str) -> None:
@@ -319,8 +322,10 @@ class DatanodeHeartbeater:
         token: str = "",
         on_response: Callable[[str, pb.HeartbeatResponse], None] | None = None,
         on_rejection: Callable[[Rejection, pb.HeartbeatResponse], None] | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.addrs = _addresses(addrs)
+        self._tls = tls
         if not self.addrs:
             raise ValueError("no address given")
         self.datanode_id = datanode_id
@@ -409,8 +414,8 @@ class DatanodeHeartbeater:
         where to go next."""
         outbox: queue.Queue = queue.Queue()
         inbox: queue.Queue = queue.Queue()
-        channel = grpc.insecure_channel(addr)
-        stub = pb_grpc.RegionSupervisorStub(channel)
+        stream_channel = channel(addr, self._tls)
+        stub = pb_grpc.RegionSupervisorStub(stream_channel)
         call = self._call = stub.SendHeartbeat(self._requests(outbox), metadata=self._metadata)
         reader = threading.Thread(
             target=self._read_answers, args=(call, inbox), name=f"datanode-{self.datanode_id}-answers", daemon=True
@@ -458,7 +463,7 @@ class DatanodeHeartbeater:
             self._call = None
             outbox.put(None)
             call.cancel()
-            channel.close()
+            stream_channel.close()
 
     @staticmethod
     def _read_answers(call, inbox: queue.Queue) -> None:

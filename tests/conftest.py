@@ -20,6 +20,9 @@ from tests.support.backends import BACKENDS, EtcdBackend, PostgresBackend
 from tests.support.servers import EtcdServer, PostgresServer
 from tests.support.service import ServiceFactory
 
+# Fixtures defined in support modules, for every test: `cert_files`, `other_ca_files`.
+pytest_plugins = ("tests.support.certs",)
+
 
 @pytest.fixture
 def service():

@@ -9,17 +9,26 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from supervisor_service.core import HOLD_REASONS, PHI_BUCKETS
+from supervisor_service.core import AGE_BUCKETS_S, HOLD_REASONS, PHI_BUCKETS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _APPLY_LATENCY_BUCKETS = (0.00025, 0.0005) + _LATENCY_BUCKETS
+
+
+def cumulative_buckets(bounds: Iterable[float], counts: Iterable[int]) -> list[tuple[str, int]]:
+    """(`le`, observations at or under it) for each upper bound, from the counts of each bucket alone."""
+    cumulative, running = [], 0
+    for bound, n in zip(bounds, counts):
+        running += n
+        cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return cumulative
 
 
 class _SingleWriterHistogram(Collector):
@@ -44,12 +53,8 @@ class _SingleWriterHistogram(Collector):
 
     def collect(self):
         counts, total = list(self._counts), self._sum
-        cumulative, running = [], 0
-        for bound, n in zip(self._bounds, counts):
-            running += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(self._name, self._doc)
-        family.add_metric([], cumulative, total)
+        family.add_metric([], cumulative_buckets(self._bounds, counts), total)
         yield family
 
 
@@ -136,16 +141,103 @@ class _PhiHistogram(Collector):
     def collect(self):
         with self._lock:
             buckets, total = list(self._buckets), self._sum
-        cumulative, running = [], 0
-        for bound, n in zip(PHI_BUCKETS, buckets):
-            running += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         family = HistogramMetricFamily(
             "supervisor_detector_phi",
             "Current phi of every detector as of the last tick (a snapshot, not a running total; past 100,000 history groups, as of the last sweep over several ticks).",
         )
-        family.add_metric([], cumulative, total)
+        family.add_metric([], cumulative_buckets(PHI_BUCKETS, buckets), total)
         yield family
+
+
+class HeartbeatAges(Collector):
+    """The heartbeat age summary the supervisor thread publishes at each tick (`core.heartbeat_ages`):
+    `supervisor_datanode_heartbeat_age_seconds`, a histogram over datanodes as of the last tick, and
+    `supervisor_datanode_heartbeat_age_oldest_seconds{datanode_id}` for the oldest few (a datanode's
+    series ends when it is no longer among them). Replaced wholesale, read by the scrape under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._summary: tuple[list[int], int, float, list[tuple[int, float]]] = ([0] * len(AGE_BUCKETS_S), 0, 0.0, [])
+
+    def set(self, buckets: list[int], count: int, total: float, oldest: list[tuple[int, float]]) -> None:
+        with self._lock:
+            self._summary = (list(buckets), count, total, list(oldest))
+
+    def collect(self):
+        with self._lock:
+            buckets, _, total, oldest = self._summary
+        family = HistogramMetricFamily(
+            "supervisor_datanode_heartbeat_age_seconds",
+            "Age of each datanode's newest heartbeat as of the last tick, over the datanodes with detectors "
+            "(a snapshot, not a running total).",
+        )
+        family.add_metric([], cumulative_buckets(AGE_BUCKETS_S, buckets), total)
+        yield family
+        gauge = GaugeMetricFamily(
+            "supervisor_datanode_heartbeat_age_oldest_seconds",
+            "Age of the newest heartbeat of the datanodes heard from longest ago, as of the last tick.",
+            labels=("datanode_id",),
+        )
+        for datanode_id, age in oldest:
+            gauge.add_metric([str(datanode_id)], age)
+        yield gauge
+
+
+# prometheus.DefBuckets (go-grpc-prometheus's default) with finer steps below 5 ms: most unary calls
+# of this service answer in well under a millisecond.
+HANDLING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+GRPC_TYPES = {  # (client_streaming, server_streaming) -> grpc_type, as go-grpc-prometheus names them
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+
+
+class GrpcServerMetrics:
+    """gRPC server metrics in go-grpc-prometheus's names and labels (docs/design.md §15), counted by
+    `edge/grpc_metrics.py`. The counters are `_LoopCounter`s: every RPC of the grpc.aio server runs on
+    its one event loop, so counting a heartbeat stream's messages is an addition to a plain number (no
+    lock per message); the latency histogram is observed once per call, at its end.
+
+    `grpc_server_started_total`, `grpc_server_handled_total{grpc_code}`, `grpc_server_handling_seconds`,
+    `grpc_server_msg_received_total` and `grpc_server_msg_sent_total`, by grpc_type, grpc_service and
+    grpc_method. Only methods the server registers get series (see `edge/grpc_metrics.py`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = _LoopCounter("grpc_server_started", "Total number of RPCs started on the server.", _GRPC_LABELS)
+        self.handled = _LoopCounter(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            (*_GRPC_LABELS, "grpc_code"),
+        )
+        self.msg_received = _LoopCounter(
+            "grpc_server_msg_received", "Total number of RPC stream messages received on the server.", _GRPC_LABELS
+        )
+        self.msg_sent = _LoopCounter(
+            "grpc_server_msg_sent", "Total number of gRPC stream messages sent by the server.", _GRPC_LABELS
+        )
+        for counter in (self.started, self.handled, self.msg_received, self.msg_sent):
+            registry.register(counter)
+        self.handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            _GRPC_LABELS,
+            buckets=HANDLING_BUCKETS,
+            registry=registry,
+        )
+
+    def initialize(self, grpc_type: str, service: str, method: str) -> None:
+        """Every series of one method at zero, as go-grpc-prometheus's `InitializeMetrics` does: a
+        rate over a method never called is 0, not absent (handled: its OK series)."""
+        labels = (grpc_type, service, method)
+        for counter in (self.started, self.msg_received, self.msg_sent):
+            counter.labels(*labels)
+        self.handled.labels(*labels, "OK")
+        self.handling_seconds.labels(*labels)
 
 
 class Metrics:
@@ -204,6 +296,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("supervisor_event_queue_depth", "Events waiting in the queue.", registry=r)
+        self.queue_capacity = Gauge(
+            "supervisor_event_queue_capacity", "Events the queue holds at most (setting event_queue_size).", registry=r
+        )
         self.queue_oldest_age = Gauge(
             "supervisor_event_queue_oldest_age_seconds", "Age of the oldest queued event.", registry=r
         )
@@ -235,6 +330,8 @@ class Metrics:
         )
         self.phi = _PhiHistogram()
         r.register(self.phi)
+        self.heartbeat_ages = HeartbeatAges()
+        r.register(self.heartbeat_ages)
         self.failures_detected = Counter(
             "supervisor_region_failures_detected",
             "Detectors that crossed the phi threshold (counted once per crossing).",
@@ -315,6 +412,17 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("supervisor_is_leader", "1 while this replica is the leader.", registry=r)
+        self.leader_term = Gauge(
+            "supervisor_leader_term", "The term this replica leads under, or last led under.", registry=r
+        )
+        self.leadership_changes = Counter(
+            "supervisor_leadership_changes",
+            "Times this replica began (elected) or stopped (lost) leading, once its state was recovered.",
+            ["change"],
+            registry=r,
+        )
+        for change in ("elected", "lost"):
+            self.leadership_changes.labels(change=change)
         self.thread_alive = Gauge(
             "supervisor_thread_alive", "1 while the supervisor thread is running.", registry=r
         )
@@ -339,6 +447,12 @@ class Metrics:
             "Writes too large for one backend transaction, committed in several.",
             registry=r,
         )
+        self.store_commit_duration = Histogram(
+            "supervisor_store_commit_duration_seconds",
+            "Time of each state store transaction attempt, committed or failed.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.store_pending = Gauge(
             "supervisor_store_pending_writes",
             "Writes handed to the state store and neither committed nor answered with an error.",
@@ -350,10 +464,18 @@ class Metrics:
         self.metrics_http_errors = Counter(
             "supervisor_metrics_http_errors",
             "Connections to the /metrics endpoint refused or closed early, by reason "
-            "(idle_evicted, over_limit, timeout, bad_request).",
+            "(idle_evicted, over_limit, timeout, bad_request, tls_failed).",
             ["reason"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "supervisor_tls_reloads",
+            "Server certificate files that changed on disk, by outcome: reloaded (new connections get them), "
+            "rejected (they do not load; the certificate in force keeps serving).",
+            ["outcome"],
+            registry=r,
+        )
+        self.grpc_server = GrpcServerMetrics(r)
 
     def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

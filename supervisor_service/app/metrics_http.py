@@ -18,6 +18,10 @@ heartbeat handling starves. This server is one selector loop on one thread:
 - the registry is rendered at most once per `cache_s` per format, so any
   number of concurrent scrapes cost one render.
 
+With an `ssl_context` it speaks HTTPS only: each connection's handshake runs
+non-blocking in the same loop (a client that fails it is counted as
+`tls_failed` and closed), within the same deadline as its request.
+
 Formats are those of prometheus_client (text 0.0.4, or OpenMetrics when the
 scraper asks for it in `Accept`), gzip when accepted, on `/metrics` and `/`.
 """
@@ -28,6 +32,7 @@ import gzip
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -74,8 +79,10 @@ class MetricsHTTPServer:
         on_drop: Callable[[str], None] | None = None,
         on_open: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._registry = registry
+        self._ssl = ssl_context
         self._max = max_connections
         self._timeout = timeout_s
         self._cache_s = cache_s
@@ -182,12 +189,15 @@ class MetricsHTTPServer:
                 else:
                     self._on_drop("over_limit")
                     try:
-                        sock.send(_OVER_LIMIT)
+                        if self._ssl is None:  # over TLS the answer would need a handshake first
+                            sock.send(_OVER_LIMIT)
                     except OSError:
                         pass
                     sock.close()
                     self._note("over_limit", max_connections=self._max)
                     continue
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             conn = _Conn(sock, self._clock() + self._timeout)
             self._conns[conn.fd] = conn
             self._waiting[conn.fd] = conn
@@ -196,8 +206,14 @@ class MetricsHTTPServer:
 
     def _read(self, conn: _Conn) -> None:
         try:
-            data = conn.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+            data = conn.sock.recv(4096)  # over TLS: the handshake first, then the request
+            while data and isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+                data += conn.sock.recv(conn.sock.pending())  # decrypted already: no readiness event for it
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except ssl.SSLError as exc:
+            self._note("tls_failed", error=exc.reason or str(exc))
+            self._drop(conn, "tls_failed")
             return
         except OSError:
             self._close(conn)
@@ -285,7 +301,7 @@ class MetricsHTTPServer:
         while conn.out:
             try:
                 sent = conn.sock.send(conn.out[0])
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except OSError:
                 self._close(conn)

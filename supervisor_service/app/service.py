@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from supervisor_service.app.settings import Settings
+from supervisor_service.app.tls import server_certificates
 from supervisor_service.app.wiring import Hooks, bind_grpc, build_edge, build_parts, serve_metrics
 from supervisor_service.cluster import SingleLeadership
 from supervisor_service.core import BecomeLeader, Clock, LoseLeadership, StoredState, TermSet, log_event
@@ -95,7 +96,8 @@ class Service:
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
         self.servicer, self.server, self.health = build_edge(s, self.parts)
-        self.addresses.grpc = bind_grpc(self.server, s.grpc_addr)
+        certificates = server_certificates(s, on_reload=lambda o: self.parts.metrics.tls_reloads.labels(outcome=o).inc())
+        self.addresses.grpc = bind_grpc(self.server, s.grpc_addr, certificates)
         advertise = s.advertise_addr or self.addresses.grpc
         self._metrics_server, self.addresses.metrics = serve_metrics(s, self.parts)
         self.store.start()

@@ -132,6 +132,40 @@ class Settings(BaseSettings):
     auth_token: str = ""
     """If set, every RPC must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise)."""
 
+    # -- TLS (docs/design.md §14.1); every file is PEM, re-read when it changes on disk
+    tls_cert_file: str = ""
+    """Server certificate chain of the gRPC port; with tls_key_file, the port speaks TLS only (plaintext clients are refused). Re-read when it changes: new connections get the new certificate without a restart."""
+    tls_key_file: str = ""
+    """Private key of tls_cert_file (unencrypted PEM)."""
+    tls_client_ca_file: str = ""
+    """When set (with tls_cert_file), every client must present a certificate signed by this CA (mTLS)."""
+    tls_max_connection_age_ms: int = Field(300_000, ge=0, le=86_400_000)
+    """With TLS: a connection older than this (±10%) is asked to close, so every client handshakes again (a replaced or revoked certificate stops working within this plus the grace); 0: connections live on."""
+    tls_max_connection_age_grace_ms: int = Field(30_000, ge=0, le=86_400_000)
+    """Time calls still open on an aged connection (heartbeat streams) keep running before it is closed; the client reconnects with a new handshake."""
+    tls_handshake_timeout_ms: int = Field(10_000, ge=100, le=600_000)
+    """With TLS: a connection that has not completed its handshake within this is closed (grpc's default is 120 s: a flood of stalled handshakes would hold that many sockets that long)."""
+    remote_tls_ca_file: str = ""
+    """CA of the Selector, PeerLookup and RegionMigration services; when set, calls to them use TLS."""
+    remote_tls_cert_file: str = ""
+    """Client certificate presented to the remote services (mTLS); needs remote_tls_key_file and remote_tls_ca_file."""
+    remote_tls_key_file: str = ""
+    """Private key of remote_tls_cert_file."""
+    remote_tls_server_name: str = ""
+    """Name the remote services' certificates are verified against; empty: the host of each endpoint."""
+    etcd_tls_ca_file: str = ""
+    """CA of etcd (`etcds://` in store); empty: the system's roots."""
+    etcd_tls_cert_file: str = ""
+    """Client certificate presented to etcd (etcd's --client-cert-auth); needs etcd_tls_key_file."""
+    etcd_tls_key_file: str = ""
+    """Private key of etcd_tls_cert_file."""
+    metrics_tls_cert_file: str = ""
+    """Certificate of the /metrics endpoint; with metrics_tls_key_file, it serves HTTPS only. Read at start."""
+    metrics_tls_key_file: str = ""
+    """Private key of metrics_tls_cert_file."""
+    metrics_tls_client_ca_file: str = ""
+    """When set, a scraper must present a certificate signed by this CA."""
+
     # -- remote services
     selector_endpoint: str = ""
     """host:port of the Selector service; empty: the embedded round-robin selector."""
@@ -192,7 +226,7 @@ class Settings(BaseSettings):
 
     # -- state and leadership
     store: str = "sqlite"
-    """State store: `sqlite` (a file in data_dir; one replica), `memory` (nothing survives a restart), `etcd://host:port[,host:port]` or `postgresql://user[:password]@host[:port]/dbname` (several replicas, leader election; the password is never logged, PGPASSFILE or PGPASSWORD keep it out of the setting)."""
+    """State store: `sqlite` (a file in data_dir; one replica), `memory` (nothing survives a restart), `etcd://host:port[,host:port]` (`etcds://`: TLS, see etcd_tls_*) or `postgresql://user[:password]@host[:port]/dbname` (several replicas, leader election; the password is never logged, PGPASSFILE or PGPASSWORD keep it out of the setting)."""
     data_dir: Path = Path("./data")
     """Directory of the SQLite store; a relative path is resolved once, at start, against the working directory (the absolute path is logged in service_started)."""
     store_prefix: str = "/region-supervisor/default"
@@ -269,7 +303,7 @@ class Settings(BaseSettings):
     def _store(cls, v: str) -> str:
         if v in ("sqlite", "memory"):
             return v
-        if v.startswith("etcd://"):
+        if v.startswith(("etcd://", "etcds://")):
             from supervisor_service.store import parse_endpoints
 
             parse_endpoints(v)
@@ -293,6 +327,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
         self.detector_options()  # raises ValueError naming the option
+        from supervisor_service.security.tls_settings import check_tls_settings
+
+        check_tls_settings(self)  # raises ValueError naming the setting and the file
         return self
 
     @classmethod
@@ -353,8 +390,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+    from supervisor_service.security.client_env import CLIENT_TLS_ENV  # a client's, not the service's
+
     unknown = sorted(
         k for k in os.environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() not in Settings.model_fields
+        and k not in CLIENT_TLS_ENV.values()
     )
     if unknown:
         raise ConfigError("; ".join(f"unknown environment variable {k}{_did_you_mean(k[len(ENV_PREFIX):])}" for k in unknown))

@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.metrics_http import MetricsHTTPServer
 from supervisor_service.app.settings import Settings
+from supervisor_service.app.tls import etcd_tls, metrics_ssl_context, remote_tls
 from supervisor_service.cluster import Leadership, open_cluster
 from supervisor_service.core import Clock, Guards, JournalAppend, Supervisor, SystemClock
 from supervisor_service.edge import RegionSupervisorServicer, build_server
 from supervisor_service.remotes import PeerDirectory, Remotes, build_remotes
 from supervisor_service.runtime import EventQueue, SupervisorRuntime, Ticker
+from supervisor_service.security.tls import ServerCertificates
 from supervisor_service.store import KV, StateStore, StoreGone
 
 
@@ -76,6 +78,7 @@ def build_parts(
         clock=clock,
     )
     metrics.bind_queue(lambda: len(queue), queue.oldest_age)
+    metrics.queue_capacity.set(s.event_queue_size)
     metrics.queue_heartbeat_bytes.set_function(lambda: queue.heartbeat_bytes)
     # A lower node_epoch is a new life once the newest has been silent as long as a detector tolerates.
     directory = PeerDirectory(clock, new_life_after_ms=s.acceptable_heartbeat_pause_ms)
@@ -90,6 +93,7 @@ def build_parts(
         on_elected=hooks.on_elected,
         on_lost=hooks.on_lost,
         kv=kv,
+        etcd_tls=etcd_tls(s),
     )
     store = StateStore(
         kv,
@@ -111,6 +115,7 @@ def build_parts(
         timeout_s=s.remote_timeout_ms / 1000,
         alive_window_ms=s.selector_alive_window,
         journal_capacity=s.journal_capacity,
+        tls=remote_tls(s),
     )
     if remotes.journal is not None:
         remotes.journal.set_persist(lambda entry, term: store.submit([JournalAppend(entry, term)], term=term))
@@ -154,15 +159,17 @@ def build_edge(s: Settings, parts: Parts):
         leadership=parts.leadership,
         store=parts.store,
     )
-    server, health = build_server(servicer, s)
+    server, health = build_server(servicer, s, parts.metrics.grpc_server)
     return servicer, server, health
 
 
-def bind_grpc(server, grpc_addr: str) -> str:
-    """Bind `grpc_addr` (port 0: any free one); the address bound, or OSError naming the setting."""
+def bind_grpc(server, grpc_addr: str, certificates: ServerCertificates | None = None) -> str:
+    """Bind `grpc_addr` (port 0: any free one), TLS only when `certificates` are given; the address
+    bound, or OSError naming the setting."""
     host, _, _ = grpc_addr.rpartition(":")
     try:
-        port = server.add_insecure_port(grpc_addr)
+        port = (server.add_insecure_port(grpc_addr) if certificates is None
+                else server.add_secure_port(grpc_addr, certificates.credentials()))
     except RuntimeError:  # grpc.aio raises where the sync server returned 0
         port = 0
     if port == 0:
@@ -183,6 +190,7 @@ def serve_metrics(s: Settings, parts: Parts) -> tuple[MetricsHTTPServer | None, 
             timeout_s=s.metrics_timeout_ms / 1000,
             on_drop=lambda reason: metrics.metrics_http_errors.labels(reason=reason).inc(),
             on_open=metrics.metrics_http_connections.set,
+            ssl_context=metrics_ssl_context(s),
         ).start()
     except OSError as exc:
         raise OSError(

@@ -19,12 +19,12 @@ tuple and gets one reply (a dict):
   sends as fast as answers come back (`window` requests outstanding) for
   `seconds`, then resumes its period; replies when done. With `change_every`,
   the region set changes every that many messages (`ChangingHeartbeats`);
-- `("extra", addr, ids, regions, seconds, window, stamped=True, ramp=False, change_every=0)`:
+- `("extra", addr, ids, regions, seconds, window, stamped=True, ramp=False, change_every=0, tls=None)`:
   open extra streams (to `addr`, or the service when empty) and flood them for
   `seconds`, then close them; replies when done. With `ramp`, each stream
   first sends `regions` messages naming regions 0..k (k = 0, 1, ...), so each
   region index joins at a different moment (churned histories), and the
-  `seconds` are measured after that;
+  `seconds` are measured after that; `tls` (a `ClientTLS`): over TLS;
 - `("stop", id)` / `("start", id)`: end one fleet datanode's stream (it
   goes silent) / start it again;
 - `("dump", page_size)`: read a Dump of every detector and time it;
@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from supervisor_service.proto import pb, pb_grpc
+from supervisor_service.security.tls import ClientTLS, aio_channel
 
 METHOD = "/supervisor.v1.RegionSupervisor/SendHeartbeat"
 _REJECTED = bytes([6 << 3, 1])  # HeartbeatResponse.rejected = true on the wire
@@ -307,10 +308,10 @@ class LoadGenerator:
         }
 
     async def extra(self, addr: str, ids: list[int], regions: int, seconds: float, window: int,
-                    stamped: bool = True, ramp: bool = False, change_every: int = 0) -> dict:
+                    stamped: bool = True, ramp: bool = False, change_every: int = 0,
+                    tls: ClientTLS | None = None) -> dict:
         loop = asyncio.get_running_loop()
-        channels = [grpc.aio.insecure_channel(addr or self.addr, options=CHANNEL_OPTIONS)
-                    for _ in range(len(self.channels))]
+        channels = [aio_channel(addr or self.addr, tls, CHANNEL_OPTIONS) for _ in range(len(self.channels))]
         methods = [c.stream_stream(METHOD, request_serializer=None, response_deserializer=None) for c in channels]
         counters = Counters()
         self.window = window

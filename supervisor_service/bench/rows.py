@@ -46,6 +46,7 @@ class Config:
     baseline_rounds: int = 5
     baseline_naive_memory_datanodes: int = 2
     failover: bool = True
+    tls: bool = True  # the TLS on / off rows: the same floods against a fresh service, plaintext then mTLS
     quick: bool = False
 
     @classmethod

@@ -42,6 +42,9 @@ Scenarios, in order (each is a row):
    "region-heartbeats/s" is one heartbeat's regions over its median apply.)
 10. the naive baseline and the table, in-process in a child process, fed the
    same heartbeat sequence; ratios printed under the table.
+11. TLS off and on (`bench.tls`): two fresh services side by side, plaintext and
+   mTLS (certificates made for the run), flooded by new streams at both message
+   sizes in alternating windows; the cost of TLS is the difference in CPU per message.
 
 `--curve` runs instead the cost as the work grows (`bench.curve`); `--profile`
 a py-spy record of the service under the stamped flood (`bench.profile`).
@@ -68,6 +71,7 @@ import supervisor_service.bench.baseline as baseline
 import supervisor_service.bench.ceiling as ceiling
 import supervisor_service.bench.curve as curve
 import supervisor_service.bench.loadgen as loadgen
+import supervisor_service.bench.tls as tls
 from supervisor_service.bench.floods import Floods
 from supervisor_service.bench.rows import Config, Row, baseline_rows, render
 from supervisor_service.bench.verdict import summary_notes, targets
@@ -159,11 +163,11 @@ class _RssSampler(threading.Thread):
 class ServiceHost:
     """The service on its own asyncio loop in a daemon thread (as `make run` would, minus signals)."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings_overrides) -> None:
         from supervisor_service.app.service import Service
         from supervisor_service.app.settings import load_settings
 
-        settings = load_settings(grpc_addr="127.0.0.1:0", metrics_addr="", store="memory")
+        settings = load_settings(grpc_addr="127.0.0.1:0", metrics_addr="", store="memory", **settings_overrides)
         self.service = Service(settings, registry=CollectorRegistry())
         metrics = self.service.metrics
         self.tick_tap = metrics.tick_duration = _Tap(metrics.tick_duration, now_ms=self.service.clock.now_ms)
@@ -498,6 +502,8 @@ class Bench:
             if cfg.change_every:
                 for streams, regions in sizes:
                     self.rows.append(ceiling.measure(self, streams, regions, True, cfg.change_every))
+            if cfg.tls:
+                self.rows.extend(tls.measure(self, sizes, ServiceHost))
         finally:
             self.stop()
         _pair_floors(self.rows)
@@ -543,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-best-case", action="store_true", help="skip the identical-bytes (best case) rows")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process worst-case rows")
     parser.add_argument("--no-failover", action="store_true", help="skip the failover scenario")
+    parser.add_argument("--no-tls", action="store_true", help="skip the TLS on / off rows")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--verbose", action="store_true", help="let the service log (warnings and up)")
     args = parser.parse_args(argv)
@@ -562,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.steady_s = cfg.flood_s = cfg.small_s = cfg.churn_s = args.seconds
         cfg.ceiling_s = max(1.0, args.seconds * 0.75)
     cfg.failover = not args.no_failover
+    cfg.tls = not args.no_tls
     cfg.best_case = not args.no_best_case
     cfg.in_process = not args.no_in_process
     cfg.churn_datanodes = min(cfg.churn_datanodes, cfg.datanodes)

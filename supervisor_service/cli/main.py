@@ -10,9 +10,12 @@
     supervisor-service settings [--markdown]
     supervisor-service health [--addr HOST:PORT] [--timeout S] [--service NAME]
     supervisor-service evaluate [--config FILE] [--trace FILE.csv ...] [--out DIR] [--quick]
+    supervisor-service certs --out DIR [--datanodes N] [--operator NAME ...]
 
 Client commands take `--addr` with one or more replicas (`--addr a,b,c` or
-repeated). Errors are one line on stderr and a non-zero exit status.
+repeated) and, for a TLS port, `--tls-ca`, `--tls-cert`, `--tls-key`,
+`--tls-server-name` (`cli/tls.py`). Errors are one line on stderr and a
+non-zero exit status.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import signal
 import sys
 from collections.abc import Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
+
+from supervisor_service.cli.tls import add_certs_parser, add_tls_flags, certs_command, client_tls
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG
@@ -217,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="auth token, if the service requires one (default: $SUPERVISOR_AUTH_TOKEN)")
         c.add_argument("--timeout", type=_finite(0, 86_400, "seconds"), default=10.0,
                        help="seconds to wait for each replica's answer (default 10)")
+        add_tls_flags(c)
         return c
 
     dump = client("dump", "show the detectors: phi, last heartbeat, failover count")
@@ -268,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--token", default=os.environ.get("SUPERVISOR_AUTH_TOKEN", ""),
                         help="auth token sent along (health checks are exempt from auth_token; for a proxy in "
                         "between) (default: $SUPERVISOR_AUTH_TOKEN)")
+    add_tls_flags(health)
+    add_certs_parser(sub)
 
     settings = sub.add_parser("settings", help="list every setting with its default and meaning")
     settings.add_argument("--markdown", action="store_true", help="as the README's markdown table")
@@ -298,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 code = _evaluate(args, argv)
             case "health":
                 code = _health(args)
+            case "certs":
+                code = certs_command(args)
             case "demo":
                 import supervisor_service.cli.demo as demo
 
@@ -439,12 +449,16 @@ def _client_command(args) -> int:
 
     if _bad_token(args.token):
         return _fail(BAD_TOKEN, EXIT_USAGE)
+    try:
+        tls = client_tls(args)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     groups = args.addr or [_addr_list(os.environ.get("SUPERVISOR_GRPC_ADDR") or _default_grpc_addr())]
     addrs = [a for group in groups for a in group]
     if args.command == "maintenance" and args.ttl_millis and args.action != "on":
         return _fail("--ttl takes a positive number of seconds, with `on` only", EXIT_USAGE)
     try:
-        with SupervisorClient(addrs, token=args.token, timeout=args.timeout) as client:
+        with SupervisorClient(addrs, token=args.token, timeout=args.timeout, tls=tls) as client:
             match args.command:
                 case "dump":
                     return _dump(client, args)
@@ -500,6 +514,7 @@ def _health(args) -> int:
 
     from supervisor_service.app.settings import short_repr
     from supervisor_service.proto import pb
+    from supervisor_service.security.tls import channel as channel_to
 
     if args.addr is not None:
         addr, source = args.addr, "--addr"
@@ -513,11 +528,15 @@ def _health(args) -> int:
         return _fail(f"{source}: {exc}", EXIT_USAGE)
     if _bad_token(args.token):
         return _fail(BAD_TOKEN, EXIT_USAGE)
+    try:
+        tls = client_tls(args)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     service = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name if args.service is None else args.service
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     shown = f"{short_repr(service)} at {target}" if service else f"the server at {target}"
     # No reconnect backoff and no retries: one attempt within --timeout, as a probe wants.
-    with grpc.insecure_channel(target, options=(("grpc.enable_retries", 0),)) as channel:
+    with channel_to(target, tls, [("grpc.enable_retries", 0)]) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=args.timeout, metadata=metadata)

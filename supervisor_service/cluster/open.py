@@ -8,6 +8,7 @@ from pathlib import Path
 from supervisor_service.cluster.etcd import EtcdElection
 from supervisor_service.cluster.leadership import Leadership, SingleLeadership
 from supervisor_service.cluster.postgres import PostgresElection
+from supervisor_service.security.tls import ClientTLS
 from supervisor_service.store import KV, EtcdKV, PostgresKV, open_kv
 
 
@@ -23,6 +24,7 @@ def open_cluster(
     on_lost: Callable[[], None],
     allow_new_store: bool = False,
     kv: KV | None = None,
+    etcd_tls: ClientTLS | None = None,
 ) -> tuple[KV, Leadership]:
     """The backend `store` names (or `kv`, when given) and who leads over it.
 
@@ -32,7 +34,7 @@ def open_cluster(
     runs until the leadership's `start`; `advertise_addr` may be set again
     before it (once the port is bound).
     """
-    kv = kv if kv is not None else open_kv(store, data_dir, allow_new_store=allow_new_store)
+    kv = kv if kv is not None else open_kv(store, data_dir, allow_new_store=allow_new_store, etcd_tls=etcd_tls)
     if isinstance(kv, EtcdKV):
         return kv, EtcdElection(kv, prefix, advertise_addr, lease_ttl_ms, on_elected=on_elected, on_lost=on_lost)
     if isinstance(kv, PostgresKV):

@@ -70,6 +70,7 @@ from supervisor_service.core.guards import (
     Guards,
     TokenBucket,
 )
+from supervisor_service.core.heartbeat_ages import AGE_BUCKETS_S, OLDEST_HEARTBEATS_REPORTED
 from supervisor_service.core.holds import HOLD_REASONS
 from supervisor_service.core.logs import (
     describe,
@@ -143,6 +144,8 @@ __all__ = [
     "MigrationTask",
     "Option",
     "PHI_BUCKETS",
+    "AGE_BUCKETS_S",
+    "OLDEST_HEARTBEATS_REPORTED",
     "Peer",
     "PhiAccrualFailureDetector",
     "PhiAccrualOptions",

@@ -14,6 +14,7 @@ from supervisor_service.core.backoff import ResubmitBackoff
 from supervisor_service.core.detection import Detection
 from supervisor_service.core.effects import SelectPeers
 from supervisor_service.core.guards import Guards
+from supervisor_service.core.heartbeat_ages import heartbeat_ages
 from supervisor_service.core.holds import HoldLog, Holds
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
@@ -67,8 +68,10 @@ class Planner:
         return True
 
     def forget(self) -> None:
-        """A leadership changed: the jobs asked for are not this one's."""
+        """A leadership changed: the jobs asked for are not this one's, and the ages of the last
+        tick are no longer anyone's (a follower does not tick: they would stay, looking silent)."""
         self._selecting.clear()
+        self._metrics.heartbeat_ages.set(*heartbeat_ages(self._table, 0))
 
     def observe(
         self, now: int, lag_ms: float, queue_fill: float, heartbeats_refused: int = 0
@@ -79,6 +82,7 @@ class Planner:
         m.detectors.set(len(table))
         m.detector_groups.set(table.group_count)
         m.phi.set(*table.phi_distribution(now, PHI_BUCKETS))
+        m.heartbeat_ages.set(*heartbeat_ages(table, now))
         # Expiring maintenance re-baselines detectors: do it before reading who failed.
         self._maintenance.expire(now)
         failed = self._detection.failed(now)

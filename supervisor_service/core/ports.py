@@ -37,6 +37,13 @@ class Distribution(Protocol):
     def set(self, buckets: list[int], count: int, total: float, /) -> None: ...
 
 
+class AgeSummary(Protocol):
+    """The heartbeat age summary, replaced wholesale (`core.heartbeat_ages.heartbeat_ages`): datanodes
+    per bucket, datanodes, sum of ages in seconds, and (datanode, age) of the oldest few."""
+
+    def set(self, buckets: list[int], count: int, total: float, oldest: list[tuple[int, float]], /) -> None: ...
+
+
 class CoreMetrics(Protocol):
     """Every metric the core sets, and only those (read-only members: any subtype will do)."""
 
@@ -76,3 +83,9 @@ class CoreMetrics(Protocol):
     def failed_datanode_fraction(self) -> Gauge: ...
     @property
     def leader(self) -> Gauge: ...
+    @property
+    def leader_term(self) -> Gauge: ...
+    @property
+    def heartbeat_ages(self) -> AgeSummary: ...
+    @property
+    def leadership_changes(self) -> Labelled[Counter]: ...

@@ -24,9 +24,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from supervisor_service.app.metrics import GrpcServerMetrics
 from supervisor_service.app.settings import Settings
 from supervisor_service.core import log_event
 from supervisor_service.edge.auth import AuthInterceptor
+from supervisor_service.edge.grpc_metrics import GrpcMetricsInterceptor
 from supervisor_service.edge.servicer import RegionSupervisorServicer
 from supervisor_service.proto import pb, pb_grpc
 
@@ -141,8 +143,11 @@ def _register(server: grpc.aio.Server, service, handlers: dict[str, grpc.RpcMeth
     server.add_registered_method_handlers(service.full_name, wrapped)
 
 
-def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server: one event loop serves every stream (thousands of datanodes)."""
+def build_server(
+    servicer: RegionSupervisorServicer, settings: Settings, grpc_metrics: GrpcServerMetrics | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server: one event loop serves every stream (thousands of datanodes); with
+    `grpc_metrics`, every call of its services counted (`edge/grpc_metrics.py`)."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -153,7 +158,16 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
         # start and share the clients with the first. Without it the second fails to bind.
         ("grpc.so_reuseport", 0),
     ]
+    if settings.tls_cert_file and settings.tls_max_connection_age_ms:
+        # Every client handshakes again within the age plus the grace: a replaced or revoked
+        # certificate stops working then, long heartbeat streams included (docs/design.md §14.1).
+        options += [("grpc.max_connection_age_ms", settings.tls_max_connection_age_ms),
+                    ("grpc.max_connection_age_grace_ms", settings.tls_max_connection_age_grace_ms)]
+    if settings.tls_cert_file:
+        options.append(("grpc.server_handshake_timeout_ms", settings.tls_handshake_timeout_ms))
     interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    if grpc_metrics is not None:  # first: interceptors run in order, so it counts the calls later ones refuse
+        interceptors = [GrpcMetricsInterceptor(grpc_metrics, (_SERVICE, _HEALTH, _REFLECTION)), *interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     # The generated handlers, bytes in; SendHeartbeat takes and returns serialized messages.
     generated = _HandlerCapture(SERVICE_NAME)

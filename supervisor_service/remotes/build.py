@@ -8,6 +8,7 @@ from supervisor_service.core import Clock
 from supervisor_service.remotes.base import PeerDirectory, PeerLookup, RegionMigration, Selector
 from supervisor_service.remotes.embedded import DryRunJournal, EmbeddedPeerLookup, EmbeddedSelector
 from supervisor_service.remotes.grpc import GrpcPeerLookup, GrpcRegionMigration, GrpcSelector
+from supervisor_service.security.tls import ClientTLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +48,17 @@ def build_remotes(
     timeout_s: float,
     alive_window_ms: int,
     journal_capacity: int,
+    tls: ClientTLS | None = None,
 ) -> Remotes:
     journal = None if region_migration_endpoint else DryRunJournal(clock, journal_capacity)
     return Remotes(
-        peer_lookup=GrpcPeerLookup(peer_lookup_endpoint, timeout_s)
+        peer_lookup=GrpcPeerLookup(peer_lookup_endpoint, timeout_s, tls)
         if peer_lookup_endpoint
         else EmbeddedPeerLookup(directory),
-        selector=GrpcSelector(selector_endpoint, timeout_s)
+        selector=GrpcSelector(selector_endpoint, timeout_s, tls)
         if selector_endpoint
         else EmbeddedSelector(directory, alive_window_ms, require_addr=bool(region_migration_endpoint)),
-        region_migration=GrpcRegionMigration(region_migration_endpoint, timeout_s)
+        region_migration=GrpcRegionMigration(region_migration_endpoint, timeout_s, tls)
         if region_migration_endpoint
         else journal,
         journal=journal,

@@ -13,6 +13,7 @@ import grpc
 from supervisor_service.core import MigrationResult, MigrationState, MigrationTask, Peer
 from supervisor_service.proto import pb, pb_grpc
 from supervisor_service.remotes.base import RemoteError, StaleLeaderTerm
+from supervisor_service.security.tls import ClientTLS, channel
 
 
 def _peer_from_pb(peer: pb.Peer) -> Peer:
@@ -29,10 +30,10 @@ class _GrpcClient:
 
     service = ""
 
-    def __init__(self, endpoint: str, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, timeout_s: float, tls: ClientTLS | None = None) -> None:
         self.endpoint = endpoint
         self._timeout = timeout_s
-        self._channel = grpc.insecure_channel(endpoint)
+        self._channel = channel(endpoint, tls)
 
     def _call(self, method: str, stub_method, request):
         try:
@@ -48,8 +49,8 @@ class _GrpcClient:
 class GrpcPeerLookup(_GrpcClient):
     service = "PeerLookup"
 
-    def __init__(self, endpoint: str, timeout_s: float) -> None:
-        super().__init__(endpoint, timeout_s)
+    def __init__(self, endpoint: str, timeout_s: float, tls: ClientTLS | None = None) -> None:
+        super().__init__(endpoint, timeout_s, tls)
         self._stub = pb_grpc.PeerLookupStub(self._channel)
 
     def get_datanode(self, datanode_id: int) -> Peer | None:
@@ -60,8 +61,8 @@ class GrpcPeerLookup(_GrpcClient):
 class GrpcSelector(_GrpcClient):
     service = "Selector"
 
-    def __init__(self, endpoint: str, timeout_s: float) -> None:
-        super().__init__(endpoint, timeout_s)
+    def __init__(self, endpoint: str, timeout_s: float, tls: ClientTLS | None = None) -> None:
+        super().__init__(endpoint, timeout_s, tls)
         self._stub = pb_grpc.SelectorStub(self._channel)
 
     def select(
@@ -80,8 +81,8 @@ class GrpcSelector(_GrpcClient):
 class GrpcRegionMigration(_GrpcClient):
     service = "RegionMigration"
 
-    def __init__(self, endpoint: str, timeout_s: float) -> None:
-        super().__init__(endpoint, timeout_s)
+    def __init__(self, endpoint: str, timeout_s: float, tls: ClientTLS | None = None) -> None:
+        super().__init__(endpoint, timeout_s, tls)
         self._stub = pb_grpc.RegionMigrationStub(self._channel)
 
     def submit(self, task: MigrationTask) -> MigrationResult:

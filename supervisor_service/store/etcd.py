@@ -21,6 +21,8 @@ from typing import Any
 
 import aetcd
 
+from supervisor_service.security.tls import ClientTLS
+from supervisor_service.store.etcd_tls import TLSClient
 from supervisor_service.store.kv import Fence, FencedOut, StoreError
 
 log = logging.getLogger("supervisor_service.etcd")
@@ -37,9 +39,10 @@ _MAX_TXN_BYTES = 1_400_000
 class EtcdConnection:
     """An aetcd client on a private event loop thread; `run` executes a coroutine there."""
 
-    def __init__(self, endpoints: list[tuple[str, int]], timeout_s: float = 5.0) -> None:
+    def __init__(self, endpoints: list[tuple[str, int]], timeout_s: float = 5.0, tls: ClientTLS | None = None) -> None:
         self.endpoints = endpoints
         self.timeout_s = timeout_s
+        self.tls = tls
         self._current = 0
         self._client: aetcd.Client | None = None
         self.loop = asyncio.new_event_loop()
@@ -49,7 +52,8 @@ class EtcdConnection:
     async def client(self) -> aetcd.Client:
         if self._client is None:
             host, port = self.endpoints[self._current % len(self.endpoints)]
-            client = aetcd.Client(host=host, port=port, timeout=self.timeout_s)
+            client = (aetcd.Client(host=host, port=port, timeout=self.timeout_s) if self.tls is None
+                      else TLSClient(host, port, self.tls, timeout=self.timeout_s))
             await client.connect()
             self._client = client
         return self._client
@@ -89,8 +93,8 @@ class EtcdKV:
     max_bytes: int | None = _MAX_TXN_BYTES
     fence_key = "leader"
 
-    def __init__(self, endpoints: list[tuple[str, int]], timeout_s: float = 5.0) -> None:
-        self.conn = EtcdConnection(endpoints, timeout_s)
+    def __init__(self, endpoints: list[tuple[str, int]], timeout_s: float = 5.0, tls: ClientTLS | None = None) -> None:
+        self.conn = EtcdConnection(endpoints, timeout_s, tls)
 
     def read_prefix(self, prefix: str) -> dict[str, bytes]:
         async def read() -> dict[str, bytes]:

@@ -30,6 +30,7 @@ class StoreMetrics(Protocol):
     store_errors: Any
     store_transactions: Any
     store_batch_splits: Any
+    store_commit_duration: Any
 
     def bind_store(self, pending: Callable[[], float]) -> None: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from supervisor_service.security.tls import ClientTLS
 from supervisor_service.store.etcd import EtcdKV
 from supervisor_service.store.kv import KV, MemoryKV, StoreError
 from supervisor_service.store.postgres import PostgresKV, redact
@@ -12,8 +13,8 @@ from supervisor_service.store.sqlite import SqliteKV
 
 
 def parse_endpoints(store: str) -> list[tuple[str, int]]:
-    """`etcd://h1:p1,h2:p2` -> [(h1, p1), (h2, p2)]; ValueError naming what is wrong."""
-    body = store.removeprefix("etcd://").strip("/")
+    """`etcd://h1:p1,h2:p2` (or `etcds://`) -> [(h1, p1), (h2, p2)]; ValueError naming what is wrong."""
+    body = store.removeprefix("etcds://").removeprefix("etcd://").strip("/")
     endpoints = []
     for part in body.split(","):
         host, sep, port = part.strip().rpartition(":")
@@ -25,13 +26,15 @@ def parse_endpoints(store: str) -> list[tuple[str, int]]:
     return endpoints
 
 
-def open_kv(store: str, data_dir: Path, *, allow_new_store: bool = False) -> KV:
-    """The backend a `store` setting names: `sqlite`, `memory`, `etcd://host:port[,host:port]` or
-    `postgresql://user[:password]@host[:port]/dbname` (`postgres://` too)."""
+def open_kv(store: str, data_dir: Path, *, allow_new_store: bool = False, etcd_tls: ClientTLS | None = None) -> KV:
+    """The backend a `store` setting names: `sqlite`, `memory`, `etcd://host:port[,host:port]` (`etcds://`
+    with `etcd_tls`) or `postgresql://user[:password]@host[:port]/dbname` (`postgres://` too)."""
     if store == "sqlite":
         return SqliteKV(data_dir, allow_new_store=allow_new_store)
     if store == "memory":
         return MemoryKV()
+    if store.startswith("etcds://"):
+        return EtcdKV(parse_endpoints(store), tls=etcd_tls or ClientTLS())
     if store.startswith("etcd://"):
         return EtcdKV(parse_endpoints(store))
     if is_postgres(store):

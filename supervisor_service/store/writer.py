@@ -350,6 +350,11 @@ def commit_within_limits(kv: KV, puts: dict[str, bytes], deletes: set[str], fenc
         if metrics is not None:
             metrics.store_batch_splits.inc()
     for chunk_puts, chunk_deletes in chunks:
-        kv.commit(chunk_puts, chunk_deletes, fence)
+        begun = time.perf_counter()
+        try:
+            kv.commit(chunk_puts, chunk_deletes, fence)
+        finally:  # a failed attempt is timed too: a backend timing out shows as the slow end
+            if metrics is not None:
+                metrics.store_commit_duration.observe(time.perf_counter() - begun)
         if metrics is not None:
             metrics.store_transactions.inc()

@@ -58,6 +58,11 @@ def test_bench_runs_at_tiny_scale_and_prints_every_column(tmp_path):
     assert rows["dump"]["extra"]["dump"]["rows"] == 50
     ingest = [r for r in report["rows"] if r["scenario"].startswith("ingest")]
     assert all(r["msgs_s"] > 0 and r["errors"] == 0 for r in ingest)
+    tls = [r for r in report["rows"] if r["scenario"].startswith("TLS")]
+    assert [r["extra"]["tls"] for r in tls] == [False, True, False, True], [r["scenario"] for r in tls]
+    assert all(len(r["extra"]["rounds"]) == 3 for r in tls)
+    assert all(r["msgs_s"] > 0 and r["errors"] == 0 for r in tls), [(r["scenario"], r["errors"]) for r in tls]
+    assert all("vs plaintext" in r["result"] for r in tls if r["extra"]["tls"])
 
 
 def test_predicted_crossing_matches_the_reference_detector():

@@ -91,7 +91,8 @@ class _FakeServer:
 
     service_name = ""
 
-    def __init__(self, *, max_workers: int = 16) -> None:
+    def __init__(self, *, max_workers: int = 16, credentials: grpc.ServerCredentials | None = None) -> None:
+        """`credentials`: serve TLS only (grpc.ssl_server_credentials), else plaintext."""
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._faults: list[_Fault] = []
@@ -99,7 +100,8 @@ class _FakeServer:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"fake-{self.service_name}")
         self._server = grpc.server(self._pool)
         self._register(self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
+        port = (self._server.add_insecure_port("127.0.0.1:0") if credentials is None
+                else self._server.add_secure_port("127.0.0.1:0", credentials))
         if port == 0:
             raise OSError("cannot bind a fake service on 127.0.0.1")
         self.endpoint = f"127.0.0.1:{port}"

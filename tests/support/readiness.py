@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from supervisor_service.proto import pb, pb_grpc
+from supervisor_service.security.tls import ClientTLS
+from supervisor_service.security.tls import channel as tls_channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegionSupervisor"].full_name
@@ -79,15 +81,17 @@ def wait_ready(
     leader: bool = False,
     token: str = "",
     gone: Callable[[], str] | None = None,
+    tls: ClientTLS | None = None,
 ) -> None:
     """Wait until the service at `addr` is SERVING (and leads with its state loaded, if `leader`).
 
     `gone()` returns why the service can no longer become ready ("" while it
-    can): a child process that exited fails the wait at once, with its log.
+    can): a child process that exited fails the wait at once, with its log. `tls`: how to reach
+    a TLS port.
     """
     deadline = time.monotonic() + timeout
     want = "SERVING and leading" if leader else "SERVING"
-    with grpc.insecure_channel(addr, options=_FAST_RECONNECT) as channel:
+    with tls_channel(addr, tls, _FAST_RECONNECT) as channel:
         while True:
             if gone is not None and (why := gone()):
                 raise AssertionError(f"service at {addr} is gone before it was {want}: {why}")

@@ -10,6 +10,7 @@ import glob
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,9 @@ class ServiceProcess:
     handled (`handled`, `tests.support.waiting.wait_ticks`).
     """
 
-    def __init__(self, env: dict[str, str], log_path: str, grpc_port: int | None = None) -> None:
+    def __init__(self, env: dict[str, str], log_path: str, grpc_port: int | None = None, client_tls=None) -> None:
+        """`client_tls`: the `ClientTLS` that reaches a TLS port (readiness)."""
+        self.client_tls = client_tls
         self.port = grpc_port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
         full_env = dict(os.environ)
@@ -71,7 +74,7 @@ class ServiceProcess:
     def wait_serving(self, timeout: float = 30.0, *, leader: bool = False) -> None:
         """Ready: SERVING over grpc.health.v1 (and leading with its state loaded, if `leader`)."""
         try:
-            wait_ready(self.addr, timeout, leader=leader, token=self.token, gone=self._gone)
+            wait_ready(self.addr, timeout, leader=leader, token=self.token, gone=self._gone, tls=self.client_tls)
         except AssertionError as exc:
             if self.proc.poll() is not None:
                 raise
@@ -109,30 +112,44 @@ class ServiceProcess:
 
 
 class EtcdServer:
-    """A single-member etcd on loopback ports, data in a temporary directory."""
+    """A single-member etcd on loopback ports, data in a temporary directory.
 
-    def __init__(self, data_dir: str) -> None:
+    `tls`: files by name as `tests.support.certs.cert_files` makes them (`server`, `server-key`, `ca`,
+    and a client pair `metasrv`): clients must then speak TLS and present a certificate of that CA
+    (etcd's --client-cert-auth)."""
+
+    def __init__(self, data_dir: str, tls: dict | None = None) -> None:
         binary = require_binary("etcd", "etcd-server")
         self.client_port, peer_port = free_port(), free_port()
         self.endpoint = f"127.0.0.1:{self.client_port}"
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        secure = ["--cert-file", str(tls["server"]), "--key-file", str(tls["server-key"]),
+                  "--trusted-ca-file", str(tls["ca"]), "--client-cert-auth"] if tls else []
         self._log = open(os.path.join(data_dir, "etcd.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [binary, "--data-dir", os.path.join(data_dir, "etcd"), "--name", "test",
-             "--listen-client-urls", f"http://{self.endpoint}", "--advertise-client-urls", f"http://{self.endpoint}",
+             "--listen-client-urls", f"{scheme}://{self.endpoint}",
+             "--advertise-client-urls", f"{scheme}://{self.endpoint}",
              "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-             "--initial-cluster", f"test=http://127.0.0.1:{peer_port}"],
+             "--initial-cluster", f"test=http://127.0.0.1:{peer_port}", *secure],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls["ca"]))
+            context.load_cert_chain(str(self.tls["metasrv"]), str(self.tls["metasrv-key"]))
+        url = f"{'https' if self.tls else 'http'}://{self.endpoint}/health"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"etcd exited with {self.proc.returncode}")
             try:
-                with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
+                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                     if b"true" in resp.read():
                         return
             except OSError:

@@ -79,13 +79,15 @@ class ServiceThread:
 
 
 class ServiceFactory:
-    """`factory(tick_interval_ms=100, ..., remotes=..., kv=..., clock=...)` -> a started, ready `Service`."""
+    """`factory(tick_interval_ms=100, ..., remotes=..., kv=..., clock=...)` -> a started, ready `Service`
+    (`client_tls`: the `ClientTLS` to check its readiness with, for a TLS port)."""
 
     def __init__(self) -> None:
         self.running: list[ServiceThread] = []
 
     def __call__(
-        self, *, wait_leader: bool = True, start_timeout: float = 15.0, remotes=None, kv=None, clock=None, **settings
+        self, *, wait_leader: bool = True, start_timeout: float = 15.0, remotes=None, kv=None, clock=None,
+        client_tls=None, **settings
     ) -> Service:
         svc = Service(
             load_settings(**{**SERVICE_DEFAULTS, **settings}),
@@ -97,7 +99,7 @@ class ServiceFactory:
         # A single replica loads its state on a transition thread after start() returns: until then
         # it is SERVING but not leading (reads answer UNAVAILABLE).
         wait_ready(svc.addresses.grpc, start_timeout, leader=wait_leader, token=svc.settings.auth_token,
-                   gone=runner.gone)
+                   gone=runner.gone, tls=client_tls)
         return svc
 
     def close(self, timeout: float = 15.0) -> None:

@@ -55,20 +55,21 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),  # the standard library and numpy only (test_core_imports_only_the_standard_library_and_numpy)
     "_proto": set(),
     "proto": {"_proto"},  # the only importer of the generated code
-    "client": {"core", "proto"},
+    "security": {"core"},  # certificates and TLS credentials: what every layer that connects uses
+    "client": {"core", "proto", "security"},
     "detector": {"core"},  # the reference detector at the contract's import path
-    "store": {"core"},
-    "remotes": {"core", "proto"},
-    "cluster": {"core", "store", "metrics"},
+    "store": {"core", "security"},
+    "remotes": {"core", "proto", "security"},
+    "cluster": {"core", "store", "metrics", "security"},
     "metrics": {"core"},
-    "settings": {"core", "store"},
+    "settings": {"core", "store", "security"},
     "runtime": {"core", "store", "remotes", "cluster", "metrics"},
     "edge": {"core", "proto", "store", "remotes", "cluster", "runtime", "metrics", "settings"},
-    "app": {"core", "proto", "store", "remotes", "cluster", "runtime", "edge", "metrics", "settings"},
+    "app": {"core", "proto", "store", "remotes", "cluster", "runtime", "edge", "metrics", "settings", "security"},
     "evaluate": {"core", "store", "remotes", "runtime", "metrics", "settings"},
-    "cli": {"core", "proto", "client", "store", "app", "metrics", "settings", "evaluate"},
+    "cli": {"core", "proto", "client", "store", "app", "metrics", "settings", "evaluate", "security"},
     "bench": {"core", "proto", "client", "store", "remotes", "cluster", "runtime", "edge", "app", "metrics",
-              "settings"},
+              "settings", "security"},
     "root": {"core", "client", "app", "settings", "cli"},
 }
 TYPE_ONLY: dict[str, set[str]] = {"store": {"metrics"}}
@@ -82,7 +83,7 @@ NO_BACKEND = {"edge", "runtime"}
 
 # Where each heavy dependency may be imported (numpy and the standard library: anywhere).
 THIRD_PARTY: dict[str, set[str]] = {
-    "grpc": {"_proto", "proto", "client", "remotes", "edge", "cli", "bench"},
+    "grpc": {"_proto", "proto", "client", "remotes", "edge", "cli", "bench", "security"},
     "grpc_health": {"edge", "bench", "cli"},  # cli: `supervisor-service health`, a probe's client
     "grpc_reflection": {"edge"},
     "google.protobuf": {"_proto", "proto", "client", "remotes", "edge", "cli", "bench"},

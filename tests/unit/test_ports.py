@@ -25,7 +25,7 @@ from supervisor_service.core import (
 from tests.support.core_fakes import FakeMetrics, core_metric_names
 
 # What the core calls on each kind of member.
-_KINDS = {"Gauge": ("set",), "Counter": ("inc",), "Distribution": ("set",)}
+_KINDS = {"Gauge": ("set",), "Counter": ("inc",), "Distribution": ("set",), "AgeSummary": ("set",)}
 
 
 def _member_kinds() -> dict[str, str]:
