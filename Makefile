@@ -7,7 +7,7 @@ PROTO_SRC := protos/supervisor/v1/supervisor.proto
 PROTO_OUT := supervisor_service/_proto
 PROTO_GEN := $(PROTO_OUT)/supervisor/v1/supervisor_pb2.py
 
-.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps fuzz image
+.PHONY: run test test-min bench profile soak report proto lint clean venv system-deps fuzz image demo
 
 # Debian packages of the real servers some tests start on 127.0.0.1.
 # Installed when missing and running as root; otherwise those tests skip
@@ -43,6 +43,10 @@ $(PROTO_GEN): $(PROTO_SRC) $(STAMP)
 run: proto
 	@echo "supervisor-service is installed in $(VENV)/bin: '. $(VENV)/bin/activate' in another shell puts it on PATH"
 	$(VENV)/bin/supervisor-service serve
+
+# A real failover on the embedded defaults within a minute: the service, simulated datanodes, one dies (README "Demo").
+demo: proto
+	$(VENV)/bin/supervisor-service demo
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \

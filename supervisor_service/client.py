@@ -264,6 +264,21 @@ class SupervisorClient:
         resp = self._call(lambda: self.stub.ListJournal(pb.ListJournalRequest(limit=limit), **self._kw()))
         return resp.embedded, list(resp.entries)
 
+    def failovers(self, datanode_ids: Sequence[int] = (), region_ids: Sequence[int] = (), since_millis: int = 0,
+                  limit: int = 100) -> list[pb.FailoverRecord]:
+        """The failover history, newest first (ListFailovers; the leader answers)."""
+        request = pb.ListFailoversRequest(datanode_ids=list(datanode_ids), region_ids=list(region_ids),
+                                          since_millis=since_millis, limit=limit)
+        return list(self._call(lambda: self.stub.ListFailovers(request, **self._kw())).failovers)
+
+    def explain(self, datanode_id: int, region_id: int = 0, at_millis: int = 0) -> pb.ExplainResponse:
+        request = pb.ExplainRequest(datanode_id=datanode_id, region_id=region_id, at_millis=at_millis)
+        return self._call(lambda: self.stub.Explain(request, **self._kw()))
+
+    def what_if(self, datanode_ids: Sequence[int]) -> pb.WhatIfResponse:
+        request = pb.WhatIfRequest(datanode_ids=list(datanode_ids))
+        return self._call(lambda: self.stub.WhatIf(request, **self._kw()))
+
 
 _KINDS_KEPT = 32  # distinct rejection kinds counted; the rest count as "other"
 _LOG_EVERY_S = 10.0  # one log line per kind and address per interval, with the count of the others

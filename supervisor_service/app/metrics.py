@@ -365,6 +365,10 @@ class Metrics:
         self.inflight = Gauge(
             "supervisor_migrations_in_flight", "Regions submitted for migration and not finished.", registry=r
         )
+        self.failover_history = Gauge(
+            "supervisor_failover_history_records",
+            "Failover decisions the history holds (bounded by failover_history_capacity).", registry=r,
+        )
         self.submissions = Gauge(
             "supervisor_failover_submissions",
             "Failover submissions not ended, by state (intent, ambiguous, submitted, migrating).",

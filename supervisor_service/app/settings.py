@@ -269,6 +269,7 @@ class Settings(BaseSettings):
     reject_stale_epochs: bool = True
     """Reject heartbeats whose node_epoch is older than the newest seen for that datanode, while that one was heard within acceptable_heartbeat_pause_ms (after that, a lower epoch is a new life)."""
     rebaseline_after_maintenance: bool = _core("rebaseline_after_maintenance")
+    failover_history_capacity: int = _core("failover_history_capacity")
 
     # -- process
     shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)

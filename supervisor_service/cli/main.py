@@ -7,6 +7,8 @@
     supervisor-service journal [--limit N] [--json]
     supervisor-service drain start|status|cancel [ID ...] [--reason TEXT]   (cli/planned.py)
     supervisor-service policy set|list [TABLE ...] [--failover on|off] [--priority N]
+    supervisor-service history|explain|whatif ... (cli/insight.py)
+    supervisor-service demo [--datanodes N] [--kill-after S] [--duration S]
     supervisor-service settings [--markdown]
     supervisor-service health [--addr HOST:PORT] [--timeout S] [--service NAME]
     supervisor-service evaluate [--config FILE] [--trace FILE.csv ...] [--out DIR] [--quick]
@@ -251,6 +253,12 @@ def _parser() -> argparse.ArgumentParser:
     journal.add_argument("--json", action="store_true", help="one JSON object per entry")
     add_planned_commands(client, _int_in)  # drain, policy (cli/planned.py)
 
+    import supervisor_service.cli.demo as demo
+    import supervisor_service.cli.insight as insight
+
+    insight.add_commands(client, _int_in)
+    demo.add_command(sub)
+
     health = sub.add_parser(
         "health",
         help="ask the service's grpc.health.v1 Check: exit 0 only when SERVING",
@@ -304,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 code = _health(args)
             case "certs":
                 code = certs_command(args)
+            case "demo":
+                import supervisor_service.cli.demo as demo
+
+                code = demo.run(args)
             case _:
                 code = _client_command(args)
         sys.stdout.flush()  # here, so that a reader gone away is seen here and not at exit
@@ -473,6 +485,10 @@ def _client_command(args) -> int:
                     return _journal(client, args)
                 case "drain" | "policy":
                     return run_planned(client, args, _fail, EXIT_USAGE, _int_in)
+                case "history" | "explain" | "whatif":
+                    import supervisor_service.cli.insight as insight
+
+                    return insight.run(client, args)
     except grpc.RpcError as exc:
         code = exc.code().name if exc.code() else "UNKNOWN"
         detail = exc.details() or ""
@@ -611,7 +627,7 @@ def _journal(client, args) -> int:
     embedded, entries = client.journal(args.limit)
     if not embedded:
         return _fail(
-            "the service uses a remote RegionMigration service; its decisions are not journaled here",
+            "the service uses a remote RegionMigration service: `supervisor-service history` lists its decisions",
             EXIT_USAGE,
         )
     for e in entries:

@@ -11,6 +11,8 @@ from supervisor_service.core.changes import (
     CountsSet,
     DrainDrop,
     DrainSet,
+    FailoverDrop,
+    FailoverSet,
     InFlightDrop,
     InFlightRecord,
     InFlightSet,
@@ -62,6 +64,11 @@ from supervisor_service.core.events import (
     Stop,
     SubmissionDone,
     Tick,
+)
+from supervisor_service.core.failovers import (
+    FailoverHistory,
+    FailoverRecord,
+    RegionEvidence,
 )
 from supervisor_service.core.guards import (
     Guards,
@@ -121,6 +128,11 @@ __all__ = [
     "TablePoliciesSet",
     "TablePolicy",
     "table_of",
+    "FailoverDrop",
+    "FailoverHistory",
+    "FailoverRecord",
+    "FailoverSet",
+    "RegionEvidence",
     "BecomeLeader",
     "Change",
     "Clear",

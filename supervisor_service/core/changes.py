@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor_service.core.records import FailoverRecord
 from supervisor_service.core.types import DetectingRegion, Peer, RegionArray
 
 
@@ -68,6 +69,8 @@ class StoredState:
     legacy_inflight: dict[str, LegacyInFlight] = field(default_factory=dict)  # by key id
     journal: list[JournalEntry] = field(default_factory=list)
     journal_term: int = 0
+    failovers: list[FailoverRecord] = field(default_factory=list)  # the failover history (any order)
+    failovers_unreadable: list[str] = field(default_factory=list)  # ids of stored records that did not decode
     term: int = 0
     table_policies: tuple[Any, ...] = ()  # core.policy.TablePolicy
     drains: dict[str, Any] = field(default_factory=dict)  # drain id -> core.drains.DrainRecord
@@ -128,6 +131,18 @@ class JournalAppend:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverSet:
+    """A failover record, new or updated (core/failovers.py)."""
+
+    record: FailoverRecord
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverDrop:
+    failover_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class TermSet:
     term: int
 
@@ -154,7 +169,7 @@ class DrainDrop:
 
 Change = (
     RegistryAdd | RegistryRemove | CountsSet | CountsDrop | InFlightSet | InFlightDrop | MaintenanceSet
-    | JournalAppend | TermSet | TablePoliciesSet | DrainSet | DrainDrop
+    | JournalAppend | TermSet | TablePoliciesSet | DrainSet | DrainDrop | FailoverSet | FailoverDrop
 )
 
 

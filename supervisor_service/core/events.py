@@ -100,6 +100,15 @@ class ReleaseHold:
 
 
 @dataclass(frozen=True, slots=True)
+class Inspect:
+    """An operator's read-only question (core/insight.py: ListFailoversQuery, ExplainQuery, WhatIfQuery):
+    answered from the core's state, which it does not change."""
+
+    query: object
+    reply: Future[object] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SelectionDone:
     job: SelectJob
     from_peer: Peer | None = None
@@ -158,6 +167,7 @@ Event = (
     | Dump
     | SetMaintenance
     | ReleaseHold
+    | Inspect
     | SelectionDone
     | SubmissionDone
     | StatusPolled

@@ -47,6 +47,15 @@ class TokenBucket:
         self._refill(now)
         return math.floor(self.tokens + 1e-9)
 
+    def ready_at(self, n: int, now: int) -> int:
+        """The earliest time at or after `now` (and the last take) when `n` tokens are there."""
+        now = max(now, self.stamp)
+        self._refill(now)
+        missing = n - self.tokens - 1e-9
+        if missing <= 0:
+            return now
+        return now + math.ceil(missing * 1000.0 / self.rate) if self.rate > 0 else 2**62
+
     def take(self, n: int, now: int) -> bool:
         self._refill(now)
         if self.tokens + 1e-9 >= n:
@@ -246,6 +255,50 @@ class Guards:
         self._nodes.setdefault(datanode_id, _Datanode()).failovers.append(now)
         if self.s.target_holddown_ms > 0:
             self._holddown[datanode_id] = now + self.s.target_holddown_ms
+
+    # ------------------------------------------------------------ readings (Explain, WhatIf: no change)
+
+    @property
+    def silent_datanodes(self) -> int:
+        """Datanodes unheard for mass_failure_silence_ms at the last tick."""
+        return self._silent
+
+    def next_tick(self, t: int) -> int:
+        """The first tick still to come at or after `t`, were ticks to keep their interval from the last one
+        (`t` when no tick was seen)."""
+        last, every = self._last_tick, self.s.tick_interval_ms
+        if last is None or every <= 0:
+            return t
+        if t <= last:  # that tick has run: the next one
+            return last + every
+        return last + -(-(t - last) // every) * every
+
+    @property
+    def pause_hold_until(self) -> int:
+        return self._pause_hold_until
+
+    @property
+    def overload_hold_until(self) -> int:
+        return self._overload_hold_until
+
+    def global_budget(self, now: int) -> TokenBucket | None:
+        """A copy of the global budget as of `now` (None: unlimited); taking from it changes nothing here."""
+        s = self.s
+        if s.failover_rate_per_s <= 0:
+            return None
+        bucket = TokenBucket(s.failover_rate_per_s, s.failover_burst, now)
+        if self._global is not None:
+            bucket.tokens, bucket.stamp = self._global.tokens, min(self._global.stamp, now)
+        return bucket
+
+    def flap_delay(self, datanode_id: int) -> int:
+        """The backoff a new failure of `datanode_id` would start with (0: none; see `backoff_until`)."""
+        s = self.s
+        node = self._nodes.get(datanode_id)
+        if s.flap_backoff_base_ms <= 0 or node is None:
+            return 0
+        n = len(node.failovers) if node.failed_since is None else sum(1 for t in node.failovers if t < node.failed_since)
+        return min(s.flap_backoff_max_ms, s.flap_backoff_base_ms * (1 << (n - 1))) if n else 0
 
     def flapping(self) -> set[int]:
         """Datanodes that came back `flap_threshold` times or more within the window."""

@@ -80,6 +80,11 @@ class InFlight:
     def holds(self, region_id: int) -> bool:
         return region_id in self._by_region
 
+    def holder(self, region_id: int) -> Submission | None:
+        """The submission holding the region, if one does."""
+        sid = self._by_region.get(region_id)
+        return None if sid is None else self._subs.get(sid)
+
     def procedure(self, procedure_id: str) -> Procedure | None:
         return self._procedures.get(procedure_id)
 

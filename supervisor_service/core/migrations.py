@@ -19,6 +19,7 @@ from supervisor_service.core.changes import AMBIGUOUS, INTENT, MIGRATING, SUBMIT
 from supervisor_service.core.clock import ClockBase
 from supervisor_service.core.effects import PollMigration, SubmitMigration
 from supervisor_service.core.events import SUBMIT_NOT_SENT, SUBMIT_REFUSED, StatusPolled, SubmissionDone
+from supervisor_service.core.failovers import FailoverHistory
 from supervisor_service.core.holds import HoldLog
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight, Submission
@@ -127,6 +128,8 @@ class Migrations:
         self._clock = clock
         self._held_log = held_log
         self.on_end: EndListener = _nobody
+        self.history: FailoverHistory | None = None
+        """The failover history, told of each answer and end (core/failovers.py)."""
 
     # ------------------------------------------------------------ decisions
 
@@ -202,6 +205,9 @@ class Migrations:
             self._out.changes.append(InFlightSet(sid, flight.record()))
         if not kept_main:
             self._out.changes.append(InFlightDrop(sub.sid))
+        if self.history is not None:
+            self.history.answered(task.request_id, categories, procedure_id,
+                                  bool(answer.polled or answer.migrating), now)
         # An unanswered region is held, not counted.
         accepted = [r for r in answer.polled + answer.migrating if r in categories]
         if accepted:
@@ -228,6 +234,9 @@ class Migrations:
         m.failover_errors.labels(stage="submit").inc()
         fields: dict[str, object] = {"datanode_id": task.datanode_id, "to_peer": task.to_peer.id,
                                      "regions": len(task.region_ids), "request_id": task.request_id, "error": ev.error}
+        if self.history is not None:
+            self.history.call_failed(task.request_id, f"{ev.error_kind}: {ev.error}", ev.error_kind == SUBMIT_REFUSED,
+                                     now)
         if ev.error_kind == SUBMIT_REFUSED:
             m.failover_regions.labels(result="call_refused").inc(len(task.region_ids))
             self._end(sub.sid)
@@ -276,6 +285,8 @@ class Migrations:
         regions = sum(len(sub.regions) for sub in ended)
         for sub in ended:
             d = sub.task.datanode_id
+            if self.history is not None:
+                self.history.finished(sub.task.request_id, state, now, ev.message[:200])
             if state is MigrationState.SUCCEEDED:
                 # The regions live elsewhere now: the old detectors would only fire again. The target
                 # is watched from now on, fresh (GreptimeDB #8234, #1762; docs/design.md §16).
@@ -308,6 +319,8 @@ class Migrations:
         subs = self._inflight.submissions()
         for sid in [sub.sid for sub in subs if sub.deadline_ms and now >= sub.deadline_ms]:
             sub = self._end(sid)
+            if self.history is not None:
+                self.history.finished(sub.task.request_id, None, now, f"timed out after {sub.task.timeout_ms} ms")
             log_event(
                 log, logging.WARNING, "migration_timed_out", datanode_id=sub.task.datanode_id,
                 regions=len(sub.regions), sample=sample(sub.regions), procedure_id=sub.procedure_id,

@@ -160,6 +160,10 @@ class FailoverPolicy:
     def failover_timeout_ms(self, count: int) -> int:
         """The timeout of a migration whose regions' highest failover count, this one included, is `count`."""
         return min(self.base_timeout_ms * max(count, 1), self.timeout_cap_ms)
+    failover_history_capacity: int = option(
+        1000, ge=1, le=1_000_000,
+        doc="Failover decisions the history keeps (newest), with their evidence (ListFailovers, `history`).",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from supervisor_service.core.events import (
     Dump,
     Event,
     Heartbeat,
+    Inspect,
     LoseLeadership,
     Register,
     ReleaseHold,
@@ -48,10 +49,12 @@ from supervisor_service.core.events import (
     SubmissionDone,
     Tick,
 )
+from supervisor_service.core.failovers import FailoverHistory
 from supervisor_service.core.guards import Guards
 from supervisor_service.core.holds import HoldLog, Holds, Warmup
 from supervisor_service.core.ids import Ids
 from supervisor_service.core.inflight import InFlight
+from supervisor_service.core.insight import Insight
 from supervisor_service.core.leadership import LeaderState
 from supervisor_service.core.logs import log_event, sample
 from supervisor_service.core.maintenance import Maintenance
@@ -62,6 +65,7 @@ from supervisor_service.core.planned_events import CancelDrain, GetDrain, ListTa
 from supervisor_service.core.planning import Planner
 from supervisor_service.core.policy import PolicyRefused, TablePolicies
 from supervisor_service.core.ports import CoreMetrics
+from supervisor_service.core.reasons import RuleState
 from supervisor_service.core.recovery import Recovery
 from supervisor_service.core.registry import Registry
 from supervisor_service.core.snapshot import Snapshots
@@ -118,6 +122,11 @@ class Supervisor:
                                        maint, holds, guards, leadership, ids, held_log)
         migrations.on_end = drains.ended
         planner.drains = drains
+        # The failover history and the read-only questions (ListFailovers, Explain, WhatIf).
+        self.history = FailoverHistory(self.table, out, policy.failover_history_capacity, metrics.failover_history)
+        self._insight = Insight(registry, inflight, self.history, RuleState(maint, warmup, guards, backoff))
+        self._targets.on_decision = self._insight.decided
+        migrations.history = self.history
         self.status: CoreStatus = self._snapshots.status()
         """The status as of the last event (replaced, never changed: any thread may read it)."""
 
@@ -151,6 +160,8 @@ class Supervisor:
                 value = self._snapshots.dump(datanode_ids, now)
             case SetMaintenance(enabled, _, datanode_ids, ttl_ms):
                 value = self._maintenance.set(enabled, datanode_ids, ttl_ms, now)
+            case Inspect(query):
+                return self._insight.answer(query, now)  # nothing changed: the status stands
             case ReleaseHold():
                 value = self.guards.release() if self.guards is not None else False
                 log_event(log, logging.WARNING, "failover_hold_released", was_held=value)
@@ -167,6 +178,7 @@ class Supervisor:
             case StatusPolled():
                 self._migrations.on_status(event, now)
             case BecomeLeader(term, state):
+                self.history.restore(state.failovers, state.failovers_unreadable)
                 self._recovery.become_leader(term, state, now)
                 self._tables.load(state.table_policies)
                 self._drains.load(state.drains.values())

@@ -9,6 +9,7 @@ regions it gets. The regions left become one task per target, handed to `Migrati
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from supervisor_service.core.events import SelectionDone
 from supervisor_service.core.guards import Guards
@@ -60,6 +61,8 @@ class TargetSelection:
         self._leadership = leadership
         self._ids = ids
         self._held_log = held_log
+        self.on_decision: Callable[[SelectionDone, dict[int, int], list[MigrationTask], int], None] | None = None
+        """Called with each decision before it is submitted (the answer, regions wanted per target, tasks, now)."""
 
     def failed(self, ev: SelectionDone) -> None:
         """PeerLookup or Selector failed (or the job's state could not be stored): asked again next tick."""
@@ -117,13 +120,16 @@ class TargetSelection:
             return
         from_peer = ev.from_peer or Peer(job.datanode_id)
         by_target = self._by_target(job, from_peer, peers, now)
+        per_target = {p.id: len(r) for p, r in by_target.items()}
         guards = self._guards
         if guards is not None:
             by_target = self.limit_targets(guards, by_target, now)
             if by_target:
                 guards.note_failover(job.datanode_id, now)
-        self._migrations.submit([self._task(job.datanode_id, from_peer, to_peer, regions)
-                                 for to_peer, regions in by_target.items()])
+        tasks = [self._task(job.datanode_id, from_peer, to_peer, regions) for to_peer, regions in by_target.items()]
+        if self.on_decision is not None and tasks:  # the failover history (core/insight.py)
+            self.on_decision(ev, per_target, tasks, now)
+        self._migrations.submit(tasks)
 
     def _by_target(self, job: SelectJob, from_peer: Peer, peers: tuple[Peer, ...], now: int) -> dict[Peer, list[int]]:
         """The regions still to move, by target. Re-checked at answer time: a region that heartbeat

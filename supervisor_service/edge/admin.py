@@ -1,5 +1,5 @@
 """The admin calls of RegionSupervisor: Register/Deregister/Reset, Dump, maintenance, failover
-holds and the journal; the leader checks they share, and the wait for their answer from the
+holds (the journal: edge/insight.py); the leader checks they share, and the wait for their answer from the
 supervisor thread (for a durable change: until it is committed, docs/design.md §6).
 
 Handlers convert protobuf to domain values, validate, enqueue an event with a reply future and
@@ -36,11 +36,10 @@ from supervisor_service.edge.dump import DEFAULT_DUMP_PAGE, dump_responses
 from supervisor_service.edge.enqueue import Overloaded, when_room
 from supervisor_service.edge.problems import InvalidRequests, ProblemLog
 from supervisor_service.proto import LEADER_METADATA_KEY, MAX_MAINTENANCE_TTL_MS, pb
-from supervisor_service.remotes import DryRunJournal, peer_to_pb
+from supervisor_service.remotes import DryRunJournal
 from supervisor_service.runtime import EventQueue, QueueClosed
 from supervisor_service.store import FencedOut, StateStore, StoreError, StoreGone
 
-DEFAULT_JOURNAL_LIMIT = 100
 # Calls answered only once their change is committed: while the store is failing they are told so.
 _DURABLE_EVENTS = (Register, Deregister, Reset, SetMaintenance)
 _STORE_FAILING_GRACE_S = 0.5  # a store failing this long makes waiting writes answer UNAVAILABLE
@@ -282,22 +281,3 @@ class AdminCalls:
             released=bool(released),
             is_leader=True,
         )
-
-    async def ListJournal(self, request, context):
-        if self._journal is None:
-            return pb.ListJournalResponse(embedded=False)
-        limit = request.limit or DEFAULT_JOURNAL_LIMIT
-        entries = [
-            pb.JournalEntry(
-                at_millis=e.at_millis,
-                region_ids=e.region_ids,
-                from_peer=peer_to_pb(e.from_peer),
-                to_peer=peer_to_pb(e.to_peer),
-                timeout_millis=e.timeout_ms,
-                trigger_reason=pb.TRIGGER_REASON_MANUAL if e.trigger_reason == "MANUAL" else pb.TRIGGER_REASON_FAILOVER,
-                procedure_id=e.procedure_id,
-                leader_term=e.leader_term,
-            )
-            for e in self._journal.entries(limit)
-        ]
-        return pb.ListJournalResponse(entries=entries, embedded=True)

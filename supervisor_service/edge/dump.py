@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 
 from supervisor_service.core import DumpSnapshot
+from supervisor_service.core.whatif import crossing_ms
 from supervisor_service.edge.dumpcodec import GroupColumns, encode_rows
 from supervisor_service.proto import pb
 
@@ -71,7 +72,9 @@ class DumpPages:
                 positions = np.arange(node.regions.size)
             if positions.size:
                 samples, mean, std = node.observed()
-                columns = GroupColumns(node.last, phi, available, samples, mean, std)
+                # When each group's phi reaches the threshold if nothing arrives: a few phi per group.
+                predicted = np.array([crossing_ms(g, threshold) for g in node.groups.values()], dtype=np.int64)
+                columns = GroupColumns(node.last, phi, available, samples, mean, std, predicted)
                 self._nodes.append((node, columns, positions))
                 self.total += int(positions.size)
 

@@ -11,6 +11,7 @@ field for all its rows at once:
           | fields 3..8 of the row's group (last heartbeat, phi, available,
             samples, observed mean and std), gathered from per-group arrays
           | DetectorState{fields 9, 10} for the few rows that have them
+          | field 11 (when phi reaches the threshold if nothing arrives), of the row's group
 
 Concatenated serialized fields are a valid serialization of their message,
 fields are written in field-number order as protobuf writes them (fields 3..8
@@ -31,7 +32,7 @@ _U64 = np.uint64
 _VARINT_STEPS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)
 _REPEATED_ROW_TAG = 0x0A  # DumpResponse.detectors: field 1, length-delimited
 _REGION_TAG = 0x10  # DetectorState.region_id: field 2, varint
-_MAX_ROW = 127  # one length byte: rows are at most ~80 bytes
+_MAX_ROW = 127  # one length byte: rows are at most ~100 bytes
 
 
 def varint_lengths(values: np.ndarray) -> np.ndarray:
@@ -52,6 +53,7 @@ class GroupColumns:
     samples: np.ndarray  # int64, within uint32
     mean: np.ndarray  # float64 observed mean interval
     std: np.ndarray  # float64 observed standard deviation
+    predicted: np.ndarray | None = None  # int64 predicted_failure_millis (field 11; None: not written)
 
     @classmethod
     def empty(cls) -> GroupColumns:
@@ -61,6 +63,7 @@ class GroupColumns:
 
 # Tags of the group's fields: (field number << 3) | wire type (0 varint, 1 fixed64).
 _LAST_TAG, _PHI_TAG, _AVAILABLE_TAG, _SAMPLES_TAG, _MEAN_TAG, _STD_TAG = 0x18, 0x21, 0x28, 0x30, 0x39, 0x41
+_PREDICTED_TAG = 0x58  # field 11, varint: after fields 9 and 10, as protobuf orders them; omitted when 0
 
 
 def _put_varints(out: np.ndarray, pos: np.ndarray, values: np.ndarray, lengths: np.ndarray) -> None:
@@ -105,7 +108,13 @@ def encode_rows(
     if extras:
         idx = np.fromiter(extras.keys(), dtype=np.int64, count=len(extras))
         extra_len[idx] = [len(b) for b in extras.values()]
-    body = len(prefix) + 1 + vlen + 1 + last_len + 9 + 2 + 1 + samples_len + 9 + 9 + extra_len
+    predicted = pred_len = None
+    pred_field = 0
+    if groups.predicted is not None:
+        predicted = groups.predicted[gi].astype(np.int64).view(_U64)
+        pred_len = varint_lengths(predicted)
+        pred_field = np.where(predicted != 0, 1 + pred_len, 0)
+    body = len(prefix) + 1 + vlen + 1 + last_len + 9 + 2 + 1 + samples_len + 9 + 9 + extra_len + pred_field
     if int(body.max()) > _MAX_ROW:  # cannot happen with this message; guard the one-byte length
         raise ValueError("DetectorState row longer than 127 bytes")
     row_len = body + 2
@@ -134,4 +143,9 @@ def encode_rows(
     if extras:
         for i, data in extras.items():
             out[pos[i] : pos[i] + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    if predicted is not None and pred_len is not None:
+        at, live = pos + extra_len, predicted != 0
+        if live.any():
+            out[at[live]] = _PREDICTED_TAG
+            _put_varints(out, at[live] + 1, predicted[live], pred_len[live])
     return out.tobytes()

@@ -13,6 +13,7 @@ from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus
 from supervisor_service.edge.admin import AdminCalls
 from supervisor_service.edge.heartbeat import HeartbeatStreams
+from supervisor_service.edge.insight import InsightCalls
 from supervisor_service.edge.planned import PlannedCalls
 from supervisor_service.edge.problems import InvalidRequests, ProblemLog
 from supervisor_service.proto import pb, pb_grpc
@@ -52,6 +53,8 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,
         )
         self.planned = PlannedCalls(self.admin, settings, leadership, self.invalid_requests)
+        self.insight = InsightCalls(settings=settings, ask=self.admin._ask, require_leader=self.admin._require_leader,
+                                    invalid=self.invalid_requests.invalid, embedded_migration=journal is not None)
 
     def close_streams(self) -> None:
         """End every open heartbeat stream now (`HeartbeatStreams.close_streams`)."""
@@ -92,7 +95,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         return await self.admin.ReleaseFailoverHold(request, context)
 
     async def ListJournal(self, request, context):
-        return await self.admin.ListJournal(request, context)
+        return await self.insight.ListJournal(request, context)
 
     # Planned operations (edge/planned.py)
     async def DrainDatanodes(self, request, context):
@@ -109,3 +112,13 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def ListTablePolicies(self, request, context):
         return await self.planned.ListTablePolicies(request, context)
+
+    # Operator insight (edge/insight.py)
+    async def ListFailovers(self, request, context):
+        return await self.insight.ListFailovers(request, context)
+
+    async def Explain(self, request, context):
+        return await self.insight.Explain(request, context)
+
+    async def WhatIf(self, request, context):
+        return await self.insight.WhatIf(request, context)

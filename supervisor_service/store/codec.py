@@ -8,6 +8,7 @@ Keys under the prefix (one per cluster; `prefix` below always ends with "/"):
   maintenance           JSON {enabled, until_ms, datanodes, mark} (first format: b"1" or b"0")
   journal/<seq>         JSON dry-run journal entry
   journal_term          highest leader term the dry-run journal accepted
+  failovers/<id>        JSON: one failover record of the history (core/failovers.py), by request_id
   term                  leadership counter of a single replica (SQLite, memory)
   table_policies, drains/<id>  the planned operations (store/planned_codec.py)
 
@@ -34,6 +35,8 @@ from supervisor_service.core import (
     CountsSet,
     DrainDrop,
     DrainSet,
+    FailoverDrop,
+    FailoverSet,
     InFlightDrop,
     InFlightRecord,
     InFlightSet,
@@ -48,6 +51,7 @@ from supervisor_service.core import (
     TablePoliciesSet,
     TermSet,
 )
+from supervisor_service.store.failover_codec import failover_from_json, failover_to_json
 from supervisor_service.store.planned_codec import (
     DRAINS,
     TABLE_POLICIES_KEY,
@@ -177,6 +181,14 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
                 key = f"{p}{DRAINS}/{drain_id}"
                 puts.pop(key, None)
                 deletes.add(key)
+            case FailoverSet(rec):
+                key = f"{p}failovers/{rec.failover_id}"
+                deletes.discard(key)
+                puts[key] = failover_to_json(rec)
+            case FailoverDrop(failover_id):
+                key = f"{p}failovers/{failover_id}"
+                puts.pop(key, None)
+                deletes.add(key)
     for d, ids in registry.items():
         key = f"{p}registry/{_key_id(d)}"
         if ids.size:
@@ -267,6 +279,13 @@ def decode_state(raw: dict[str, bytes], prefix: str) -> StoredState:
             on, until, datanodes, mark = _decode_maintenance_marked(value)
             state.maintenance, state.maintenance_until_ms, state.datanode_maintenance = on, until, datanodes
             state.maintenance_mark = mark
+        elif kind == "failovers":
+            # A record that does not read (written by hand, a bad disk) is history, not state: it is left
+            # out and counted, rather than keeping every replica from leading.
+            try:
+                state.failovers.append(failover_from_json(value))
+            except (ValueError, KeyError, TypeError, IndexError):
+                state.failovers_unreadable.append(ident)
         elif kind == "journal_term":
             state.journal_term = int(value)
         elif kind == "term":

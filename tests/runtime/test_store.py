@@ -466,13 +466,15 @@ def test_one_failover_of_a_datanode_is_one_store_transaction():
         tasks = [e.task for e in effects if isinstance(e, SubmitMigration)]
         assert len(tasks) == 2
         [(puts, deletes)] = kv.log  # the decision: one transaction
-        assert set(puts) == {f"/p/inflight/{task.request_id}" for task in tasks} and not deletes
+        assert set(puts) == {f"/p/{kind}/{task.request_id}" for task in tasks for kind in ("inflight", "failovers")}
+        assert not deletes and max(len(v) for v in puts.values()) < 1_000_000  # within etcd's request limit
         for task in tasks:
             kv.log.clear()
             handle(SubmissionDone(task, MigrationResult(submitted=task.region_ids, procedure_id=f"p-{task.to_peer.id}")),
                    60_100)
             [(puts, deletes)] = kv.log  # the accepted submission: one transaction
-            assert set(puts) == {f"/p/inflight/{task.request_id}", "/p/counts/00000000000000000001"}
+            assert set(puts) == {f"/p/inflight/{task.request_id}", "/p/counts/00000000000000000001",
+                                 f"/p/failovers/{task.request_id}"}
         state = StateStore(kv, "/p").load()
         assert {r.procedure_id for r in state.inflight.values()} == {"p-5", "p-6"}
         assert len(state.failover_counts) == 50_000

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.core import Dump, Heartbeat, PhiAccrualOptions, Supervisor, as_region_array
+from supervisor_service.core.whatif import crossing_ms
 from supervisor_service.edge import DumpPages, GroupColumns, encode_rows, varint_lengths
 from supervisor_service.proto import pb
 
@@ -52,6 +53,24 @@ def test_encode_rows_extremes():
     assert encode_rows(b"", np.array([], dtype=np.uint64), np.array([]), GroupColumns.empty()) == b""
 
 
+def test_encode_rows_predicted_failure_extremes():
+    """Field 11 after fields 9 and 10: omitted when 0, a negative one a 10-byte varint, the row still one length
+    byte long with every other field at its longest."""
+    regions = np.array([U64_MAX] * 4, dtype=np.uint64)
+    groups = GroupColumns(
+        last=np.array([-1] * 4, dtype=np.int64), phi=np.zeros(4), available=np.zeros(4, dtype=bool),
+        samples=np.full(4, 2**32 - 1, dtype=np.int64), mean=np.zeros(4), std=np.zeros(4),
+        predicted=np.array([0, -1, 2**63 - 1, 1_796_219_390_708], dtype=np.int64),
+    )
+    extras = {i: pb.DetectorState(failover_count=2**32 - 1, migrating=True).SerializeToString() for i in range(4)}
+    data = encode_rows(pb.DetectorState(datanode_id=U64_MAX).SerializeToString(), regions, np.arange(4), groups,
+                       extras)
+    rows = list(pb.DumpResponse.FromString(data).detectors)
+    assert [r.predicted_failure_millis for r in rows] == [0, -1, 2**63 - 1, 1_796_219_390_708]
+    assert all(r.failover_count == 2**32 - 1 and r.migrating and r.sample_count == 2**32 - 1
+               and r.last_heartbeat_millis == -1 and r.region_id == U64_MAX for r in rows)
+
+
 def reference_rows(snapshot, at: int, only_failed: bool) -> list[pb.DetectorState]:
     """The rows of a dump one message at a time, in the order DumpPages shows them: the
     reference the numpy encoding is tested against."""
@@ -75,6 +94,7 @@ def reference_rows(snapshot, at: int, only_failed: bool) -> list[pb.DetectorStat
                     std_deviation_millis=grp.observed_std,
                     failover_count=counts.get((node.datanode_id, region_id), 0),
                     migrating=region_id in migrating,
+                    predicted_failure_millis=crossing_ms(grp, threshold),
                 )
             )
     return rows
