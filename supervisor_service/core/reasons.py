@@ -48,6 +48,8 @@ class RuleState:
     warmup: Warmup
     guards: Guards | None
     backoff: ResubmitBackoff
+    planned: Callable[[int, int], str | None] | None = None
+    """Why a table policy or a drain leaves (datanode, region) alone (`Drains.why_not_failed_over`)."""
 
 
 def _maintenance(s: RuleState, datanode_id: int, region_id: int, now: int) -> Hold | None:
@@ -127,13 +129,22 @@ def _resubmit_backoff(s: RuleState, datanode_id: int, region_id: int, now: int) 
                 f"held: region {region_id} backed off ({why}) until {in_text(until, now)}")
 
 
+def _planned(s: RuleState, datanode_id: int, region_id: int, now: int) -> Hold | None:
+    why = s.planned(datanode_id, region_id) if s.planned is not None else None
+    if why is None:
+        return None
+    name, _, text = why.partition(": ")
+    return Hold(name, 0, f"held: {text}")
+
+
 HoldRule = Callable[[RuleState, int, int, int], "Hold | None"]
 """(the state, datanode, region or 0 for the datanode as a whole, now) -> the hold, or None."""
 
 HOLD_RULES: tuple[HoldRule, ...] = (
-    _maintenance, _warmup, _local_pause, _mass_failure, _flap_backoff, _resubmit_backoff, _rate_limit,
+    _planned, _maintenance, _warmup, _local_pause, _mass_failure, _flap_backoff, _resubmit_backoff, _rate_limit,
 )
-"""Every reason that holds a failed datanode (or one of its regions), in the order the tick checks them."""
+"""Every reason that holds a failed datanode (or one of its regions): a table policy or a drain first (they
+hold for good, not for a while), then in the order the tick checks them."""
 
 
 def holds_of(state: RuleState, datanode_id: int, region_id: int, now: int) -> list[Hold]:

@@ -124,7 +124,7 @@ class Supervisor:
         planner.drains = drains
         # The failover history and the read-only questions (ListFailovers, Explain, WhatIf).
         self.history = FailoverHistory(self.table, out, policy.failover_history_capacity, metrics.failover_history)
-        self._insight = Insight(registry, inflight, self.history, RuleState(maint, warmup, guards, backoff))
+        self._insight = Insight(registry, inflight, self.history, RuleState(maint, warmup, guards, backoff, drains.why_not_failed_over))
         self._targets.on_decision = self._insight.decided
         migrations.history = self.history
         self.status: CoreStatus = self._snapshots.status()

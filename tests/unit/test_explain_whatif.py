@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import copy
 
-from supervisor_service.core import FailoverPolicy, GuardSettings, SetMaintenance
+from supervisor_service.core import FailoverPolicy, GuardSettings, MigrationState, SetMaintenance
 from supervisor_service.core.insight import ExplainQuery, ListFailoversQuery, WhatIfQuery
+from supervisor_service.core.planned_events import SetTablePolicy, StartDrain
 from supervisor_service.core.reasons import clock_text
 from tests.support.insight_sim import START, TICK, InsightSim
 
@@ -198,3 +199,31 @@ def test_what_if_a_datanode_already_failed_or_in_flight():
     n = len(sim.submissions())
     sim.step()
     assert len(sim.submissions()) == n + 1 and sim.submissions()[-1][0] == p.earliest_submit_millis
+
+
+def test_explain_a_failing_region_of_a_table_with_failover_disabled_says_so_and_it_stays():
+    sim = InsightSim()
+    warm(sim)
+    sim.handle(SetTablePolicy((3,), failover_enabled=False))  # table 3: the regions (3 << 32) | i
+    sim.alive.discard(3)
+    sim.run_to(sim.now + 15 * TICK)
+    ex = sim.ask(ExplainQuery(3, region(3)))
+    assert not ex.detectors[0].available
+    held = "held: failover of table 3 is disabled (policy set)"
+    assert ex.verdict.startswith("failing (phi ") and ex.verdict.endswith(held)
+    assert ex.holds == (held,)
+    assert 3 not in [d for _, d in sim.selections()]
+    # The other tables of a dead datanode are not held by it.
+    sim.alive.discard(4)
+    sim.run_to(sim.now + 15 * TICK)
+    assert 4 in [d for _, d in sim.selections()] and 3 not in [d for _, d in sim.selections()]
+
+
+def test_explain_a_datanode_being_drained_says_so():
+    sim = InsightSim(regions=3)
+    warm(sim)
+    sim.poll_state = MigrationState.RUNNING  # the drain's migrations stay in flight
+    sim.handle(StartDrain((5,), reason="hardware swap"))
+    ex = sim.ask(ExplainQuery(5))
+    assert any(h.startswith("held: datanode 5 is being drained by ") for h in ex.holds), ex.holds
+    assert sim.ask(ExplainQuery(6)).holds == ()
