@@ -233,6 +233,18 @@ class Settings(BaseSettings):
     """Reject heartbeats whose node_epoch is older than the newest seen for that datanode, while that one was heard within acceptable_heartbeat_pause_ms (after that, a lower epoch is a new life)."""
     rebaseline_after_maintenance: bool = _core("rebaseline_after_maintenance")
 
+    # -- identity, roles and the audit trail (docs/design.md §14)
+    auth_tokens_file: str = ""
+    """TOML file of named bearer tokens, `[tokens]` `name = "sha256:<hex of the token>"`: a call with `authorization: Bearer <token>` is that name; re-read when it changes. Set (or auth_token set): every call but health must carry a known token or a client certificate."""
+    authz_policy_file: str = ""
+    """TOML file of roles, `[roles]` `"identity glob" = "role"` (datanode, metasrv, operator, reader, admin; first match wins) and `bind_datanode_ids`; re-read when it changes. Empty: any authenticated caller may call anything."""
+    security_file_check_interval_ms: int = Field(1000, ge=0, le=600_000)
+    """How often auth_tokens_file and authz_policy_file are checked for a change (mtime, size, inode); a change that does not parse keeps the last valid one."""
+    audit_capacity: int = Field(10_000, ge=1, le=1_000_000)
+    """Entries the audit trail keeps in the state store (newest)."""
+    audit_refusal_interval_ms: int = Field(10_000, ge=0, le=3_600_000)
+    """Refused calls of one identity, RPC and code are recorded once per this interval; the others are counted into the next entry (a flood of refused calls does not flood the store). 0: every one."""
+
     # -- process
     shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
     """Budget of graceful shutdown (grace period of in-flight RPCs plus draining)."""
@@ -255,6 +267,24 @@ class Settings(BaseSettings):
     @classmethod
     def _endpoints(cls, v: str) -> str:
         return check_host_port(v, allow_empty=True, allow_port_zero=False)
+
+    @field_validator("auth_tokens_file")
+    @classmethod
+    def _tokens_file(cls, v: str) -> str:
+        if v:
+            from supervisor_service.security.identity import load_tokens
+
+            load_tokens(v)  # PolicyError (a ValueError): one line naming the file and the entry
+        return v
+
+    @field_validator("authz_policy_file")
+    @classmethod
+    def _policy_file(cls, v: str) -> str:
+        if v:
+            from supervisor_service.security.policy import load_policy
+
+            load_policy(v)
+        return v
 
     @field_validator("data_dir")
     @classmethod

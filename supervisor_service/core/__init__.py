@@ -5,6 +5,8 @@ event to the concern that owns it (see its module); other threads read only the 
 it publishes after every event. Metrics are whatever satisfies `CoreMetrics`."""
 
 from supervisor_service.core.changes import (
+    AuditAppend,
+    AuditEntry,
     Change,
     ClockMark,
     CountsDrop,
@@ -94,6 +96,8 @@ from supervisor_service.core.types import (
 )
 
 __all__ = [
+    "AuditAppend",
+    "AuditEntry",
     "BecomeLeader",
     "Change",
     "Clear",

@@ -21,6 +21,7 @@ from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings, check_host_port
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus, Heartbeat, as_region_array
+from supervisor_service.edge.auth import current_caller
 from supervisor_service.edge.enqueue import Overloaded, when_room
 from supervisor_service.edge.problems import ProblemLog
 from supervisor_service.edge.wire import restamped, scan_heartbeat
@@ -35,7 +36,7 @@ MAX_PEER_ADDR_CHARS = 300
 # Problems of a heartbeat, by the reason counted in supervisor_heartbeat_problems_total. A rejected
 # heartbeat is untrustworthy or cannot be applied; for the others the liveness is applied and the
 # field is ignored (or the timestamp replaced by the receipt time), and the answer says so.
-REJECTING_PROBLEMS = ("undecodable", "wrong_datanode", "stale_epoch")
+REJECTING_PROBLEMS = ("undecodable", "wrong_datanode", "stale_epoch", "not_own_datanode")
 IGNORED_PROBLEMS = (
     "peer_addr_invalid", "peer_addr_too_long", "too_many_regions",
     "timestamp_missing", "timestamp_ahead", "timestamp_behind", "epoch_new_life",
@@ -61,7 +62,7 @@ class _Stream:
     __slots__ = (
         "owner", "raw", "request", "datanode_id", "n", "peer_addr", "node_epoch", "timestamp_millis",
         "regions", "last_ids", "last_regions", "answer_key", "answer_head", "received", "leader",
-        "problems", "addr", "checked_addr", "known_only", "queued", "stamp", "unwoken",
+        "problems", "addr", "checked_addr", "known_only", "queued", "stamp", "unwoken", "bound", "identity", "peer",
     )
 
     def __init__(self) -> None:
@@ -83,6 +84,9 @@ class _Stream:
         self.queued: Queued | None = None
         self.stamp: tuple[int, int] | None = None  # where `raw` has its timestamp field (wire.restamped)
         self.unwoken = -1  # `queued` waits for this deferred wake of the supervisor thread (HeartbeatStreams._wakes)
+        self.bound: int | None = None  # the one datanode the caller may heartbeat as (edge/auth.py); None: any
+        self.identity = ""  # the caller's, and its address: for the audit of a refused heartbeat
+        self.peer = ""
 
     def regions_of(self, region_ids, cache: bool = True) -> np.ndarray:
         """The request's region ids as a sorted unique array. A datanode names the same regions
@@ -142,8 +146,10 @@ class HeartbeatStreams:
         directory: PeerDirectory,
         leadership: Leadership,
         log_problem: ProblemLog,
+        on_refused: Callable[[str, str, str, str, str], None] | None = None,
     ) -> None:
         self._s = settings
+        self._on_refused = on_refused  # (identity, peer, rpc, code, message): counted and audited (edge/audit.py)
         self._queue = queue
         self._status = status  # the core's last published status (docs/design.md §10)
         self._clock = clock
@@ -195,6 +201,9 @@ class HeartbeatStreams:
         task = asyncio.current_task()
         self._stream_tasks.add(task)
         stream = _Stream()
+        caller = current_caller()  # checked once per stream by the interceptor; only the id is compared per message
+        if caller is not None:
+            stream.bound, stream.identity, stream.peer = caller.datanode_id, caller.identity, context.peer() or ""
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
             # context.read()/write() rather than iterating the requests and yielding the answers:
@@ -256,6 +265,9 @@ class HeartbeatStreams:
                 "rejected_invalid",
                 "wrong_datanode",
             )
+        bound = stream.bound
+        if bound is not None and datanode_id != bound:
+            return self._not_own(stream, bound)
         if not leader:
             where = self._leadership.leader_addr()
             return self._answer(
@@ -320,6 +332,14 @@ class HeartbeatStreams:
             if self._wake_due:
                 stream.unwoken = self._wakes
         return self._accepted(stream, entry, regions.size, problems)
+
+    def _not_own(self, stream: _Stream, bound: int) -> bytes:
+        """A heartbeat for a datanode the caller may not speak for: rejected, counted, audited."""
+        reason = (f"{stream.identity!r} may heartbeat as datanode {bound} only, not as datanode "
+                  f"{stream.datanode_id} (policy bind_datanode_ids)")
+        if self._on_refused is not None:
+            self._on_refused(stream.identity, stream.peer, "SendHeartbeat", "PERMISSION_DENIED", reason)
+        return self._answer(stream, reason, "rejected_not_own_datanode", "not_own_datanode")
 
     def _wake_soon(self) -> None:
         """Wake the supervisor thread for the heartbeats queued (`offer_heartbeat(wake=False)`): at

@@ -26,7 +26,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from supervisor_service.app.settings import Settings
 from supervisor_service.core import log_event
-from supervisor_service.edge.auth import AuthInterceptor
 from supervisor_service.edge.servicer import RegionSupervisorServicer
 from supervisor_service.proto import pb, pb_grpc
 
@@ -153,7 +152,7 @@ def build_server(servicer: RegionSupervisorServicer, settings: Settings) -> tupl
         # start and share the clients with the first. Without it the second fails to bind.
         ("grpc.so_reuseport", 0),
     ]
-    interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    interceptors = [servicer.callers]  # identity and role of every call but health (edge/auth.py)
     server = grpc.aio.server(options=options, interceptors=interceptors)
     # The generated handlers, bytes in; SendHeartbeat takes and returns serialized messages.
     generated = _HandlerCapture(SERVICE_NAME)

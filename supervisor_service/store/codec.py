@@ -8,6 +8,7 @@ Keys under the prefix (one per cluster; `prefix` below always ends with "/"):
   maintenance           JSON {enabled, until_ms, datanodes, mark} (first format: b"1" or b"0")
   journal/<seq>         JSON dry-run journal entry
   journal_term          highest leader term the dry-run journal accepted
+  audit/<seq>           JSON audit entry (who called what; trimmed to its capacity)
   term                  leadership counter of a single replica (SQLite, memory)
 
 A datanode's registry and counts keys are rewritten whole, and the journal is
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from supervisor_service.core import (
+    AuditAppend,
+    AuditEntry,
     Change,
     ClockMark,
     CountsDrop,
@@ -49,6 +52,9 @@ _U64 = np.dtype("<u8")
 
 MAINTENANCE_KEY = "maintenance"
 """The maintenance key's name under the prefix (read on its own by followers)."""
+AUDIT_DIR = "audit/"
+"""The audit trail's keys under the prefix (read on their own by any replica)."""
+DEFAULT_AUDIT_CAPACITY = 10_000
 
 
 # ---------------------------------------------------------------- changes -> puts and deletes
@@ -62,6 +68,8 @@ class Mirror:
     counts: dict[int, dict[int, int]] = field(default_factory=dict)  # datanode -> {region: count}
     journal_keys: list[str] = field(default_factory=list)  # stored journal keys, oldest first
     journal_seq: int = 0  # number of the next journal key
+    audit_keys: list[str] = field(default_factory=list)  # stored audit keys, oldest first
+    audit_seq: int = 0  # number of the next audit key
 
     @classmethod
     def loaded(cls, raw: dict[str, bytes], prefix: str, state: StoredState) -> Mirror:
@@ -71,7 +79,9 @@ class Mirror:
             counts.setdefault(d, {})[r] = c
         journal_keys = sorted(k for k in raw if k.startswith(prefix + "journal/"))
         journal_seq = int(journal_keys[-1].rsplit("/", 1)[1]) + 1 if journal_keys else 0
-        return cls(dict(state.registry), counts, journal_keys, journal_seq)
+        audit_keys = sorted(k for k in raw if k.startswith(prefix + AUDIT_DIR))
+        audit_seq = int(audit_keys[-1].rsplit("/", 1)[1]) + 1 if audit_keys else 0
+        return cls(dict(state.registry), counts, journal_keys, journal_seq, audit_keys, audit_seq)
 
     def apply(self, encoding: Encoding) -> None:
         """The encoding's keys were committed: the mirror now says so."""
@@ -87,6 +97,8 @@ class Mirror:
                 self.counts.pop(d, None)
         self.journal_seq = encoding.journal_seq
         self.journal_keys = self.journal_keys[encoding.journal_trimmed:] + encoding.journal_new
+        self.audit_seq = encoding.audit_seq
+        self.audit_keys = self.audit_keys[encoding.audit_trimmed:] + encoding.audit_new
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +112,13 @@ class Encoding:
     journal_seq: int
     journal_new: list[str]
     journal_trimmed: int  # oldest journal keys deleted to keep the capacity
+    audit_seq: int = 0
+    audit_new: list[str] = field(default_factory=list)
+    audit_trimmed: int = 0  # oldest audit keys deleted to keep the capacity
 
 
-def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capacity: int) -> Encoding:
+def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capacity: int,
+           audit_capacity: int = DEFAULT_AUDIT_CAPACITY) -> Encoding:
     """Puts and deletes for `changes` applied in order to what `mirror` says is stored (left unchanged).
 
     A key written and deleted by the same changes ends as its last change left it.
@@ -114,6 +130,8 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
     deletes: set[str] = set()
     journal_seq = mirror.journal_seq
     journal_new: list[str] = []
+    audit_seq = mirror.audit_seq
+    audit_new: list[str] = []
 
     def regions(d: int) -> np.ndarray:
         if d not in registry:
@@ -155,6 +173,11 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
                 journal_new.append(key)
             case TermSet(term):
                 puts[f"{p}term"] = str(term).encode()
+            case AuditAppend(entry):
+                key = f"{p}{AUDIT_DIR}{_key_id(audit_seq)}"
+                audit_seq += 1
+                puts[key] = audit_to_json(entry)
+                audit_new.append(key)
     for d, ids in registry.items():
         key = f"{p}registry/{_key_id(d)}"
         if ids.size:
@@ -169,7 +192,14 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
             deletes.add(key)
     trimmed = max(len(mirror.journal_keys) + len(journal_new) - journal_capacity, 0)
     deletes.update(mirror.journal_keys[:trimmed])
-    return Encoding(puts, deletes, registry, counts, journal_seq, journal_new, trimmed)
+    audit_trimmed = max(len(mirror.audit_keys) + len(audit_new) - audit_capacity, 0)
+    stored_trimmed = min(audit_trimmed, len(mirror.audit_keys))
+    deletes.update(mirror.audit_keys[:stored_trimmed])
+    for key in audit_new[:audit_trimmed - stored_trimmed]:  # more new entries than the capacity holds
+        puts.pop(key)
+    audit_new = audit_new[audit_trimmed - stored_trimmed:]
+    return Encoding(puts, deletes, registry, counts, journal_seq, journal_new, trimmed,
+                    audit_seq, audit_new, stored_trimmed)
 
 
 def encode_maintenance(change: MaintenanceSet) -> bytes:
@@ -201,6 +231,36 @@ def _entry_to_json(entry: JournalEntry) -> bytes:
         "leader_term": entry.leader_term,
         "request_id": entry.request_id,
     }).encode()
+
+
+def audit_to_json(entry: AuditEntry) -> bytes:
+    return json.dumps({
+        "at_millis": entry.at_millis,
+        "identity": entry.identity,
+        "peer": entry.peer,
+        "rpc": entry.rpc,
+        "summary": entry.summary,
+        "code": entry.code,
+        "reason": entry.reason,
+        "leader_term": entry.leader_term,
+    }).encode()
+
+
+def decode_audit(raw: dict[str, bytes]) -> list[AuditEntry]:
+    """The audit entries of the keys `raw` read under the audit prefix, oldest first (by key); an
+    entry that does not decode is left out (a trail read never fails for one bad value)."""
+    entries = []
+    for key in sorted(raw):
+        try:
+            d = json.loads(raw[key])
+            entries.append(AuditEntry(
+                at_millis=int(d["at_millis"]), identity=str(d["identity"]), peer=str(d["peer"]),
+                rpc=str(d["rpc"]), summary=str(d["summary"]), code=str(d["code"]), reason=str(d["reason"]),
+                leader_term=int(d["leader_term"]),
+            ))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
 
 
 def _inflight_to_json(rec: InFlightRecord) -> bytes:
