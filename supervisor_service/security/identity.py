@@ -78,7 +78,8 @@ def parse_tokens(text: str, source: str) -> Tokens:
         raise PolicyError(f"tokens file {source}: no [tokens] table (e.g. [tokens] ops-alice = \"sha256:<hex>\")")
     if len(table) > MAX_TOKENS:
         raise PolicyError(f"tokens file {source}: {len(table)} tokens, at most {MAX_TOKENS}")
-    digests, seen = [], {}
+    digests: list[tuple[bytes, str]] = []
+    seen: dict[bytes, str] = {}
     for name, value in table.items():
         if not isinstance(value, str):
             raise PolicyError(f"tokens file {source}: entry {name!r}: expected \"sha256:<hex>\", got a "
@@ -119,7 +120,7 @@ def certificate_identity(auth_context: dict[str, list[bytes]]) -> str | None:
     return None
 
 
-def bearer_token(metadata: tuple | None) -> str | None:
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
     """The token of an `authorization: Bearer <token>` header; '' for another scheme; None without one."""
     for key, value in metadata or ():
         if key == "authorization":
