@@ -52,7 +52,7 @@ _READER_PREFIXES = ("Get", "List")
 # A glob of identities: DNS-name characters, `*`, `?` and `[...]` classes. Anything else (a space, a
 # quote, an unclosed class) is a mistake in the file, not an identity.
 _GLOB = re.compile(r"(?:[A-Za-z0-9._@:*?-]|\[!?[A-Za-z0-9._@:-]+\])+")
-_DATANODE_LABEL = re.compile(r"datanode-([0-9]{1,20})")
+_DATANODE_LABEL = re.compile(r"datanode-([0-9]{1,20})", re.IGNORECASE)
 MAX_RULES = 1000
 _UINT64_MAX = 2**64 - 1
 
