@@ -197,8 +197,9 @@ def test_a_datanode_heartbeats_only_as_itself(secured):
         own.close()
 
 
-def test_the_audit_trail_says_who_switched_maintenance_on_and_why(secured):
-    svc, channel = secured
+def test_the_audit_trail_says_who_switched_maintenance_on_and_why(service, tmp_path):
+    svc = service(audit_refusal_interval_ms=60_000, **write_security_files(tmp_path))
+    channel = grpc.insecure_channel(svc.addresses.grpc)
     since = int(time.time() * 1000) - 1
     call = channel.unary_unary(f"/{SERVICE.full_name}/SetMaintenanceMode",
                                request_serializer=pb.SetMaintenanceModeRequest.SerializeToString,
