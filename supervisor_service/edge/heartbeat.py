@@ -21,7 +21,7 @@ from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings, check_host_port
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus, Heartbeat, as_region_array
-from supervisor_service.edge.auth import current_caller
+from supervisor_service.edge.auth import Caller, current_caller
 from supervisor_service.edge.enqueue import Overloaded, when_room
 from supervisor_service.edge.problems import ProblemLog
 from supervisor_service.edge.wire import restamped, scan_heartbeat
@@ -88,6 +88,16 @@ class _Stream:
         self.identity = ""  # the caller's, and its address: for the audit of a refused heartbeat
         self.peer = ""
 
+    def bind(self, caller: Caller | None, context: grpc.aio.ServicerContext) -> None:
+        """The caller the interceptor checked once for the stream (edge/auth.py): the datanode it may
+        heartbeat as (only that id is compared per message), and who it is, for a refusal's audit."""
+        if caller is not None:
+            self.bound, self.identity, self.peer = caller.datanode_id, caller.identity, context.peer() or ""
+
+    def not_own(self) -> str:
+        return (f"{self.identity!r} may heartbeat as datanode {self.bound} only, not as datanode "
+                f"{self.datanode_id} (policy bind_datanode_ids)")
+
     def regions_of(self, region_ids, cache: bool = True) -> np.ndarray:
         """The request's region ids as a sorted unique array. A datanode names the same regions
         in heartbeat after heartbeat (whatever else changes, as the client clock's timestamp):
@@ -135,6 +145,9 @@ class HeartbeatStreams:
     """Every open SendHeartbeat stream of this server: the limit on their number, their end at
     shutdown (`close_streams`), and the answer to each message. Runs on the server's event loop only."""
 
+    # (identity, peer, rpc, code, message) of a heartbeat for another datanode: counted, audited (edge/audit.py).
+    on_refused: Callable[[str, str, str, str, str], None] = staticmethod(lambda *refusal: None)
+
     def __init__(
         self,
         *,
@@ -146,10 +159,8 @@ class HeartbeatStreams:
         directory: PeerDirectory,
         leadership: Leadership,
         log_problem: ProblemLog,
-        on_refused: Callable[[str, str, str, str, str], None] | None = None,
     ) -> None:
         self._s = settings
-        self._on_refused = on_refused  # (identity, peer, rpc, code, message): counted and audited (edge/audit.py)
         self._queue = queue
         self._status = status  # the core's last published status (docs/design.md §10)
         self._clock = clock
@@ -201,9 +212,7 @@ class HeartbeatStreams:
         task = asyncio.current_task()
         self._stream_tasks.add(task)
         stream = _Stream()
-        caller = current_caller()  # checked once per stream by the interceptor; only the id is compared per message
-        if caller is not None:
-            stream.bound, stream.identity, stream.peer = caller.datanode_id, caller.identity, context.peer() or ""
+        stream.bind(current_caller(), context)
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
             # context.read()/write() rather than iterating the requests and yielding the answers:
@@ -265,9 +274,9 @@ class HeartbeatStreams:
                 "rejected_invalid",
                 "wrong_datanode",
             )
-        bound = stream.bound
-        if bound is not None and datanode_id != bound:
-            return self._not_own(stream, bound)
+        if stream.bound is not None and datanode_id != stream.bound:
+            self.on_refused(stream.identity, stream.peer, "SendHeartbeat", "PERMISSION_DENIED", why := stream.not_own())
+            return self._answer(stream, why, "rejected_not_own_datanode", "not_own_datanode")
         if not leader:
             where = self._leadership.leader_addr()
             return self._answer(
@@ -332,14 +341,6 @@ class HeartbeatStreams:
             if self._wake_due:
                 stream.unwoken = self._wakes
         return self._accepted(stream, entry, regions.size, problems)
-
-    def _not_own(self, stream: _Stream, bound: int) -> bytes:
-        """A heartbeat for a datanode the caller may not speak for: rejected, counted, audited."""
-        reason = (f"{stream.identity!r} may heartbeat as datanode {bound} only, not as datanode "
-                  f"{stream.datanode_id} (policy bind_datanode_ids)")
-        if self._on_refused is not None:
-            self._on_refused(stream.identity, stream.peer, "SendHeartbeat", "PERMISSION_DENIED", reason)
-        return self._answer(stream, reason, "rejected_not_own_datanode", "not_own_datanode")
 
     def _wake_soon(self) -> None:
         """Wake the supervisor thread for the heartbeats queued (`offer_heartbeat(wake=False)`): at

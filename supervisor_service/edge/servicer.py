@@ -51,8 +51,9 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         self.callers = CallerInterceptor(Gate(settings, metrics), self.audit.refused)
         self.heartbeats = HeartbeatStreams(
             settings=settings, queue=queue, status=status, clock=clock, metrics=metrics,
-            directory=directory, leadership=leadership, log_problem=log_problem, on_refused=self.audit.refused,
+            directory=directory, leadership=leadership, log_problem=log_problem,
         )
+        self.heartbeats.on_refused = self.audit.refused
         self.admin = AdminCalls(
             settings=settings, queue=queue, status=status, metrics=metrics, journal=journal,
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,
