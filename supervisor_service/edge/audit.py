@@ -33,6 +33,7 @@ log = logging.getLogger("supervisor_service.server")
 DEFAULT_AUDIT_LIMIT = 100
 MAX_AUDIT_LIMIT = 10_000
 MAX_IDENTITY_FILTER_CHARS = 253
+MAX_IDENTITY_CHARS = 253  # a DNS name's length; a certificate may name a longer one, the trail keeps this much
 _DURABLE_WAIT_S = 5.0
 
 
@@ -92,7 +93,7 @@ class AuditTrail:
         if term is None:
             return  # the change was made under a term this replica no longer holds: it was fenced or lost
         entry = AuditEntry(
-            at_millis=self._clock.now_ms(), identity=identity, peer=clip(context.peer() or "", 128), rpc=rpc,
+            at_millis=self._clock.now_ms(), identity=clip(identity, MAX_IDENTITY_CHARS), peer=clip(context.peer() or "", 128), rpc=rpc,
             summary=summarize(rpc, request), code="OK", reason=getattr(request, "reason", ""), leader_term=term,
         )
         try:
@@ -134,7 +135,7 @@ class AuditTrail:
             due.append(record)
         for c in due:
             summary = refusal_summary(message if c is record else "refused calls like it", c.suppressed, c.since_ms)
-            entry = AuditEntry(now, c.identity, clip(peer, 128) if c is record else "", c.rpc, summary, c.code, "",
+            entry = AuditEntry(now, clip(c.identity, MAX_IDENTITY_CHARS), clip(peer, 128) if c is record else "", c.rpc, summary, c.code, "",
                                term)
             self._submit(entry, term)
 

@@ -19,6 +19,9 @@ import grpc
 
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings
+from supervisor_service.edge.audit import AuditTrail
+from supervisor_service.proto import pb
+from supervisor_service.security.audit import STATE_CHANGING
 from supervisor_service.security.identity import (
     ANONYMOUS,
     Tokens,
@@ -100,17 +103,25 @@ class Gate:
         return ANONYMOUS, ""
 
 
+_SERVICE = pb.DESCRIPTOR.services_by_name["RegionSupervisor"]
+SERVICE_NAME = _SERVICE.full_name
+
+
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").rpartition("/")
     return service, name
 
 
 class CallerInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates and authorizes every call but health; refusals are counted and audited by `on_refused`."""
+    """Authenticates and authorizes every call but health; refusals are counted and audited by the
+    trail's `refused`, accepted state-changing calls (security.audit.STATE_CHANGING) recorded by its
+    `accepted`, whichever RPC they are: a state-changing RPC added to the service is audited as it lands."""
 
-    def __init__(self, gate: Gate, on_refused: Callable[[str, str, str, str, str], None]) -> None:
+    def __init__(self, gate: Gate, audit: AuditTrail, invalid: Callable) -> None:
         self._gate = gate
-        self._on_refused = on_refused
+        self._on_refused = audit.refused
+        self._audit = audit
+        self._invalid = invalid  # InvalidRequests.invalid: INVALID_ARGUMENT, counted
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -121,7 +132,33 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if needed == OPEN:
             return handler
         metadata = handler_call_details.invocation_metadata
-        return _guarded(handler, lambda context: self._admit(context, metadata, method, needed))
+
+        async def admit(context):
+            await self._admit(context, metadata, method, needed)
+
+        if method in STATE_CHANGING and handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._audited(handler.unary_unary, admit, service, method))
+        return _guarded(handler, admit)
+
+    def _audited(self, behavior, admit, service: str, method: str):
+        """A state-changing unary call (bytes in): admitted, its `reason` checked, and recorded once accepted."""
+        request_type = getattr(pb, _SERVICE.methods_by_name[method].input_type.name) if service == SERVICE_NAME else None
+
+        async def call(raw: bytes, context):
+            await admit(context)
+            try:
+                request = request_type.FromString(raw) if request_type is not None else None
+            except Exception:  # noqa: BLE001 - the method's own parse answers INVALID_ARGUMENT
+                request = None
+            if request is not None and (problem := self._audit.reason_problem(request)):
+                await self._invalid(context, method, "out_of_range", problem)
+            response = await behavior(raw, context)
+            if request is not None:
+                caller = current_caller()
+                await self._audit.accepted(context, caller.identity if caller else "", method, request)
+            return response
+
+        return call
 
     async def _admit(self, context: grpc.aio.ServicerContext, metadata, method: str, needed: str | None) -> None:
         identity, why = self._gate.identify(metadata, context)

@@ -13,7 +13,7 @@ from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus
 from supervisor_service.edge.admin import AdminCalls
 from supervisor_service.edge.audit import AuditTrail
-from supervisor_service.edge.auth import CallerInterceptor, Gate, current_caller
+from supervisor_service.edge.auth import CallerInterceptor, Gate
 from supervisor_service.edge.heartbeat import HeartbeatStreams
 from supervisor_service.edge.problems import InvalidRequests, ProblemLog
 from supervisor_service.proto import pb, pb_grpc
@@ -48,7 +48,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             store=store, leadership=leadership, status=status, clock=clock, metrics=metrics,
             refusal_interval_ms=settings.audit_refusal_interval_ms, log_problem=log_problem,
         )
-        self.callers = CallerInterceptor(Gate(settings, metrics), self.audit.refused)
+        self.callers = CallerInterceptor(Gate(settings, metrics), self.audit, self.invalid_requests.invalid)
         self.heartbeats = HeartbeatStreams(
             settings=settings, queue=queue, status=status, clock=clock, metrics=metrics,
             directory=directory, leadership=leadership, log_problem=log_problem,
@@ -72,30 +72,21 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     async def SendHeartbeat(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         await self.heartbeats.SendHeartbeat(request_iterator, context)
 
-    async def _audited(self, rpc: str, request, context: grpc.aio.ServicerContext, call: Callable):
-        """A state-changing call, recorded in the audit trail once it is accepted (docs/design.md §14.4)."""
-        if problem := self.audit.reason_problem(request):
-            await self.invalid_requests.invalid(context, rpc, "out_of_range", problem)
-        response = await call(request, context)
-        caller = current_caller()
-        await self.audit.accepted(context, caller.identity if caller else "", rpc, request)
-        return response
-
     async def RegisterDetectors(self, request, context):
-        return await self._audited("RegisterDetectors", request, context, self.admin.RegisterDetectors)
+        return await self.admin.RegisterDetectors(request, context)
 
     async def DeregisterDetectors(self, request, context):
-        return await self._audited("DeregisterDetectors", request, context, self.admin.DeregisterDetectors)
+        return await self.admin.DeregisterDetectors(request, context)
 
     async def ResetDetectors(self, request, context):
-        return await self._audited("ResetDetectors", request, context, self.admin.ResetDetectors)
+        return await self.admin.ResetDetectors(request, context)
 
     async def Dump(self, request: pb.DumpRequest, context) -> AsyncIterator[pb.DumpResponse]:
         async for page in self.admin.Dump(request, context):
             yield page
 
     async def SetMaintenanceMode(self, request, context):
-        return await self._audited("SetMaintenanceMode", request, context, self.admin.SetMaintenanceMode)
+        return await self.admin.SetMaintenanceMode(request, context)
 
     async def GetMaintenanceMode(self, request, context):
         return await self.admin.GetMaintenanceMode(request, context)
@@ -104,7 +95,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
         return await self.admin.GetFailoverHolds(request, context)
 
     async def ReleaseFailoverHold(self, request, context):
-        return await self._audited("ReleaseFailoverHold", request, context, self.admin.ReleaseFailoverHold)
+        return await self.admin.ReleaseFailoverHold(request, context)
 
     async def ListAudit(self, request, context):
         return await self.audit.list(request, context)

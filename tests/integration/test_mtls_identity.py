@@ -14,7 +14,7 @@ import supervisor_service.app.service as service_module
 from supervisor_service.app.service import Service
 from supervisor_service.app.settings import load_settings
 from supervisor_service.proto import pb, pb_grpc
-from tests.support.certs import cert_files  # noqa: F401 - a fixture
+from supervisor_service.security.certs import write_bundle
 from tests.support.roles import POLICY, sha256_ref
 from tests.support.service import SERVICE_DEFAULTS, ServiceThread
 
@@ -22,8 +22,8 @@ TIMEOUT = 10
 
 
 @pytest.fixture
-def mtls_service(cert_files, tmp_path, monkeypatch):  # noqa: F811 - the fixture
-    files = cert_files
+def mtls_service(tmp_path, monkeypatch):
+    files = write_bundle(tmp_path / "certs", datanodes=3)
 
     def bind_secure(server, grpc_addr: str) -> str:
         credentials = grpc.ssl_server_credentials(
