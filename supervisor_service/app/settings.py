@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     advertise_addr: str = ""
     """Address clients are told to reach this replica at; empty: the gRPC address."""
     auth_token: str = ""
-    """If set, every RPC must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise)."""
+    """If set, every RPC but health must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise), or another credential (auth_tokens_file, a client certificate); its caller is the identity `token`."""
 
     # -- remote services
     selector_endpoint: str = ""
