@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from supervisor_service.core import log_event
-from supervisor_service.security.policy import PolicyError
+from supervisor_service.security.policy import PolicyError, read_security_file
 
 log = logging.getLogger("supervisor_service.security")
 
@@ -99,11 +99,7 @@ def parse_tokens(text: str, source: str) -> Tokens:
 
 
 def load_tokens(path: str | Path) -> Tokens:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"tokens file {path}: cannot be read: {exc}") from None
-    return parse_tokens(text, str(path))
+    return parse_tokens(read_security_file(path, "tokens"), str(path))
 
 
 def certificate_identity(auth_context: dict[str, list[bytes]]) -> str | None:

@@ -147,10 +147,14 @@ def parse_policy(text: str, source: str) -> Policy:
     return Policy(tuple(rules), bind, source)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """`parse_policy` of the file at `path`; PolicyError naming the file when it cannot be read."""
+def read_security_file(path: str | Path, kind: str) -> str:
+    """The text of a policy or tokens file; PolicyError naming the file when it cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"policy file {path}: cannot be read: {exc}") from None
-    return parse_policy(text, str(path))
+        raise PolicyError(f"{kind} file {path}: cannot be read: {exc}") from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    """`parse_policy` of the file at `path`."""
+    return parse_policy(read_security_file(path, "policy"), str(path))
