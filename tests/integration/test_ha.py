@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -195,6 +196,16 @@ def test_the_audit_trail_survives_a_leader_change(tmp_path, backend, migration):
                           ("ops-alice", "SetMaintenanceMode", "OK", "upgrade of rack 3", term)], before
         follower = next(r for r in replicas if r is not leader)
         assert trail(follower.addr) == before  # any replica reads the trail from the store
+        # A follower refuses too, and only counts and logs it: the trail is the leader's to write.
+        with SupervisorClient(follower.addr, token=bob, timeout=5, follow_leader=False) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.release_hold(reason="from a follower")
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        time.sleep(0.3)
+        assert trail(follower.addr) == before
+        url = f"http://{follower.metrics_addr}/metrics?name[]=supervisor_audit_entries_total"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert 'supervisor_audit_entries_total{result="not_leader"} 1.0' in resp.read().decode()
 
         leader.kill(signal.SIGKILL)
         new_leader = leader_of([follower], TTL_MS / 1000 + 5)
