@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -49,6 +50,8 @@ class Caller:
     identity: str
     role: str | None
     datanode_id: int | None
+    token: str | None = None  # the bearer token it presented (None: its certificate, or anonymous)
+    revision: int = 0  # Gate.revision when it was checked
 
 
 _CALLER: ContextVar[Caller | None] = ContextVar("supervisor_caller", default=None)
@@ -67,8 +70,14 @@ class Gate:
         interval = settings.security_file_check_interval_ms / 1000
         legacy = settings.auth_token
 
+        self.revision = 0  # one more at each change of the tokens or the policy in force
+
         def reloaded(kind: str) -> Callable[[bool], None]:
-            return lambda ok: metrics.security_file_reloads.labels(file=kind, result="ok" if ok else "rejected").inc()
+            def count(ok: bool) -> None:
+                self.revision += ok
+                metrics.security_file_reloads.labels(file=kind, result="ok" if ok else "rejected").inc()
+
+            return count
 
         self._tokens: WatchedFile[Tokens] | None = None
         self._legacy = Tokens().with_legacy(legacy)
@@ -84,12 +93,23 @@ class Gate:
     def policy(self) -> Policy:
         return self._policy.current() if self._policy is not None else OPEN_POLICY
 
+    def current_revision(self) -> int:
+        """`revision`, once the files are checked for a change (at most every check interval)."""
+        if self._tokens is not None:
+            self._tokens.current()
+        if self._policy is not None:
+            self._policy.current()
+        return self.revision
+
+    def name_of(self, token: str) -> str | None:
+        tokens = self._tokens.current() if self._tokens is not None else self._legacy
+        return tokens.name_of(token) if token else None
+
     def identify(self, metadata, context: grpc.aio.ServicerContext) -> tuple[str | None, str]:
         """(identity, '') or (None, why the caller is not authenticated)."""
         token = bearer_token(metadata)
         if token is not None:
-            tokens = self._tokens.current() if self._tokens is not None else self._legacy
-            name = tokens.name_of(token) if token else None
+            name = self.name_of(token)
             if name is None:
                 return None, ("the bearer token is not known: send 'authorization: Bearer <token>' with a token of "
                               "the tokens file (setting auth_tokens_file) or auth_token")
@@ -105,6 +125,30 @@ class Gate:
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["RegionSupervisor"]
 SERVICE_NAME = _SERVICE.full_name
+
+
+class Callers(Protocol):
+    """What a heartbeat stream asks of the caller checks (`CallerInterceptor`)."""
+
+    def refused(self, identity: str, peer: str, rpc: str, code: str, message: str) -> None: ...
+    def revision(self) -> int: ...
+    async def recheck(self, caller: Caller, context: grpc.aio.ServicerContext) -> Caller: ...
+
+
+class _NoCallers:
+    """No checks (a HeartbeatStreams built without the servicer, in tests)."""
+
+    def refused(self, identity: str, peer: str, rpc: str, code: str, message: str) -> None:
+        pass
+
+    def revision(self) -> int:
+        return 0
+
+    async def recheck(self, caller: Caller, context: grpc.aio.ServicerContext) -> Caller:
+        return caller
+
+
+NO_CALLERS: Callers = _NoCallers()
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -161,10 +205,15 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     async def _admit(self, context: grpc.aio.ServicerContext, metadata, method: str, needed: str | None) -> None:
+        revision = self._gate.current_revision()
         identity, why = self._gate.identify(metadata, context)
         if identity is None:
             await self._refuse(context, ANONYMOUS, method, grpc.StatusCode.UNAUTHENTICATED, why)
             return
+        _CALLER.set(await self._authorize(context, identity, bearer_token(metadata), method, needed, revision))
+
+    async def _authorize(self, context, identity: str, token: str | None, method: str, needed: str | None,
+                         revision: int) -> Caller:
         policy = self._gate.policy()
         role = policy.role_of(identity)
         if not may_call(role, needed):
@@ -176,7 +225,25 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 f"{has}",
             )
         bound = datanode_of(identity) if policy.bind_datanode_ids else None
-        _CALLER.set(Caller(identity, role, bound))
+        return Caller(identity, role, bound, token, revision)
+
+    # ------------------------------------------------------------ open heartbeat streams
+
+    def revision(self) -> int:
+        """Per heartbeat message: has the tokens file or the policy changed since the stream's check?"""
+        return self._gate.current_revision()
+
+    async def recheck(self, caller: Caller, context: grpc.aio.ServicerContext) -> Caller:
+        """The stream's caller checked again after a change of the tokens or the policy: a revoked
+        token or a role that no longer allows SendHeartbeat ends the stream (audited)."""
+        revision = self._gate.current_revision()
+        if caller.token is not None and self._gate.name_of(caller.token) != caller.identity:
+            await self._refuse(context, caller.identity, "SendHeartbeat", grpc.StatusCode.UNAUTHENTICATED,
+                               "the token of this stream is no longer known (tokens file changed): the stream ends")
+        return await self._authorize(context, caller.identity, caller.token, "SendHeartbeat", "datanode", revision)
+
+    def refused(self, identity: str, peer: str, rpc: str, code: str, message: str) -> None:
+        self._on_refused(identity, peer, rpc, code, message)
 
     async def _refuse(self, context, identity: str, method: str, code: grpc.StatusCode, message: str) -> None:
         self._on_refused(identity, context.peer() or "", method, code.name, message)

@@ -21,7 +21,7 @@ from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings, check_host_port
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus, Heartbeat, as_region_array
-from supervisor_service.edge.auth import Caller, current_caller
+from supervisor_service.edge.auth import NO_CALLERS, Caller, Callers, current_caller
 from supervisor_service.edge.enqueue import Overloaded, when_room
 from supervisor_service.edge.problems import ProblemLog
 from supervisor_service.edge.wire import restamped, scan_heartbeat
@@ -63,6 +63,7 @@ class _Stream:
         "owner", "raw", "request", "datanode_id", "n", "peer_addr", "node_epoch", "timestamp_millis",
         "regions", "last_ids", "last_regions", "answer_key", "answer_head", "received", "leader",
         "problems", "addr", "checked_addr", "known_only", "queued", "stamp", "unwoken", "bound", "identity", "peer",
+        "caller",
     )
 
     def __init__(self) -> None:
@@ -85,6 +86,7 @@ class _Stream:
         self.stamp: tuple[int, int] | None = None  # where `raw` has its timestamp field (wire.restamped)
         self.unwoken = -1  # `queued` waits for this deferred wake of the supervisor thread (HeartbeatStreams._wakes)
         self.bound: int | None = None  # the one datanode the caller may heartbeat as (edge/auth.py); None: any
+        self.caller: Caller | None = None
         self.identity = ""  # the caller's, and its address: for the audit of a refused heartbeat
         self.peer = ""
 
@@ -92,11 +94,15 @@ class _Stream:
         """The caller the interceptor checked once for the stream (edge/auth.py): the datanode it may
         heartbeat as (only that id is compared per message), and who it is, for a refusal's audit."""
         if caller is not None:
-            self.bound, self.identity, self.peer = caller.datanode_id, caller.identity, context.peer() or ""
+            self.caller, self.bound, self.identity = caller, caller.datanode_id, caller.identity
+            self.peer = context.peer() or ""
 
-    def not_own(self) -> str:
-        return (f"{self.identity!r} may heartbeat as datanode {self.bound} only, not as datanode "
-                f"{self.datanode_id} (policy bind_datanode_ids)")
+    def not_own(self, callers: Callers) -> str:
+        """Why this message, for another datanode than the caller's, is rejected; the refusal is audited."""
+        why = (f"{self.identity!r} may heartbeat as datanode {self.bound} only, not as datanode "
+               f"{self.datanode_id} (policy bind_datanode_ids)")
+        callers.refused(self.identity, self.peer, "SendHeartbeat", "PERMISSION_DENIED", why)
+        return why
 
     def regions_of(self, region_ids, cache: bool = True) -> np.ndarray:
         """The request's region ids as a sorted unique array. A datanode names the same regions
@@ -145,8 +151,7 @@ class HeartbeatStreams:
     """Every open SendHeartbeat stream of this server: the limit on their number, their end at
     shutdown (`close_streams`), and the answer to each message. Runs on the server's event loop only."""
 
-    # (identity, peer, rpc, code, message) of a heartbeat for another datanode: counted, audited (edge/audit.py).
-    on_refused: Callable[[str, str, str, str, str], None] = staticmethod(lambda *refusal: None)
+    callers: Callers = NO_CALLERS  # the caller checks (edge/auth.py): refusals audited, open streams checked again
 
     def __init__(
         self,
@@ -218,6 +223,8 @@ class HeartbeatStreams:
             # context.read()/write() rather than iterating the requests and yielding the answers:
             # the same stream, with about a tenth less event-loop time per message (make bench).
             while (raw := await read()) is not eof:
+                if stream.caller is not None and stream.caller.revision != self.callers.revision():
+                    stream.bind(await self.callers.recheck(stream.caller, context), context)
                 answer = self._heartbeat(raw, stream)
                 if answer.__class__ is not bytes:
                     answer = await self._heartbeat_when_room(answer, stream)
@@ -275,8 +282,7 @@ class HeartbeatStreams:
                 "wrong_datanode",
             )
         if stream.bound is not None and datanode_id != stream.bound:
-            self.on_refused(stream.identity, stream.peer, "SendHeartbeat", "PERMISSION_DENIED", why := stream.not_own())
-            return self._answer(stream, why, "rejected_not_own_datanode", "not_own_datanode")
+            return self._answer(stream, stream.not_own(self.callers), "rejected_not_own_datanode", "not_own_datanode")
         if not leader:
             where = self._leadership.leader_addr()
             return self._answer(

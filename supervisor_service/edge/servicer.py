@@ -53,7 +53,7 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
             settings=settings, queue=queue, status=status, clock=clock, metrics=metrics,
             directory=directory, leadership=leadership, log_problem=log_problem,
         )
-        self.heartbeats.on_refused = self.audit.refused
+        self.heartbeats.callers = self.callers
         self.admin = AdminCalls(
             settings=settings, queue=queue, status=status, metrics=metrics, journal=journal,
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,

@@ -288,3 +288,29 @@ def test_a_bad_policy_or_tokens_file_fails_the_start_with_one_line(tmp_path):
     assert "\n" not in str(err.value) and str(tokens) in str(err.value) and "hunter2" not in str(err.value)
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings(authz_policy_file=str(tmp_path / "missing.toml"))
+
+
+def test_an_open_stream_ends_when_its_token_is_revoked_or_its_role_taken(service, tmp_path):
+    files = write_security_files(tmp_path)
+    svc = service(security_file_check_interval_ms=0, **files)
+    channel = grpc.insecure_channel(svc.addresses.grpc)
+    tokens, policy = tmp_path / "tokens.toml", tmp_path / "policy.toml"
+    try:
+        one, two = Heartbeats(channel, bearer("datanode-1")), Heartbeats(channel, bearer("datanode-2"))
+        assert not one.send(1, [10]).rejected and not two.send(2, [20]).rejected
+        # datanode-1's token is revoked: its open stream ends at its next heartbeat; datanode-2's goes on.
+        tokens.write_text("\n".join(line for line in tokens.read_text().splitlines()
+                                    if not line.startswith('"datanode-1"')) + "\n")
+        with pytest.raises(grpc.RpcError) as err:
+            one.send(1, [10])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "no longer known" in err.value.details()
+        assert not two.send(2, [20]).rejected
+        # datanodes become readers: datanode-2's open stream ends too.
+        policy.write_text(policy.read_text().replace('"datanode-*" = "datanode"', '"datanode-*" = "reader"'))
+        with pytest.raises(grpc.RpcError) as err:
+            two.send(2, [20])
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'datanode-2'" in err.value.details()
+        assert svc.registry.get_sample_value(
+            "supervisor_calls_refused_total", {"method": "SendHeartbeat", "code": "UNAUTHENTICATED"}) == 1
+    finally:
+        channel.close()
