@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from supervisor_service.security.identity import (
     LEGACY_TOKEN_IDENTITY,
@@ -116,3 +120,22 @@ def test_a_watched_file_that_is_bad_at_start_raises(tmp_path):
     path.write_text('[tokens]\nops = "plain"\n')
     with pytest.raises(PolicyError, match="entry 'ops'"):
         WatchedFile(path, load_tokens, what="tokens")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=20), st.one_of(st.text(max_size=80), st.integers()), max_size=6),
+       st.text(max_size=40))
+def test_any_tokens_table_is_tokens_or_a_one_line_error_that_never_shows_a_value(table, token):
+    text = "[tokens]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in table.items())
+    try:
+        tokens = parse_tokens(text, "t.toml")
+    except PolicyError as exc:
+        message = str(exc)
+        assert message.startswith("tokens file t.toml: ") and "\n" not in message
+        for value in table.values():
+            named = " ".join(map(repr, table))  # names are not secret; a value that is in one is shown with it
+            if isinstance(value, str) and len(value) > 8 and not value.startswith("sha256:") and value not in named:
+                assert value not in message  # a token pasted in place of its digest is never echoed
+        return
+    assert {name for _, name in tokens.digests} == set(table)
+    assert tokens.name_of(token) is None or token

@@ -3,7 +3,11 @@ policy file validated with one line naming the file and the entry."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2
 
 from supervisor_service.proto import pb
@@ -135,3 +139,30 @@ def test_a_policy_with_too_many_entries_is_refused():
     text = "[roles]\n" + "".join(f'"id-{i}" = "reader"\n' for i in range(1001))
     with pytest.raises(PolicyError, match="at most 1000"):
         parse_policy(text, "p")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_is_a_policy_or_one_line_policy_error(text):
+    try:
+        policy = parse_policy(text, "p.toml")
+    except PolicyError as exc:
+        assert str(exc).startswith("policy file p.toml: ") and "\n" not in str(exc), str(exc)
+        return
+    assert all(role in ROLES for _, role in policy.rules)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=20), st.one_of(st.text(max_size=12), st.integers(), st.booleans()),
+                       max_size=6), st.sampled_from([True, False, "yes", 1]))
+def test_any_roles_table_is_a_policy_or_a_policy_error(roles, bind):
+    lines = [f"bind_datanode_ids = {json.dumps(bind)}", "[roles]"]
+    lines += [f"{json.dumps(glob)} = {json.dumps(role)}" for glob, role in roles.items()]
+    try:
+        policy = parse_policy("\n".join(lines) + "\n", "p.toml")
+    except PolicyError as exc:
+        assert str(exc).startswith("policy file p.toml: ") and "\n" not in str(exc), str(exc)
+        return
+    assert [g for g, _ in policy.rules] == list(roles) and isinstance(policy.bind_datanode_ids, bool)
+    for glob, _ in policy.rules:
+        policy.role_of(glob)  # a glob matches without raising
