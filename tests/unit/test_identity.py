@@ -4,9 +4,8 @@ identity of a certificate's auth context, and files re-read when they change."""
 from __future__ import annotations
 
 import hashlib
-import os
-
 import json
+import os
 
 import pytest
 from hypothesis import given, settings

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from grpc_health.v1 import health_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from grpc_health.v1 import health_pb2
 
 from supervisor_service.proto import pb
 from supervisor_service.security.policy import (
