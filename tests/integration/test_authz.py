@@ -314,3 +314,19 @@ def test_an_open_stream_ends_when_its_token_is_revoked_or_its_role_taken(service
             "supervisor_calls_refused_total", {"method": "SendHeartbeat", "code": "UNAUTHENTICATED"}) == 1
     finally:
         channel.close()
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ((("authorization", "Bearer " + "x" * 7000),), grpc.StatusCode.UNAUTHENTICATED),
+    ((("authorization-bin", b"\x00\xff" * 10),), grpc.StatusCode.UNAUTHENTICATED),
+    ((("authorization", "Bearer nope"), ("authorization", "Bearer bob-token")), grpc.StatusCode.UNAUTHENTICATED),
+    ((("authorization", "Bearer  bob-token "),), grpc.StatusCode.OK),
+    ((("authorization", "bearer bob-token"),), grpc.StatusCode.OK),
+    ((("authorization", "Bearer bob-token"), ("x-identity", "admin")), grpc.StatusCode.OK),
+])
+def test_hostile_authorization_metadata_gets_a_clear_status(secured, metadata, expected):
+    svc, channel = secured
+    assert call_rpc(channel, SERVICE.methods_by_name["GetMaintenanceMode"], metadata) == expected
+    # Whatever a caller claims in metadata, bob stays a reader.
+    assert call_rpc(channel, SERVICE.methods_by_name["SetMaintenanceMode"], metadata) in (
+        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
