@@ -240,8 +240,8 @@ class Settings(BaseSettings):
     """TOML file of roles, `[roles]` `"identity glob" = "role"` (datanode, metasrv, operator, reader, admin; first match wins) and `bind_datanode_ids`; re-read when it changes. Empty: any authenticated caller may call anything."""
     security_file_check_interval_ms: int = Field(1000, ge=0, le=600_000)
     """How often auth_tokens_file and authz_policy_file are checked for a change (mtime, size, inode); a change that does not parse keeps the last valid one."""
-    audit_capacity: int = Field(10_000, ge=1, le=1_000_000)
-    """Entries the audit trail keeps in the state store (newest)."""
+    audit_capacity: int = Field(5000, ge=1, le=1_000_000)
+    """Entries the audit trail keeps in the state store (newest; about 300 bytes each, at most 2 KB). ListAudit reads them in one answer: on etcd keep this times their size under its client's 4 MiB."""
     audit_refusal_interval_ms: int = Field(10_000, ge=0, le=3_600_000)
     """Refused calls of one identity, RPC and code are recorded once per this interval; the others are counted into the next entry (a flood of refused calls does not flood the store). 0: every one."""
 

@@ -155,7 +155,9 @@ class AuditTrail:
         try:
             entries = await asyncio.get_running_loop().run_in_executor(None, self._store.read_audit)
         except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the state store: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot read the audit trail from the state store: {exc} "
+                                "(the whole trail is one read: a trail too large for one answer needs a lower "
+                                "audit_capacity)")
         limit = request.limit or DEFAULT_AUDIT_LIMIT
         found = []
         for e in reversed(entries):  # newest first

@@ -8,7 +8,10 @@ Keys under the prefix (one per cluster; `prefix` below always ends with "/"):
   maintenance           JSON {enabled, until_ms, datanodes, mark} (first format: b"1" or b"0")
   journal/<seq>         JSON dry-run journal entry
   journal_term          highest leader term the dry-run journal accepted
-  audit/<seq>           JSON audit entry (who called what; trimmed to its capacity)
+  audit_next            number of the next audit entry
+And beside the prefix, under `audit_prefix(prefix)` (`<prefix>@audit/`), the audit trail: `<seq>` JSON
+entries, the oldest deleted as new ones pass the capacity. It is kept out of the prefix so that a new
+leader's load never reads it (thousands of entries: megabytes, past etcd's 4 MiB answer).
   term                  leadership counter of a single replica (SQLite, memory)
 
 A datanode's registry and counts keys are rewritten whole, and the journal is
@@ -52,9 +55,13 @@ _U64 = np.dtype("<u8")
 
 MAINTENANCE_KEY = "maintenance"
 """The maintenance key's name under the prefix (read on its own by followers)."""
-AUDIT_DIR = "audit/"
-"""The audit trail's keys under the prefix (read on their own by any replica)."""
-DEFAULT_AUDIT_CAPACITY = 10_000
+AUDIT_NEXT_KEY = "audit_next"
+DEFAULT_AUDIT_CAPACITY = 5000
+
+
+def audit_prefix(prefix: str) -> str:
+    """Where the audit trail of the state under `prefix` (ending with "/") is kept: beside it."""
+    return prefix.rstrip("/") + "@audit/"
 
 
 # ---------------------------------------------------------------- changes -> puts and deletes
@@ -68,8 +75,7 @@ class Mirror:
     counts: dict[int, dict[int, int]] = field(default_factory=dict)  # datanode -> {region: count}
     journal_keys: list[str] = field(default_factory=list)  # stored journal keys, oldest first
     journal_seq: int = 0  # number of the next journal key
-    audit_keys: list[str] = field(default_factory=list)  # stored audit keys, oldest first
-    audit_seq: int = 0  # number of the next audit key
+    audit_seq: int = 0  # number of the next audit entry
 
     @classmethod
     def loaded(cls, raw: dict[str, bytes], prefix: str, state: StoredState) -> Mirror:
@@ -79,9 +85,8 @@ class Mirror:
             counts.setdefault(d, {})[r] = c
         journal_keys = sorted(k for k in raw if k.startswith(prefix + "journal/"))
         journal_seq = int(journal_keys[-1].rsplit("/", 1)[1]) + 1 if journal_keys else 0
-        audit_keys = sorted(k for k in raw if k.startswith(prefix + AUDIT_DIR))
-        audit_seq = int(audit_keys[-1].rsplit("/", 1)[1]) + 1 if audit_keys else 0
-        return cls(dict(state.registry), counts, journal_keys, journal_seq, audit_keys, audit_seq)
+        audit_seq = int(raw.get(prefix + AUDIT_NEXT_KEY, b"0"))
+        return cls(dict(state.registry), counts, journal_keys, journal_seq, audit_seq)
 
     def apply(self, encoding: Encoding) -> None:
         """The encoding's keys were committed: the mirror now says so."""
@@ -98,7 +103,6 @@ class Mirror:
         self.journal_seq = encoding.journal_seq
         self.journal_keys = self.journal_keys[encoding.journal_trimmed:] + encoding.journal_new
         self.audit_seq = encoding.audit_seq
-        self.audit_keys = self.audit_keys[encoding.audit_trimmed:] + encoding.audit_new
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +117,6 @@ class Encoding:
     journal_new: list[str]
     journal_trimmed: int  # oldest journal keys deleted to keep the capacity
     audit_seq: int = 0
-    audit_new: list[str] = field(default_factory=list)
-    audit_trimmed: int = 0  # oldest audit keys deleted to keep the capacity
 
 
 def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capacity: int,
@@ -131,7 +133,7 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
     journal_seq = mirror.journal_seq
     journal_new: list[str] = []
     audit_seq = mirror.audit_seq
-    audit_new: list[str] = []
+    trail = audit_prefix(p)
 
     def regions(d: int) -> np.ndarray:
         if d not in registry:
@@ -174,10 +176,13 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
             case TermSet(term):
                 puts[f"{p}term"] = str(term).encode()
             case AuditAppend(entry):
-                key = f"{p}{AUDIT_DIR}{_key_id(audit_seq)}"
+                puts[trail + _key_id(audit_seq)] = audit_to_json(entry)
+                if audit_seq >= audit_capacity:  # the entry that many before leaves (a no-op if it is gone)
+                    old = trail + _key_id(audit_seq - audit_capacity)
+                    if puts.pop(old, None) is None:
+                        deletes.add(old)
                 audit_seq += 1
-                puts[key] = audit_to_json(entry)
-                audit_new.append(key)
+                puts[p + AUDIT_NEXT_KEY] = str(audit_seq).encode()
     for d, ids in registry.items():
         key = f"{p}registry/{_key_id(d)}"
         if ids.size:
@@ -192,14 +197,7 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
             deletes.add(key)
     trimmed = max(len(mirror.journal_keys) + len(journal_new) - journal_capacity, 0)
     deletes.update(mirror.journal_keys[:trimmed])
-    audit_trimmed = max(len(mirror.audit_keys) + len(audit_new) - audit_capacity, 0)
-    stored_trimmed = min(audit_trimmed, len(mirror.audit_keys))
-    deletes.update(mirror.audit_keys[:stored_trimmed])
-    for key in audit_new[:audit_trimmed - stored_trimmed]:  # more new entries than the capacity holds
-        puts.pop(key)
-    audit_new = audit_new[audit_trimmed - stored_trimmed:]
-    return Encoding(puts, deletes, registry, counts, journal_seq, journal_new, trimmed,
-                    audit_seq, audit_new, stored_trimmed)
+    return Encoding(puts, deletes, registry, counts, journal_seq, journal_new, trimmed, audit_seq)
 
 
 def encode_maintenance(change: MaintenanceSet) -> bytes:

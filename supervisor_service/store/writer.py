@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 
 from supervisor_service.core import AuditEntry, Change, StoredState, log_event
 from supervisor_service.store.codec import (
-    AUDIT_DIR,
     DEFAULT_AUDIT_CAPACITY,
     MAINTENANCE_KEY,
     Encoding,
     Mirror,
+    audit_prefix,
     decode_audit,
     decode_maintenance,
     decode_state,
@@ -127,7 +127,7 @@ class StateStore:
 
     def read_audit(self) -> list[AuditEntry]:
         """The stored audit trail, oldest first, read directly (any replica)."""
-        return decode_audit(self.kv.read_prefix(self.prefix + AUDIT_DIR))
+        return decode_audit(self.kv.read_prefix(audit_prefix(self.prefix)))
 
     def start(self) -> None:
         if self._thread is None:

@@ -13,7 +13,7 @@ from supervisor_service.security.audit import (
     summarize,
 )
 from supervisor_service.store import MemoryKV, Mirror, StateStore, encode
-from supervisor_service.store.codec import decode_audit
+from supervisor_service.store.codec import audit_prefix, decode_audit
 
 P = "/t/"
 
@@ -80,17 +80,20 @@ def test_the_windows_are_bounded_and_new_identities_share_one_past_the_bound():
     assert c.note("id-late", "X", "PERMISSION_DENIED", 5000) is not None and len(c) <= 11
 
 
-def test_audit_keys_are_appended_and_trimmed_to_the_capacity():
+def test_audit_keys_are_appended_beside_the_prefix_and_trimmed_to_the_capacity():
     mirror = Mirror()
     enc = encode([AuditAppend(entry(i)) for i in range(5)], mirror, P, 10, audit_capacity=3)
-    keys = sorted(k for k in enc.puts if k.startswith(P + "audit/"))
-    assert len(keys) == 3 and not enc.deletes
+    trail = audit_prefix(P)
+    assert trail == "/t@audit/" and not any(k.startswith(P) and "audit/" in k for k in enc.puts)
+    keys = sorted(k for k in enc.puts if k.startswith(trail))
+    assert len(keys) == 3 and not enc.deletes  # the two oldest of the batch were never written
     assert [e.at_millis for e in decode_audit({k: enc.puts[k] for k in keys})] == [2, 3, 4]
+    assert enc.puts[P + "audit_next"] == b"5"
     mirror.apply(enc)
     more = encode([AuditAppend(entry(5))], mirror, P, 10, audit_capacity=3)
-    assert more.deletes == {keys[0]}
+    assert more.deletes == {trail + f"{2:020d}"} and more.puts[P + "audit_next"] == b"6"
     mirror.apply(more)
-    assert len(mirror.audit_keys) == 3 and mirror.audit_seq == 6
+    assert mirror.audit_seq == 6
 
 
 def test_the_trail_survives_a_load_and_continues_after_the_newest_key():
@@ -102,6 +105,7 @@ def test_the_trail_survives_a_load_and_continues_after_the_newest_key():
             store.submit([AuditAppend(entry(i))])
         store.flush()
         assert [e.at_millis for e in store.read_audit()] == [2, 3, 4, 5]
+        assert not any(k.startswith("/t/") and "@audit" in k for k in kv.read_prefix("/t/"))  # never loaded
         store.load()  # a new leadership: the writer's view comes from the keys
         store.submit([AuditAppend(entry(6, "metasrv"))])
         store.flush()
@@ -112,6 +116,7 @@ def test_the_trail_survives_a_load_and_continues_after_the_newest_key():
 
 
 def test_an_audit_value_that_does_not_decode_is_left_out():
-    good = encode([AuditAppend(entry(1))], Mirror(), P, 10).puts
-    raw = {**good, P + "audit/00000000000000000009": b"{not json", P + "audit/00000000000000000010": b'{"at_millis": 1}'}
+    good = {k: v for k, v in encode([AuditAppend(entry(1))], Mirror(), P, 10).puts.items() if "@audit/" in k}
+    trail = audit_prefix(P)
+    raw = {**good, trail + "00000000000000000009": b"{not json", trail + "00000000000000000010": b'{"at_millis": 1}'}
     assert [e.at_millis for e in decode_audit(raw)] == [1]
