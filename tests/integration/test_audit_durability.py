@@ -7,6 +7,8 @@ import grpc
 import pytest
 
 from supervisor_service.client import SupervisorClient
+from supervisor_service.core import AuditAppend, AuditEntry
+from tests.support.backends import EtcdBackend
 from tests.support.roles import IDENTITIES, write_security_files
 from tests.support.service import ServiceFactory
 
@@ -52,3 +54,16 @@ def test_the_trail_keeps_its_capacity_newest_first(service, tmp_path):
         for i in range(12):
             client.set_maintenance(i % 2 == 0, reason=f"step {i}")
     assert [e[3] for e in _trail(svc)] == [f"step {i}" for i in range(11, 6, -1)]
+
+
+def test_a_trail_larger_than_one_etcd_answer_does_not_stop_a_leader_loading(service, etcd):
+    svc = service(store=EtcdBackend(etcd).store(), audit_capacity=4000)
+    term = svc.leadership.term
+    big = "r" * 1000  # about 1.3 KB an entry: 4,000 of them are over etcd's 4 MiB answer
+    for i in range(4000):
+        svc.store.submit([AuditAppend(AuditEntry(i, "ops-alice", "", "SetMaintenanceMode", "s", "OK", big, term))],
+                         term=term)
+    svc.store.flush(60)
+    svc.store.load()  # what a new leader does (a StoreError when the trail was under the prefix: 4.9 MB > 4 MiB)
+    with SupervisorClient(svc.addresses.grpc, token="", timeout=10) as client:
+        client.set_maintenance(True, reason="after the big trail")  # appended after the 4,000th
