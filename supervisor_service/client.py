@@ -177,16 +177,16 @@ class SupervisorClient:
     def _regions(pairs: list[DetectingRegion]) -> list[pb.DetectingRegion]:
         return [pb.DetectingRegion(datanode_id=d, region_id=r) for d, r in pairs]
 
-    def register(self, pairs: list[DetectingRegion]) -> int:
-        request = pb.RegisterDetectorsRequest(regions=self._regions(pairs))
+    def register(self, pairs: list[DetectingRegion], reason: str = "") -> int:
+        request = pb.RegisterDetectorsRequest(regions=self._regions(pairs), reason=reason)
         return self._call(lambda: self.stub.RegisterDetectors(request, **self._kw()).affected)
 
-    def deregister(self, pairs: list[DetectingRegion]) -> int:
-        request = pb.DeregisterDetectorsRequest(regions=self._regions(pairs))
+    def deregister(self, pairs: list[DetectingRegion], reason: str = "") -> int:
+        request = pb.DeregisterDetectorsRequest(regions=self._regions(pairs), reason=reason)
         return self._call(lambda: self.stub.DeregisterDetectors(request, **self._kw()).affected)
 
-    def reset(self, pairs: list[DetectingRegion]) -> int:
-        request = pb.ResetDetectorsRequest(regions=self._regions(pairs))
+    def reset(self, pairs: list[DetectingRegion], reason: str = "") -> int:
+        request = pb.ResetDetectorsRequest(regions=self._regions(pairs), reason=reason)
         return self._call(lambda: self.stub.ResetDetectors(request, **self._kw()).affected)
 
     def dump(
@@ -206,15 +206,17 @@ class SupervisorClient:
 
         return self._read(read, lambda answer: (answer[0].is_leader, answer[0].leader_addr))
 
-    def set_maintenance(self, enabled: bool) -> bool:
+    def set_maintenance(self, enabled: bool, reason: str = "") -> bool:
         """The global switch; returns its new value."""
-        return self.set_maintenance_scope(enabled).enabled
+        return self.set_maintenance_scope(enabled, reason=reason).enabled
 
     def set_maintenance_scope(
-        self, enabled: bool, datanode_ids: Sequence[int] = (), ttl_millis: int = 0
+        self, enabled: bool, datanode_ids: Sequence[int] = (), ttl_millis: int = 0, reason: str = ""
     ) -> pb.MaintenanceModeResponse:
-        """Global (no datanodes) or per-datanode maintenance, optionally expiring after `ttl_millis`."""
-        request = pb.SetMaintenanceModeRequest(enabled=enabled, datanode_ids=list(datanode_ids), ttl_millis=ttl_millis)
+        """Global (no datanodes) or per-datanode maintenance, optionally expiring after `ttl_millis`;
+        `reason`: the caller's words in the audit trail."""
+        request = pb.SetMaintenanceModeRequest(enabled=enabled, datanode_ids=list(datanode_ids), ttl_millis=ttl_millis,
+                                               reason=reason)
         return self._call(lambda: self.stub.SetMaintenanceMode(request, **self._kw()))
 
     def holds(self) -> pb.FailoverHoldsResponse:
@@ -223,8 +225,9 @@ class SupervisorClient:
             lambda answer: (answer.is_leader, ""),
         )
 
-    def release_hold(self) -> pb.FailoverHoldsResponse:
-        return self._call(lambda: self.stub.ReleaseFailoverHold(pb.ReleaseFailoverHoldRequest(), **self._kw()))
+    def release_hold(self, reason: str = "") -> pb.FailoverHoldsResponse:
+        request = pb.ReleaseFailoverHoldRequest(reason=reason)
+        return self._call(lambda: self.stub.ReleaseFailoverHold(request, **self._kw()))
 
     def get_maintenance(self) -> bool:
         return self.maintenance_status().enabled
@@ -259,6 +262,11 @@ class SupervisorClient:
     def table_policies(self, table_ids: Sequence[int] = ()) -> list[pb.TablePolicy]:
         request = pb.ListTablePoliciesRequest(table_ids=list(table_ids))
         return list(self._call(lambda: self.stub.ListTablePolicies(request, **self._kw())).policies)
+
+    def audit(self, *, since_millis: int = 0, identity: str = "", limit: int = 0) -> list[pb.AuditEntry]:
+        """The audit trail, newest first (any replica answers: it is read from the store)."""
+        request = pb.ListAuditRequest(since_millis=since_millis, identity=identity, limit=limit)
+        return list(self._call(lambda: self.stub.ListAudit(request, **self._kw())).entries)
 
     def journal(self, limit: int = 100) -> tuple[bool, list[pb.JournalEntry]]:
         resp = self._call(lambda: self.stub.ListJournal(pb.ListJournalRequest(limit=limit), **self._kw()))

@@ -487,6 +487,29 @@ class Metrics:
         )
         self.grpc_server = GrpcServerMetrics(r)
 
+        # Identity, roles and the audit trail (docs/design.md §14).
+        self.calls_refused = Counter(
+            "supervisor_calls_refused",
+            "Calls refused for their caller, by method and code (UNAUTHENTICATED, PERMISSION_DENIED; "
+            "a heartbeat for another datanode counts as PERMISSION_DENIED of SendHeartbeat).",
+            ["method", "code"],
+            registry=r,
+        )
+        self.audit_entries = Counter(
+            "supervisor_audit_entries",
+            "Audit trail entries by result (written, failed; refusals coalesced into a later entry, or not "
+            "recorded because this replica does not lead).",
+            ["result"],
+            registry=r,
+        )
+        self.security_file_reloads = Counter(
+            "supervisor_security_file_reloads",
+            "Re-reads of the tokens and policy files after a change, by file and result (ok, rejected: the "
+            "last valid content stays in force).",
+            ["file", "result"],
+            registry=r,
+        )
+
     def bind_queue(self, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
         self.queue_oldest_age.set_function(oldest_age)

@@ -19,7 +19,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     advertise_addr: str = ""
     """Address clients are told to reach this replica at; empty: the gRPC address."""
     auth_token: str = ""
-    """If set, every RPC must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise)."""
+    """If set, every RPC but health must carry `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise), or another credential (auth_tokens_file, a client certificate); its caller is the identity `token`."""
 
     # -- TLS (docs/design.md §14.1); every file is PEM, re-read when it changes on disk
     tls_cert_file: str = ""
@@ -271,6 +271,18 @@ class Settings(BaseSettings):
     rebaseline_after_maintenance: bool = _core("rebaseline_after_maintenance")
     failover_history_capacity: int = _core("failover_history_capacity")
 
+    # -- identity, roles and the audit trail (docs/design.md §14)
+    auth_tokens_file: str = ""
+    """TOML file of named bearer tokens, `[tokens]` `name = "sha256:<hex of the token>"`: a call with `authorization: Bearer <token>` is that name; re-read when it changes. Set (or auth_token set): every call but health must carry a known token or a client certificate."""
+    authz_policy_file: str = ""
+    """TOML file of roles, `[roles]` `"identity glob" = "role"` (datanode, metasrv, operator, reader, admin; first match wins) and `bind_datanode_ids`; re-read when it changes. Empty: any authenticated caller may call anything."""
+    security_file_check_interval_ms: int = Field(1000, ge=0, le=600_000)
+    """How often auth_tokens_file and authz_policy_file are checked for a change (mtime, size, inode); a change that does not parse keeps the last valid one."""
+    audit_capacity: int = Field(5000, ge=1, le=1_000_000)
+    """Entries the audit trail keeps in the state store (newest; about 300 bytes each, at most 2 KB). ListAudit reads them in one answer: on etcd keep this times their size under its client's 4 MiB."""
+    audit_refusal_interval_ms: int = Field(10_000, ge=0, le=3_600_000)
+    """Refused calls of one identity, RPC and code are recorded once per this interval; the others are counted into the next entry (a flood of refused calls does not flood the store). 0: every one."""
+
     # -- process
     shutdown_timeout_ms: int = Field(10_000, ge=0, le=600_000)
     """Budget of graceful shutdown (grace period of in-flight RPCs plus draining)."""
@@ -279,20 +291,26 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     """Log format; auto: JSON unless stderr is a terminal."""
 
-    @field_validator("grpc_addr")
+    @field_validator("grpc_addr", "metrics_addr")
     @classmethod
-    def _grpc_addr(cls, v: str) -> str:
-        return check_host_port(v, allow_empty=False)
-
-    @field_validator("metrics_addr")
-    @classmethod
-    def _metrics_addr(cls, v: str) -> str:
-        return check_host_port(v, allow_empty=True)
+    def _listen_addr(cls, v: str, info: ValidationInfo) -> str:
+        return check_host_port(v, allow_empty=info.field_name == "metrics_addr")  # no metrics: empty
 
     @field_validator("advertise_addr", "selector_endpoint", "peer_lookup_endpoint", "region_migration_endpoint")
     @classmethod
     def _endpoints(cls, v: str) -> str:
         return check_host_port(v, allow_empty=True, allow_port_zero=False)
+
+    @field_validator("auth_tokens_file", "authz_policy_file")
+    @classmethod
+    def _security_file(cls, v: str, info: ValidationInfo) -> str:
+        if v:
+            from supervisor_service.security.identity import load_tokens
+            from supervisor_service.security.policy import load_policy
+
+            # PolicyError (a ValueError): one line naming the file and the entry
+            (load_tokens if info.field_name == "auth_tokens_file" else load_policy)(v)
+        return v
 
     @field_validator("data_dir")
     @classmethod

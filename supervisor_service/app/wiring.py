@@ -100,6 +100,7 @@ def build_parts(
         s.store_prefix,
         flush_interval_s=s.store_flush_interval_ms / 1000,
         journal_capacity=s.journal_capacity,
+        audit_capacity=s.audit_capacity,
         on_fenced=lambda: hooks.step_down("a store write was fenced: another replica leads"),
         holds_term=leadership.holds,
         on_health=hooks.on_store_health,

@@ -2,8 +2,9 @@
 
     supervisor-service serve [--config FILE] [--grpc-addr ...]
     supervisor-service dump [--datanode ID ...] [--only-failed] [--at MILLIS] [--json]
-    supervisor-service maintenance on|off|status [--datanode ID ...] [--ttl SECONDS]
-    supervisor-service hold status|release
+    supervisor-service maintenance on|off|status [--datanode ID ...] [--ttl SECONDS] [--reason TEXT]
+    supervisor-service hold status|release [--reason TEXT]
+    supervisor-service audit [--since WHEN] [--identity NAME] [--limit N] [--json]
     supervisor-service journal [--limit N] [--json]
     supervisor-service drain start|status|cancel [ID ...] [--reason TEXT]   (cli/planned.py)
     supervisor-service policy set|list [TABLE ...] [--failover on|off] [--priority N]
@@ -33,6 +34,7 @@ import sys
 from collections.abc import Sequence
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
+from supervisor_service.cli.audit import add_audit_flags, add_reason, run_audit
 from supervisor_service.cli.planned import add_planned_commands, run_planned
 from supervisor_service.cli.tls import add_certs_parser, add_tls_flags, certs_command, client_tls
 
@@ -243,9 +245,12 @@ def _parser() -> argparse.ArgumentParser:
     maint.add_argument("--ttl", type=_ttl_millis, default=0, metavar="SECONDS", dest="ttl_millis",
                        help="with `on`: turn itself off after this long (a forgotten switch must not disable failover "
                        "forever); at least 0.001, fractions of a millisecond rounded up")
+    add_reason(maint)
 
     hold = client("hold", "show why failover is held, or release a mass-failure hold")
     hold.add_argument("action", choices=["status", "release"])
+    add_reason(hold)
+    add_audit_flags(client("audit", "show the audit trail: who changed what and why, and the refused calls"))
 
     journal = client("journal", "list the decisions recorded by the embedded dry-run RegionMigration")
     journal.add_argument("--limit", type=_int_in(1, UINT32_MAX, "a number of entries"), default=100,
@@ -470,11 +475,12 @@ def _client_command(args) -> int:
                     if args.action == "status":
                         resp = client.maintenance_status()
                     else:
-                        resp = client.set_maintenance_scope(args.action == "on", args.datanode, args.ttl_millis)
+                        resp = client.set_maintenance_scope(args.action == "on", args.datanode, args.ttl_millis,
+                                                            reason=args.reason)
                     _print_maintenance(resp)
                     return 0
                 case "hold":
-                    resp = client.release_hold() if args.action == "release" else client.holds()
+                    resp = client.release_hold(args.reason) if args.action == "release" else client.holds()
                     if args.action == "release":
                         print("mass-failure hold released" if resp.released else "no mass-failure hold was active")
                     print(f"failover held: {', '.join(resp.holds) if resp.holds else 'no'}"
@@ -489,6 +495,8 @@ def _client_command(args) -> int:
                     import supervisor_service.cli.insight as insight
 
                     return insight.run(client, args)
+                case "audit":
+                    return run_audit(client, args)
     except grpc.RpcError as exc:
         code = exc.code().name if exc.code() else "UNKNOWN"
         detail = exc.details() or ""

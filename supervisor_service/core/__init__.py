@@ -5,6 +5,8 @@ event to the concern that owns it (see its module); other threads read only the 
 it publishes after every event. Metrics are whatever satisfies `CoreMetrics`."""
 
 from supervisor_service.core.changes import (
+    AuditAppend,
+    AuditEntry,
     Change,
     ClockMark,
     CountsDrop,
@@ -133,6 +135,8 @@ __all__ = [
     "FailoverRecord",
     "FailoverSet",
     "RegionEvidence",
+    "AuditAppend",
+    "AuditEntry",
     "BecomeLeader",
     "Change",
     "Clear",

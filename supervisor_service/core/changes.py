@@ -167,9 +167,30 @@ class DrainDrop:
     drain_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the audit trail (docs/design.md §14.4): who called what, from where, and how it ended."""
+
+    at_millis: int
+    identity: str
+    peer: str
+    rpc: str
+    summary: str
+    code: str
+    reason: str
+    leader_term: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditAppend:
+    """Append to the audit trail (trimmed to its capacity, the oldest first)."""
+
+    entry: AuditEntry
+
+
 Change = (
     RegistryAdd | RegistryRemove | CountsSet | CountsDrop | InFlightSet | InFlightDrop | MaintenanceSet
-    | JournalAppend | TermSet | TablePoliciesSet | DrainSet | DrainDrop | FailoverSet | FailoverDrop
+    | JournalAppend | TermSet | TablePoliciesSet | DrainSet | DrainDrop | FailoverSet | FailoverDrop | AuditAppend
 )
 
 

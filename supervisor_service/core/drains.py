@@ -160,10 +160,8 @@ class Drains(DrainBook):
     def why_not_failed_over(self, datanode_id: int, region_id: int) -> str | None:
         """Why failover leaves this region (0: the datanode as a whole) alone (for Explain), or None."""
         if not region_id:
-            drain_id = next((i for i, dr in self._drains.items() if dr.state == RUNNING and datanode_id in dr.datanode_ids),
-                            None)
-            return (f"draining: datanode {datanode_id} is being drained by {drain_id} (moved by the drain, not failed over)"
-                    if drain_id is not None else None)
+            ids = [i for i, dr in self._drains.items() if dr.state == RUNNING and datanode_id in dr.datanode_ids]
+            return f"draining: datanode {datanode_id} is being drained by {ids[0]} (moved by the drain)" if ids else None
         if self._tables.disabled(region_id):
             return f"table_disabled: failover of table {table_of(region_id)} is disabled (policy set)"
         moved_by = self._moved_from.get((datanode_id, region_id))

@@ -3,7 +3,7 @@
 Modules: `heartbeat` (the SendHeartbeat stream), `admin` (the other RPCs), `servicer` (the one
 object that hands each RPC to them), `dump` and `dumpcodec` (Dump pages), `enqueue` (waiting for
 room in the event queue), `problems` (rate-limited logs of bad input, INVALID_ARGUMENT),
-`auth`, `server` (build_server, set_health, the health servicer), `wire` (a HeartbeatRequest
+`auth` (the caller's identity and role), `audit` (the audit trail), `server` (build_server, set_health, the health servicer), `wire` (a HeartbeatRequest
 read from its bytes, for the common encoding only).
 """
 

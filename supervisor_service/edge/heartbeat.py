@@ -21,6 +21,7 @@ from supervisor_service.app.metrics import Metrics
 from supervisor_service.app.settings import Settings, check_host_port
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus, Heartbeat, as_region_array
+from supervisor_service.edge.auth import NO_CALLERS, Caller, Callers, current_caller
 from supervisor_service.edge.enqueue import Overloaded, when_room
 from supervisor_service.edge.problems import ProblemLog
 from supervisor_service.edge.wire import restamped, scan_heartbeat
@@ -35,7 +36,7 @@ MAX_PEER_ADDR_CHARS = 300
 # Problems of a heartbeat, by the reason counted in supervisor_heartbeat_problems_total. A rejected
 # heartbeat is untrustworthy or cannot be applied; for the others the liveness is applied and the
 # field is ignored (or the timestamp replaced by the receipt time), and the answer says so.
-REJECTING_PROBLEMS = ("undecodable", "wrong_datanode", "stale_epoch")
+REJECTING_PROBLEMS = ("undecodable", "wrong_datanode", "stale_epoch", "not_own_datanode")
 IGNORED_PROBLEMS = (
     "peer_addr_invalid", "peer_addr_too_long", "too_many_regions",
     "timestamp_missing", "timestamp_ahead", "timestamp_behind", "epoch_new_life",
@@ -61,7 +62,8 @@ class _Stream:
     __slots__ = (
         "owner", "raw", "request", "datanode_id", "n", "peer_addr", "node_epoch", "timestamp_millis",
         "regions", "last_ids", "last_regions", "answer_key", "answer_head", "received", "leader",
-        "problems", "addr", "checked_addr", "known_only", "queued", "stamp", "unwoken",
+        "problems", "addr", "checked_addr", "known_only", "queued", "stamp", "unwoken", "bound", "identity", "peer",
+        "caller",
     )
 
     def __init__(self) -> None:
@@ -83,6 +85,24 @@ class _Stream:
         self.queued: Queued | None = None
         self.stamp: tuple[int, int] | None = None  # where `raw` has its timestamp field (wire.restamped)
         self.unwoken = -1  # `queued` waits for this deferred wake of the supervisor thread (HeartbeatStreams._wakes)
+        self.bound: int | None = None  # the one datanode the caller may heartbeat as (edge/auth.py); None: any
+        self.caller: Caller | None = None
+        self.identity = ""  # the caller's, and its address: for the audit of a refused heartbeat
+        self.peer = ""
+
+    def bind(self, caller: Caller | None, context: grpc.aio.ServicerContext) -> None:
+        """The caller the interceptor checked once for the stream (edge/auth.py): the datanode it may
+        heartbeat as (only that id is compared per message), and who it is, for a refusal's audit."""
+        if caller is not None:
+            self.caller, self.bound, self.identity = caller, caller.datanode_id, caller.identity
+            self.peer = context.peer() or ""
+
+    def not_own(self, callers: Callers) -> str:
+        """Why this message, for another datanode than the caller's, is rejected; the refusal is audited."""
+        why = (f"{self.identity!r} may heartbeat as datanode {self.bound} only, not as datanode "
+               f"{self.datanode_id} (policy bind_datanode_ids)")
+        callers.refused(self.identity, self.peer, "SendHeartbeat", "PERMISSION_DENIED", why)
+        return why
 
     def regions_of(self, region_ids, cache: bool = True) -> np.ndarray:
         """The request's region ids as a sorted unique array. A datanode names the same regions
@@ -130,6 +150,8 @@ class _Stream:
 class HeartbeatStreams:
     """Every open SendHeartbeat stream of this server: the limit on their number, their end at
     shutdown (`close_streams`), and the answer to each message. Runs on the server's event loop only."""
+
+    callers: Callers = NO_CALLERS  # the caller checks (edge/auth.py): refusals audited, open streams checked again
 
     def __init__(
         self,
@@ -195,11 +217,14 @@ class HeartbeatStreams:
         task = asyncio.current_task()
         self._stream_tasks.add(task)
         stream = _Stream()
+        stream.bind(current_caller(), context)
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
             # context.read()/write() rather than iterating the requests and yielding the answers:
             # the same stream, with about a tenth less event-loop time per message (make bench).
             while (raw := await read()) is not eof:
+                if stream.caller is not None and stream.caller.revision != self.callers.revision():
+                    stream.bind(await self.callers.recheck(stream.caller, context), context)
                 answer = self._heartbeat(raw, stream)
                 if answer.__class__ is not bytes:
                     answer = await self._heartbeat_when_room(answer, stream)
@@ -256,6 +281,8 @@ class HeartbeatStreams:
                 "rejected_invalid",
                 "wrong_datanode",
             )
+        if stream.bound is not None and datanode_id != stream.bound:
+            return self._answer(stream, stream.not_own(self.callers), "rejected_not_own_datanode", "not_own_datanode")
         if not leader:
             where = self._leadership.leader_addr()
             return self._answer(

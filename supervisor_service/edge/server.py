@@ -27,7 +27,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from supervisor_service.app.metrics import GrpcServerMetrics
 from supervisor_service.app.settings import Settings
 from supervisor_service.core import log_event
-from supervisor_service.edge.auth import AuthInterceptor
 from supervisor_service.edge.grpc_metrics import GrpcMetricsInterceptor
 from supervisor_service.edge.servicer import RegionSupervisorServicer
 from supervisor_service.proto import pb, pb_grpc
@@ -165,7 +164,7 @@ def build_server(
                     ("grpc.max_connection_age_grace_ms", settings.tls_max_connection_age_grace_ms)]
     if settings.tls_cert_file:
         options.append(("grpc.server_handshake_timeout_ms", settings.tls_handshake_timeout_ms))
-    interceptors = [AuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    interceptors = [servicer.callers]  # identity and role of every call but health (edge/auth.py)
     if grpc_metrics is not None:  # first: interceptors run in order, so it counts the calls later ones refuse
         interceptors = [GrpcMetricsInterceptor(grpc_metrics, (_SERVICE, _HEALTH, _REFLECTION)), *interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -12,6 +12,8 @@ from supervisor_service.app.settings import Settings
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import Clock, CoreStatus
 from supervisor_service.edge.admin import AdminCalls
+from supervisor_service.edge.audit import AuditTrail
+from supervisor_service.edge.auth import CallerInterceptor, Gate
 from supervisor_service.edge.heartbeat import HeartbeatStreams
 from supervisor_service.edge.insight import InsightCalls
 from supervisor_service.edge.planned import PlannedCalls
@@ -44,10 +46,16 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
     ) -> None:
         log_problem = ProblemLog(clock)
         self.invalid_requests = InvalidRequests(metrics, log_problem)
+        self.audit = AuditTrail(
+            store=store, leadership=leadership, status=status, clock=clock, metrics=metrics,
+            refusal_interval_ms=settings.audit_refusal_interval_ms, log_problem=log_problem,
+        )
+        self.callers = CallerInterceptor(Gate(settings, metrics), self.audit, self.invalid_requests.invalid)
         self.heartbeats = HeartbeatStreams(
             settings=settings, queue=queue, status=status, clock=clock, metrics=metrics,
             directory=directory, leadership=leadership, log_problem=log_problem,
         )
+        self.heartbeats.callers = self.callers
         self.admin = AdminCalls(
             settings=settings, queue=queue, status=status, metrics=metrics, journal=journal,
             leadership=leadership, store=store, invalid_requests=self.invalid_requests, log_problem=log_problem,
@@ -93,6 +101,9 @@ class RegionSupervisorServicer(pb_grpc.RegionSupervisorServicer):
 
     async def ReleaseFailoverHold(self, request, context):
         return await self.admin.ReleaseFailoverHold(request, context)
+
+    async def ListAudit(self, request, context):
+        return await self.audit.list(request, context)
 
     async def ListJournal(self, request, context):
         return await self.insight.ListJournal(request, context)

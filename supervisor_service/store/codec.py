@@ -9,6 +9,10 @@ Keys under the prefix (one per cluster; `prefix` below always ends with "/"):
   journal/<seq>         JSON dry-run journal entry
   journal_term          highest leader term the dry-run journal accepted
   failovers/<id>        JSON: one failover record of the history (core/failovers.py), by request_id
+  audit_next            number of the next audit entry
+And beside the prefix, under `audit_prefix(prefix)` (`<prefix>@audit/`), the audit trail: `<seq>` JSON
+entries, the oldest deleted as new ones pass the capacity. It is kept out of the prefix so that a new
+leader's load never reads it (thousands of entries: megabytes, past etcd's 4 MiB answer).
   term                  leadership counter of a single replica (SQLite, memory)
   table_policies, drains/<id>  the planned operations (store/planned_codec.py)
 
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from supervisor_service.core import (
+    AuditAppend,
+    AuditEntry,
     Change,
     ClockMark,
     CountsDrop,
@@ -65,6 +71,13 @@ _U64 = np.dtype("<u8")
 
 MAINTENANCE_KEY = "maintenance"
 """The maintenance key's name under the prefix (read on its own by followers)."""
+AUDIT_NEXT_KEY = "audit_next"
+DEFAULT_AUDIT_CAPACITY = 5000
+
+
+def audit_prefix(prefix: str) -> str:
+    """Where the audit trail of the state under `prefix` (ending with "/") is kept: beside it."""
+    return prefix.rstrip("/") + "@audit/"
 
 
 # ---------------------------------------------------------------- changes -> puts and deletes
@@ -78,6 +91,7 @@ class Mirror:
     counts: dict[int, dict[int, int]] = field(default_factory=dict)  # datanode -> {region: count}
     journal_keys: list[str] = field(default_factory=list)  # stored journal keys, oldest first
     journal_seq: int = 0  # number of the next journal key
+    audit_seq: int = 0  # number of the next audit entry
 
     @classmethod
     def loaded(cls, raw: dict[str, bytes], prefix: str, state: StoredState) -> Mirror:
@@ -87,7 +101,8 @@ class Mirror:
             counts.setdefault(d, {})[r] = c
         journal_keys = sorted(k for k in raw if k.startswith(prefix + "journal/"))
         journal_seq = int(journal_keys[-1].rsplit("/", 1)[1]) + 1 if journal_keys else 0
-        return cls(dict(state.registry), counts, journal_keys, journal_seq)
+        audit_seq = int(raw.get(prefix + AUDIT_NEXT_KEY, b"0"))
+        return cls(dict(state.registry), counts, journal_keys, journal_seq, audit_seq)
 
     def apply(self, encoding: Encoding) -> None:
         """The encoding's keys were committed: the mirror now says so."""
@@ -103,6 +118,7 @@ class Mirror:
                 self.counts.pop(d, None)
         self.journal_seq = encoding.journal_seq
         self.journal_keys = self.journal_keys[encoding.journal_trimmed:] + encoding.journal_new
+        self.audit_seq = encoding.audit_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +132,11 @@ class Encoding:
     journal_seq: int
     journal_new: list[str]
     journal_trimmed: int  # oldest journal keys deleted to keep the capacity
+    audit_seq: int = 0
 
 
-def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capacity: int) -> Encoding:
+def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capacity: int,
+           audit_capacity: int = DEFAULT_AUDIT_CAPACITY) -> Encoding:
     """Puts and deletes for `changes` applied in order to what `mirror` says is stored (left unchanged).
 
     A key written and deleted by the same changes ends as its last change left it.
@@ -130,6 +148,8 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
     deletes: set[str] = set()
     journal_seq = mirror.journal_seq
     journal_new: list[str] = []
+    audit_seq = mirror.audit_seq
+    trail = audit_prefix(p)
 
     def regions(d: int) -> np.ndarray:
         if d not in registry:
@@ -189,6 +209,14 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
                 key = f"{p}failovers/{failover_id}"
                 puts.pop(key, None)
                 deletes.add(key)
+            case AuditAppend(entry):
+                puts[trail + _key_id(audit_seq)] = audit_to_json(entry)
+                if audit_seq >= audit_capacity:  # the entry that many before leaves (a no-op if it is gone)
+                    old = trail + _key_id(audit_seq - audit_capacity)
+                    if puts.pop(old, None) is None:
+                        deletes.add(old)
+                audit_seq += 1
+                puts[p + AUDIT_NEXT_KEY] = str(audit_seq).encode()
     for d, ids in registry.items():
         key = f"{p}registry/{_key_id(d)}"
         if ids.size:
@@ -203,7 +231,7 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
             deletes.add(key)
     trimmed = max(len(mirror.journal_keys) + len(journal_new) - journal_capacity, 0)
     deletes.update(mirror.journal_keys[:trimmed])
-    return Encoding(puts, deletes, registry, counts, journal_seq, journal_new, trimmed)
+    return Encoding(puts, deletes, registry, counts, journal_seq, journal_new, trimmed, audit_seq)
 
 
 def encode_maintenance(change: MaintenanceSet) -> bytes:
@@ -235,6 +263,36 @@ def _entry_to_json(entry: JournalEntry) -> bytes:
         "leader_term": entry.leader_term,
         "request_id": entry.request_id,
     }).encode()
+
+
+def audit_to_json(entry: AuditEntry) -> bytes:
+    return json.dumps({
+        "at_millis": entry.at_millis,
+        "identity": entry.identity,
+        "peer": entry.peer,
+        "rpc": entry.rpc,
+        "summary": entry.summary,
+        "code": entry.code,
+        "reason": entry.reason,
+        "leader_term": entry.leader_term,
+    }).encode()
+
+
+def decode_audit(raw: dict[str, bytes]) -> list[AuditEntry]:
+    """The audit entries of the keys `raw` read under the audit prefix, oldest first (by key); an
+    entry that does not decode is left out (a trail read never fails for one bad value)."""
+    entries = []
+    for key in sorted(raw):
+        try:
+            d = json.loads(raw[key])
+            entries.append(AuditEntry(
+                at_millis=int(d["at_millis"]), identity=str(d["identity"]), peer=str(d["peer"]),
+                rpc=str(d["rpc"]), summary=str(d["summary"]), code=str(d["code"]), reason=str(d["reason"]),
+                leader_term=int(d["leader_term"]),
+            ))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
 
 
 def _inflight_to_json(rec: InFlightRecord) -> bytes:

@@ -23,8 +23,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from supervisor_service.core import Change, StoredState, log_event
-from supervisor_service.store.codec import MAINTENANCE_KEY, Encoding, Mirror, decode_maintenance, decode_state, encode
+from supervisor_service.core import AuditEntry, Change, StoredState, log_event
+from supervisor_service.store.codec import (
+    DEFAULT_AUDIT_CAPACITY,
+    MAINTENANCE_KEY,
+    Encoding,
+    Mirror,
+    audit_prefix,
+    decode_audit,
+    decode_maintenance,
+    decode_state,
+    encode,
+)
 from supervisor_service.store.health import StoreHealth, StoreMetrics
 from supervisor_service.store.kv import KV, Fence, FencedOut, StoreError, StoreGone
 from supervisor_service.store.pending import PendingWrite, PendingWrites
@@ -63,6 +73,7 @@ class StateStore:
         *,
         flush_interval_s: float = 0.01,
         journal_capacity: int = 10_000,
+        audit_capacity: int = DEFAULT_AUDIT_CAPACITY,
         max_pending: int = MAX_PENDING_WRITES,
         on_fenced: Callable[[], None] | None = None,
         holds_term: Callable[[int], bool] | None = None,
@@ -75,6 +86,7 @@ class StateStore:
         self._fence_key = self.prefix + kv.fence_key
         self._flush_interval = flush_interval_s
         self._journal_capacity = journal_capacity
+        self._audit_capacity = audit_capacity
         self._on_fenced = on_fenced
         self._holds_term = holds_term or (lambda term: True)
         self._on_gone = on_gone
@@ -112,6 +124,10 @@ class StateStore:
         """The stored maintenance state, read directly (followers)."""
         key = self.prefix + MAINTENANCE_KEY
         return decode_maintenance(self.kv.read_prefix(key).get(key))
+
+    def read_audit(self) -> list[AuditEntry]:
+        """The stored audit trail, oldest first, read directly (any replica)."""
+        return decode_audit(self.kv.read_prefix(audit_prefix(self.prefix)))
 
     def start(self) -> None:
         if self._thread is None:
@@ -294,7 +310,7 @@ class StateStore:
     def _encoder(self, mirror: Mirror) -> Callable[[Sequence[Sequence[Change]]], Encoding]:
         def encode_calls(calls: Sequence[Sequence[Change]]) -> Encoding:
             return encode((change for changes in calls for change in changes), mirror, self.prefix,
-                          self._journal_capacity)
+                          self._journal_capacity, self._audit_capacity)
 
         return encode_calls
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 
 import grpc
 import pytest
 
 from supervisor_service.client import DatanodeHeartbeater, SupervisorClient
 from tests.support.fakes import FakeRegionMigration
-from tests.support.readiness import says_it_leads
+from tests.support.readiness import leading, says_it_leads
+from tests.support.roles import IDENTITIES, LEGACY_TOKEN, write_security_files
 from tests.support.servers import ServiceProcess
 from tests.support.waiting import wait_ticks
 
@@ -34,7 +36,7 @@ def _regions_of(migration: FakeRegionMigration, datanode_id: int) -> list[int]:
     return [r for c in migration.submissions if c.request.from_peer.id == datanode_id for r in c.request.region_ids]
 
 
-def _replicas(tmp_path, backend, migration, n=3, prefix="/region-supervisor/test-ha"):
+def _replicas(tmp_path, backend, migration, n=3, prefix="/region-supervisor/test-ha", extra_env=None):
     env = {
         "SUPERVISOR_STORE": backend.store(),
         "SUPERVISOR_STORE_PREFIX": prefix,
@@ -46,6 +48,7 @@ def _replicas(tmp_path, backend, migration, n=3, prefix="/region-supervisor/test
         "SUPERVISOR_WARMUP_FRACTION": "0.6",
         "SUPERVISOR_REGION_MIGRATION_ENDPOINT": migration.endpoint,
         "SUPERVISOR_MIGRATION_STATUS_POLL_INTERVAL_MS": "60000",
+        **(extra_env or {}),
     }
     return [ServiceProcess(env, str(tmp_path / f"replica-{i}.log")) for i in range(n)]
 
@@ -152,3 +155,67 @@ def test_leader_steps_down_when_the_store_stops_and_submits_nothing(tmp_path, ba
         for replica in replicas:
             replica.stop()
 
+
+
+def test_the_audit_trail_survives_a_leader_change(tmp_path, backend, migration):
+    files = write_security_files(tmp_path / "security")
+    env = {f"SUPERVISOR_{k.upper()}": v for k, v in files.items()}
+    replicas = _replicas(tmp_path, backend, migration, n=2, prefix="/region-supervisor/test-audit", extra_env=env)
+    addrs = [r.addr for r in replicas]
+    alice, bob = IDENTITIES["ops-alice"][0], IDENTITIES["reader-bob"][0]
+
+    def leader_of(candidates, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for replica in candidates:
+                with grpc.insecure_channel(replica.addr) as channel:
+                    if replica.proc.poll() is None and leading(channel, LEGACY_TOKEN):
+                        return replica
+            time.sleep(0.05)
+        raise AssertionError(f"no leader within {timeout} s")
+
+    def trail(addr):
+        with SupervisorClient(addr, token=bob, timeout=5, follow_leader=False) as client:
+            return [(e.identity, e.rpc, e.code, e.reason, e.leader_term) for e in client.audit(limit=1000)]
+
+    try:
+        for replica in replicas:
+            replica.wait_serving()
+        leader = leader_of(replicas, 10)
+        with SupervisorClient(addrs, token=alice, timeout=5) as client:
+            client.set_maintenance_scope(True, [5], reason="upgrade of rack 3")
+        with SupervisorClient(leader.addr, token=bob, timeout=5) as client, pytest.raises(grpc.RpcError) as err:
+            client.set_maintenance(True, reason="not mine to do")
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        deadline = time.monotonic() + 5
+        while len(trail(leader.addr)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # a refusal's entry is not waited for
+        before = trail(leader.addr)
+        (_, _, _, _, term), = {e for e in before if e[0] == "ops-alice"}
+        assert before == [("reader-bob", "SetMaintenanceMode", "PERMISSION_DENIED", "", term),
+                          ("ops-alice", "SetMaintenanceMode", "OK", "upgrade of rack 3", term)], before
+        follower = next(r for r in replicas if r is not leader)
+        assert trail(follower.addr) == before  # any replica reads the trail from the store
+        # A follower refuses too, and only counts and logs it: the trail is the leader's to write.
+        with SupervisorClient(follower.addr, token=bob, timeout=5, follow_leader=False) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.release_hold(reason="from a follower")
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        time.sleep(0.3)
+        assert trail(follower.addr) == before
+        url = f"http://{follower.metrics_addr}/metrics?name[]=supervisor_audit_entries_total"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert 'supervisor_audit_entries_total{result="not_leader"} 1.0' in resp.read().decode()
+
+        leader.kill(signal.SIGKILL)
+        new_leader = leader_of([follower], TTL_MS / 1000 + 5)
+        with SupervisorClient(new_leader.addr, token=alice, timeout=5) as client:
+            client.set_maintenance_scope(False, [5], reason="rack 3 done")
+        after = trail(new_leader.addr)
+        assert after[1:] == before, after
+        identity, rpc, code, reason, new_term = after[0]
+        assert (identity, rpc, code, reason) == ("ops-alice", "SetMaintenanceMode", "OK", "rack 3 done")
+        assert new_term > term
+    finally:
+        for replica in replicas:
+            replica.stop()

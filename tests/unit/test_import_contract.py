@@ -55,7 +55,9 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),  # the standard library and numpy only (test_core_imports_only_the_standard_library_and_numpy)
     "_proto": set(),
     "proto": {"_proto"},  # the only importer of the generated code
-    "security": {"core"},  # certificates and TLS credentials: what every layer that connects uses
+    # certificates, TLS credentials, identities, roles, the audit trail's pure parts: what every layer that
+    # connects or checks a caller uses
+    "security": {"core"},
     "client": {"core", "proto", "security"},
     "detector": {"core"},  # the reference detector at the contract's import path
     "store": {"core", "security"},
@@ -64,7 +66,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"core"},
     "settings": {"core", "store", "security"},
     "runtime": {"core", "store", "remotes", "cluster", "metrics"},
-    "edge": {"core", "proto", "store", "remotes", "cluster", "runtime", "metrics", "settings"},
+    "edge": {"core", "proto", "store", "remotes", "cluster", "runtime", "metrics", "settings", "security"},
     "app": {"core", "proto", "store", "remotes", "cluster", "runtime", "edge", "metrics", "settings", "security"},
     "evaluate": {"core", "store", "remotes", "runtime", "metrics", "settings"},
     "cli": {"core", "proto", "client", "store", "app", "metrics", "settings", "evaluate", "security"},
