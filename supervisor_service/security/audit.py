@@ -52,10 +52,20 @@ def summarize(rpc: str, request: object) -> str:
     table_ids = getattr(request, "table_ids", None)
     if table_ids is not None:
         parts.append(f"tables {ids_text(table_ids)}")
+        # TablePolicyRequest's parts are optional: say only those the call sets.
+        parts += [f"{name}={str(getattr(request, name)).lower()}" for name in ("failover_enabled", "priority")
+                  if _has(request, name)]
     drain_id = getattr(request, "drain_id", "")
     if drain_id:
         parts.append(f"drain {clip(str(drain_id), 64)}")
     return clip(f"{rpc}: " + ", ".join(parts) if parts else rpc)
+
+
+def _has(request: object, field: str) -> bool:
+    try:
+        return bool(request.HasField(field))  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):  # not a message, or not a field with presence
+        return False
 
 
 @dataclass(slots=True)

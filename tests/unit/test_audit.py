@@ -120,3 +120,14 @@ def test_an_audit_value_that_does_not_decode_is_left_out():
     trail = audit_prefix(P)
     raw = {**good, trail + "00000000000000000009": b"{not json", trail + "00000000000000000010": b'{"at_millis": 1}'}
     assert [e.at_millis for e in decode_audit(raw)] == [1]
+
+
+def test_summaries_of_the_planned_operations_say_what_changes():
+    assert summarize("DrainDatanodes", pb.DrainRequest(datanode_ids=[7, 3], reason="rack 3")) == (
+        "DrainDatanodes: datanodes 3,7")
+    assert summarize("CancelDrain", pb.GetDrainRequest(drain_id="drain-12")) == "CancelDrain: drain drain-12"
+    off = pb.TablePolicyRequest(table_ids=[1024], failover_enabled=False)
+    assert summarize("SetTablePolicy", off) == "SetTablePolicy: tables 1024, failover_enabled=false"
+    first = pb.TablePolicyRequest(table_ids=[1, 2], priority=-5)
+    assert summarize("SetTablePolicy", first) == "SetTablePolicy: tables 1,2, priority=-5"
+    assert summarize("SetTablePolicy", pb.TablePolicyRequest(table_ids=[1])) == "SetTablePolicy: tables 1"
