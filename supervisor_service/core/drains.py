@@ -16,7 +16,7 @@ one left it and never moves a region twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from supervisor_service.core.drainbook import (
     CANCELLED,
@@ -56,21 +56,9 @@ class Drains(DrainBook):
     """Drains from their start to their end: the operator's calls, the ticks, the answers, the ends."""
 
     def __init__(
-        self,
-        policy: FailoverPolicy,
-        metrics: CoreMetrics,
-        out: Outbox,
-        registry: Registry,
-        inflight: InFlight,
-        migrations: Migrations,
-        targets: TargetSelection,
-        tables: TablePolicies,
-        maintenance: Maintenance,
-        holds: Holds,
-        guards: Guards | None,
-        leadership: LeaderState,
-        ids: Ids,
-        held_log: HoldLog,
+        self, policy: FailoverPolicy, metrics: CoreMetrics, out: Outbox, registry: Registry, inflight: InFlight,
+        migrations: Migrations, targets: TargetSelection, tables: TablePolicies, maintenance: Maintenance,
+        holds: Holds, guards: Guards | None, leadership: LeaderState, ids: Ids, held_log: HoldLog,
     ) -> None:
         super().__init__(metrics, out, inflight)
         self._policy = policy
@@ -86,6 +74,8 @@ class Drains(DrainBook):
         self._ids = ids
         self._held_log = held_log
         self._bucket: TokenBucket | None = None
+        # The failover history's hook (core/insight.py): a drain's decisions, recorded before they leave.
+        self.on_decision: Callable[[SelectJob, list[MigrationTask], int], None] | None = None
 
     # ------------------------------------------------------------ operator calls
 
@@ -305,6 +295,8 @@ class Drains(DrainBook):
         ]
         self._give_back(wanted - sum(len(t.region_ids) for t in tasks))
         if tasks:
+            if self.on_decision is not None:
+                self.on_decision(job, tasks, now)
             self._migrations.submit(tasks)
         self.publish()
 

@@ -18,9 +18,10 @@ from supervisor_service.core.events import SelectionDone
 from supervisor_service.core.failovers import FailoverHistory, FailoverRecord
 from supervisor_service.core.inflight import InFlight
 from supervisor_service.core.reasons import RuleState, clock_text, decision_checks, holds_of, in_text
+from supervisor_service.core.records import TRIGGER_MANUAL
 from supervisor_service.core.registry import Registry
 from supervisor_service.core.table import NodeSnapshot, as_region_array
-from supervisor_service.core.types import MigrationTask
+from supervisor_service.core.types import MigrationTask, SelectJob
 from supervisor_service.core.whatif import WhatIf, crossing_ms
 
 MAX_EXPLAIN_ROWS = 1000
@@ -94,6 +95,15 @@ class Insight:
         checks = decision_checks(self.rules, job, ev.from_peer, len(ev.peers), wanted, granted, phis, threshold,
                                  self._table.datanode_count)
         self.history.decided(tasks, checks, self._registry.failover_counts, now)
+
+    def decided_drain(self, job: SelectJob, tasks: list[MigrationTask], now: int) -> None:
+        """Drains' hook: a drain's decisions, recorded as MANUAL before they are submitted (no guard
+        convicted them: the checks say which drain, and the targets the Selector gave)."""
+        excluded = sorted(set(job.exclude_targets) | {job.datanode_id})
+        checks = [f"drain: {job.drain_id} moves the regions of datanode {job.datanode_id} on purpose (DrainDatanodes)",
+                  f"targets: {len({t.to_peer.id for t in tasks})} datanodes for {sum(len(t.region_ids) for t in tasks)} "
+                  f"regions; excluded datanodes {excluded} (the source and every datanode being drained)"]
+        self.history.decided(tasks, checks, self._registry.failover_counts, now, trigger_reason=TRIGGER_MANUAL)
 
     def answer(self, query: object, now: int) -> object:
         """The `Inspect` event's answer."""

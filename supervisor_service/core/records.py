@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from supervisor_service.core.types import MigrationState, Peer
 
-TRIGGER_FAILOVER = "failover"
+TRIGGER_FAILOVER, TRIGGER_MANUAL = "failover", "manual"  # a failure convicted it; an operator drained it
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,7 @@ class Supervisor:
         self.history = FailoverHistory(self.table, out, policy.failover_history_capacity, metrics.failover_history)
         self._insight = Insight(registry, inflight, self.history, RuleState(maint, warmup, guards, backoff, drains.why_not_failed_over))
         self._targets.on_decision = self._insight.decided
+        drains.on_decision = self._insight.decided_drain
         migrations.history = self.history
         self.status: CoreStatus = self._snapshots.status()
         """The status as of the last event (replaced, never changed: any thread may read it)."""

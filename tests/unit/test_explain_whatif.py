@@ -227,3 +227,15 @@ def test_explain_a_datanode_being_drained_says_so():
     ex = sim.ask(ExplainQuery(5))
     assert any(h.startswith("held: datanode 5 is being drained by ") for h in ex.holds), ex.holds
     assert sim.ask(ExplainQuery(6)).holds == ()
+
+
+def test_a_drain_decision_is_in_the_history_as_manual_with_its_drain():
+    sim = InsightSim(regions=3)
+    warm(sim)
+    sim.handle(StartDrain((5,), reason="hardware swap"))
+    sim.run_to(sim.now + 3 * TICK)
+    records = sim.ask(ListFailoversQuery((5,), (), 0, 100))
+    assert records and {r.trigger_reason for r in records} == {"manual"}
+    assert sorted(r for rec in records for r in rec.region_ids) == sorted(sim.regions[5])
+    assert all(any(c.startswith("drain: drain-") for c in rec.checks) for rec in records), records[0].checks
+    assert all(5 not in (rec.to_peer.id,) for rec in records)
