@@ -100,7 +100,9 @@ class InsightCalls:
 
     async def ListJournal(self, request: pb.ListJournalRequest, context) -> pb.ListJournalResponse:
         """The earlier releases' view of the embedded dry run's decisions: the failover history, as
-        JournalEntry rows (one record type; the journal keys hold only the dry run's request ids)."""
+        JournalEntry rows (one record type; the journal keys hold only the dry run's request ids). As
+        before, only what the dry run took: a record is made at the decision, before its submission
+        leaves, and joins this view once the dry run answered it with a procedure."""
         if not self._embedded:
             return pb.ListJournalResponse(embedded=False)
         query = ListFailoversQuery(limit=request.limit or DEFAULT_LIST_LIMIT)
@@ -110,7 +112,7 @@ class InsightCalls:
             to_peer=peer_to_pb(r.to_peer), timeout_millis=r.timeout_ms,
             trigger_reason=_TRIGGERS.get(r.trigger_reason, pb.TRIGGER_REASON_UNSPECIFIED),
             procedure_id=r.procedure_id, leader_term=r.leader_term,
-        ) for r in records])
+        ) for r in records if r.procedure_id])
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         if request.at_millis < 0:

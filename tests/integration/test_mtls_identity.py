@@ -1,6 +1,5 @@
-"""Identity from real client certificates made in the test run: the service's own server and
-interceptor on a grpc.aio port with ssl_server_credentials(require_client_auth=True) (the TLS
-settings themselves are the transport's; here the port is made secure directly)."""
+"""Identity from real client certificates made in the test run: an in-process service whose port
+speaks mTLS through its own TLS settings (tls_cert_file, tls_key_file, tls_client_ca_file)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import time
 import grpc
 import pytest
 
-import supervisor_service.app.service as service_module
 from supervisor_service.app.service import Service
 from supervisor_service.app.settings import load_settings
 from supervisor_service.proto import pb, pb_grpc
@@ -22,23 +20,15 @@ TIMEOUT = 10
 
 
 @pytest.fixture
-def mtls_service(tmp_path, monkeypatch):
+def mtls_service(tmp_path):
     files = write_bundle(tmp_path / "certs", datanodes=3)
-
-    def bind_secure(server, grpc_addr: str) -> str:
-        credentials = grpc.ssl_server_credentials(
-            [(files["server-key"].read_bytes(), files["server"].read_bytes())],
-            root_certificates=files["ca"].read_bytes(), require_client_auth=True)
-        port = server.add_secure_port(grpc_addr, credentials)
-        return f"127.0.0.1:{port}"
-
-    monkeypatch.setattr(service_module, "bind_grpc", bind_secure)
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(f'[tokens]\n"datanode-3" = "{sha256_ref("dn3-token")}"\n')
     svc = Service(load_settings(**{**SERVICE_DEFAULTS, "authz_policy_file": str(policy),
-                                   "auth_tokens_file": str(tokens)}))
+                                   "auth_tokens_file": str(tokens), "tls_cert_file": str(files["server"]),
+                                   "tls_key_file": str(files["server-key"]), "tls_client_ca_file": str(files["ca"])}))
     runner = ServiceThread(svc)
     runner.start(15)
 
