@@ -256,18 +256,32 @@ _COLUMNS = {
 }
 
 
+_SCHEMA_LOCK = 0x5245_4753_5550_5631  # the advisory lock key of the schema's creation ("REGSUPV1")
+
+
+def _create_missing(conn: psycopg.Connection) -> None:
+    # Only what is missing: CREATE ... IF NOT EXISTS needs the CREATE privilege even when it exists.
+    row = conn.execute("SELECT " + ", ".join(f"to_regclass('{name}') IS NULL" for name in SCHEMA)).fetchone()
+    assert row is not None
+    for statement in (statement for (_, statement), missing in zip(SCHEMA.items(), row) if missing):
+        try:
+            conn.execute(statement)
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject):
+            pass  # made at the same moment by a process that does not take the lock (an older version)
+
+
 def ensure_schema(session: PostgresSession) -> None:
     """Create the tables and the sequence if missing; refuse, naming it, a table of that name made otherwise."""
 
     def create(conn: psycopg.Connection) -> list[str]:
-        # Only what is missing: CREATE ... IF NOT EXISTS needs the CREATE privilege even when it exists.
-        row = conn.execute("SELECT " + ", ".join(f"to_regclass('{name}') IS NULL" for name in SCHEMA)).fetchone()
-        assert row is not None
-        for statement in (statement for (_, statement), missing in zip(SCHEMA.items(), row) if missing):
-            try:
-                conn.execute(statement)
-            except psycopg.errors.UniqueViolation:
-                pass  # another replica created it at the same moment (IF NOT EXISTS is not atomic)
+        # Replicas starting together on a new database would race: CREATE ... IF NOT EXISTS is not
+        # atomic (the loser gets "relation already exists"). A session advisory lock (no privilege
+        # needed; released by the unlock, or by the connection's end) makes them take turns.
+        conn.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+        try:
+            _create_missing(conn)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
         rows = conn.execute(
             "SELECT table_name, column_name, data_type FROM information_schema.columns "
             "WHERE table_schema = current_schema() AND table_name IN ('supervisor_kv', 'supervisor_lease')"

@@ -385,3 +385,30 @@ def test_a_password_in_the_url_never_reaches_the_log(tmp_path, postgres):
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")} | {
         "SUPERVISOR_LOG_FORMAT": "json", "GRPC_VERBOSITY": "NONE", "SUPERVISOR_SHUTDOWN_TIMEOUT_MS": "2000"}
+
+
+def test_replicas_starting_together_on_a_new_database_all_open_it(postgres):
+    """Several replicas creating the missing tables at the same moment: CREATE ... IF NOT EXISTS is not
+    atomic in PostgreSQL (the loser gets 'relation already exists'), so creation is serialised."""
+    for _ in range(5):
+        url = postgres.store()
+        errors: list[BaseException] = []
+        opened: list[PostgresKV] = []
+        barrier = threading.Barrier(6)
+
+        def open_it() -> None:
+            barrier.wait()
+            try:
+                opened.append(PostgresKV(url))
+            except BaseException as exc:  # reported below, with the others
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for kv in opened:
+            kv.close()
+        assert not errors, errors
+        assert len(opened) == 6
