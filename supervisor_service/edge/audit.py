@@ -35,6 +35,9 @@ MAX_AUDIT_LIMIT = 10_000
 MAX_IDENTITY_FILTER_CHARS = 253
 MAX_IDENTITY_CHARS = 253  # a DNS name's length; a certificate may name a longer one, the trail keeps this much
 _DURABLE_WAIT_S = 5.0
+_ANSWER_MARGIN_S = 0.3  # the answer must leave this long before the caller's deadline
+_STORE_FAILING_GRACE_S = 0.5  # as for the admin calls' durable writes (edge/admin.py)
+_POLL_S = 0.1
 
 
 class AuditTrail:
@@ -96,11 +99,22 @@ class AuditTrail:
             at_millis=self._clock.now_ms(), identity=clip(identity, MAX_IDENTITY_CHARS), peer=clip(context.peer() or "", 128), rpc=rpc,
             summary=summarize(rpc, request), code="OK", reason=getattr(request, "reason", ""), leader_term=term,
         )
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(self._submit(entry, term)), _DURABLE_WAIT_S)
-        except TimeoutError:
-            log_event(log, logging.WARNING, "audit_write_slow", rpc=rpc, identity=identity,
-                      waited_s=_DURABLE_WAIT_S, hint="the entry is still queued for the store")
+        done = asyncio.wrap_future(self._submit(entry, term))
+        # The change itself is committed: wait for its entry while that can still help the caller, but
+        # not past its deadline (a committed change must not answer DEADLINE_EXCEEDED) nor while the
+        # store is failing (the writer keeps the entry and retries it).
+        remaining = context.time_remaining()
+        budget = _DURABLE_WAIT_S if remaining is None else min(_DURABLE_WAIT_S, remaining - _ANSWER_MARGIN_S)
+        give_up = self._clock.monotonic() + budget
+        while not done.done():
+            failing = self._store.unavailable(_STORE_FAILING_GRACE_S) if self._store is not None else ""
+            left = give_up - self._clock.monotonic()
+            if failing or left <= 0:
+                log_event(log, logging.WARNING, "audit_write_pending", rpc=rpc, identity=identity,
+                          why=f"the store is failing: {failing}" if failing else "the caller's deadline or the wait's bound",
+                          hint="answered; the entry stays queued for the store and is written when it recovers")
+                return
+            await asyncio.wait({done}, timeout=min(_POLL_S, left))
 
     @staticmethod
     def reason_problem(request: object) -> str:
