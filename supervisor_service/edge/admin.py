@@ -42,8 +42,8 @@ from supervisor_service.store import FencedOut, StateStore, StoreError, StoreGon
 
 # Calls answered only once their change is committed: while the store is failing they are told so.
 _DURABLE_EVENTS = (Register, Deregister, Reset, SetMaintenance)
-_STORE_FAILING_GRACE_S = 0.5  # a store failing this long makes waiting writes answer UNAVAILABLE
-_STORE_POLL_S = 0.1
+STORE_FAILING_GRACE_S = 0.5  # a store failing this long makes waiting writes answer UNAVAILABLE
+STORE_POLL_S = 0.1
 _LOADING = "this replica is becoming leader and loading its state; retry shortly"
 _NOT_COMMITTED_HINT = "the change may not have been committed: retry (Register, Deregister and Reset are idempotent)"
 _INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
@@ -82,7 +82,7 @@ class AdminCalls:
         """Enqueue an event with a reply future and wait for the supervisor thread's answer.
 
         A call whose answer waits for the state store is answered UNAVAILABLE as soon as the
-        store has been failing for `_STORE_FAILING_GRACE_S` (the writer keeps retrying the change
+        store has been failing for `STORE_FAILING_GRACE_S` (the writer keeps retrying the change
         in the background: it may still be committed), not after the 30 s bound."""
         reply: Future = Future()
         event = make(reply)
@@ -103,8 +103,8 @@ class AdminCalls:
             left = deadline - loop.time()
             if left <= 0:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the supervisor thread did not answer within 30 s")
-            await asyncio.wait((waiter,), timeout=min(left, _STORE_POLL_S) if store is not None else left)
-            if store is not None and not waiter.done() and (error := store.unavailable(_STORE_FAILING_GRACE_S)):
+            await asyncio.wait((waiter,), timeout=min(left, STORE_POLL_S) if store is not None else left)
+            if store is not None and not waiter.done() and (error := store.unavailable(STORE_FAILING_GRACE_S)):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {error}; {_NOT_COMMITTED_HINT}")
         try:
             return waiter.result()

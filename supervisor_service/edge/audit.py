@@ -23,6 +23,7 @@ import grpc
 from supervisor_service.app.metrics import Metrics
 from supervisor_service.cluster import Leadership
 from supervisor_service.core import AuditAppend, AuditEntry, Clock, CoreStatus, log_event
+from supervisor_service.edge.admin import STORE_FAILING_GRACE_S, STORE_POLL_S  # the admin calls' own bounds
 from supervisor_service.edge.problems import ProblemLog
 from supervisor_service.proto import pb
 from supervisor_service.security.audit import MAX_REASON_CHARS, RefusalCoalescer, clip, refusal_summary, summarize
@@ -36,8 +37,6 @@ MAX_IDENTITY_FILTER_CHARS = 253
 MAX_IDENTITY_CHARS = 253  # a DNS name's length; a certificate may name a longer one, the trail keeps this much
 _DURABLE_WAIT_S = 5.0
 _ANSWER_MARGIN_S = 0.3  # the answer must leave this long before the caller's deadline
-_STORE_FAILING_GRACE_S = 0.5  # as for the admin calls' durable writes (edge/admin.py)
-_POLL_S = 0.1
 
 
 class AuditTrail:
@@ -107,14 +106,14 @@ class AuditTrail:
         budget = _DURABLE_WAIT_S if remaining is None else min(_DURABLE_WAIT_S, remaining - _ANSWER_MARGIN_S)
         give_up = self._clock.monotonic() + budget
         while not done.done():
-            failing = self._store.unavailable(_STORE_FAILING_GRACE_S) if self._store is not None else ""
+            failing = self._store.unavailable(STORE_FAILING_GRACE_S) if self._store is not None else ""
             left = give_up - self._clock.monotonic()
             if failing or left <= 0:
                 log_event(log, logging.WARNING, "audit_write_pending", rpc=rpc, identity=identity,
                           why=f"the store is failing: {failing}" if failing else "the caller's deadline or the wait's bound",
                           hint="answered; the entry stays queued for the store and is written when it recovers")
                 return
-            await asyncio.wait({done}, timeout=min(_POLL_S, left))
+            await asyncio.wait({done}, timeout=min(STORE_POLL_S, left))
 
     @staticmethod
     def reason_problem(request: object) -> str:

@@ -161,6 +161,15 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
             counts[d] = dict(mirror.counts.get(d, {}))
         return counts[d]
 
+    # A record key written whole (in flight, a drain, a failover record) or dropped: the last change wins.
+    def put(key: str, value: bytes) -> None:
+        deletes.discard(key)
+        puts[key] = value
+
+    def drop(key: str) -> None:
+        puts.pop(key, None)
+        deletes.add(key)
+
     for change in changes:
         match change:
             case RegistryAdd(d, ids):
@@ -174,13 +183,9 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
                 for d, r in keys:
                     counts_of(d).pop(r, None)
             case InFlightSet(submission_id, rec):
-                key = f"{p}inflight/{submission_id}"
-                deletes.discard(key)
-                puts[key] = _inflight_to_json(rec)
+                put(f"{p}inflight/{submission_id}", _inflight_to_json(rec))
             case InFlightDrop(submission_id):
-                key = f"{p}inflight/{submission_id}"
-                puts.pop(key, None)
-                deletes.add(key)
+                drop(f"{p}inflight/{submission_id}")
             case MaintenanceSet():
                 puts[p + MAINTENANCE_KEY] = encode_maintenance(change)
             case JournalAppend(entry, term):
@@ -194,21 +199,13 @@ def encode(changes: Iterable[Change], mirror: Mirror, prefix: str, journal_capac
             case TablePoliciesSet(policies):
                 puts[p + TABLE_POLICIES_KEY] = encode_policies(policies)
             case DrainSet(drain_id, rec):
-                key = f"{p}{DRAINS}/{drain_id}"
-                deletes.discard(key)
-                puts[key] = encode_drain(rec)
+                put(f"{p}{DRAINS}/{drain_id}", encode_drain(rec))
             case DrainDrop(drain_id):
-                key = f"{p}{DRAINS}/{drain_id}"
-                puts.pop(key, None)
-                deletes.add(key)
+                drop(f"{p}{DRAINS}/{drain_id}")
             case FailoverSet(rec):
-                key = f"{p}failovers/{rec.failover_id}"
-                deletes.discard(key)
-                puts[key] = failover_to_json(rec)
+                put(f"{p}failovers/{rec.failover_id}", failover_to_json(rec))
             case FailoverDrop(failover_id):
-                key = f"{p}failovers/{failover_id}"
-                puts.pop(key, None)
-                deletes.add(key)
+                drop(f"{p}failovers/{failover_id}")
             case AuditAppend(entry):
                 puts[trail + _key_id(audit_seq)] = audit_to_json(entry)
                 if audit_seq >= audit_capacity:  # the entry that many before leaves (a no-op if it is gone)
